@@ -1,0 +1,1 @@
+"""Development helpers shared by tests, benchmarks and the demo (not loaded by ComfyUI)."""

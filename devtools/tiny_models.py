@@ -1,0 +1,114 @@
+"""Stable-Diffusion-architecture models built from configs, for tests, benches and the demo.
+
+No weights can be downloaded here, so models are built with random weights.
+ComfyUI's layers skip initialisation (torch.empty), so everything is
+initialised by module type with a seeded generator: norms to 1/0, linear and
+conv weights small normal. Sizes:
+
+  tiny  32-channel, 2-level UNet, 2-layer width-32 CLIP  (tests; ~1.6M UNet params)
+  mid   128-channel, 3-level UNet, 4-layer width-256 CLIP (benchmarks)
+  full  the real SD1.5 shapes (counting targets on the meta device)
+"""
+from __future__ import annotations
+
+import torch
+
+UNET_BASE = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'use_linear_in_transformer': False,
+             'use_temporal_attention': False, 'use_temporal_resblock': False}
+
+SCALES = {
+    "tiny": dict(unet=dict(model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                           transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1], context_dim=32,
+                           num_heads=2),
+                 clip=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           projection_dim=32)),
+    "mid": dict(unet=dict(model_channels=128, num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 2],
+                          transformer_depth=[1, 1, 1], transformer_depth_middle=1,
+                          transformer_depth_output=[1, 1, 1, 1, 1, 1], context_dim=256, num_heads=4),
+                clip=dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=4,
+                          projection_dim=256)),
+    "full": dict(unet=dict(model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                           transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                           transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
+                           num_heads=8),
+                 clip=dict()),
+}
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Deterministic init by module type (ComfyUI's ops leave weights uninitialised)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding)):
+            w = m.weight
+            if w.device.type != "meta":
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+            b = getattr(m, "bias", None)
+            if b is not None and b.device.type != "meta":
+                b.zero_()
+    for name, p in module.named_parameters(recurse=True):
+        if p.device.type != "meta" and not torch.isfinite(p).all():
+            p.zero_()
+
+
+def comfy_unet_config(scale: str = "tiny") -> dict:
+    return {**UNET_BASE, **SCALES[scale]["unet"]}
+
+
+def comfy_model(scale: str = "tiny", seed: int = 0, v_prediction: bool = False, device: str = "cpu"):
+    """A ComfyUI MODEL (ModelPatcher over an SD1.5-architecture BaseModel)."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy_unet_config(scale)
+    model_config = comfy.supported_models.SD15(cfg)
+    model_config.unet_config["num_heads"] = cfg["num_heads"]
+    model_config.unet_config["num_head_channels"] = -1
+    model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    if device == "meta":
+        with torch.device("meta"):
+            base = comfy.model_base.BaseModel(model_config, model_type=model_type, device="meta")
+    else:
+        base = comfy.model_base.BaseModel(model_config, model_type=model_type, device=device)
+        init_weights(base.diffusion_model, seed)
+    base.eval()
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
+
+
+def comfy_clip(scale: str = "tiny", seed: int = 0):
+    """A ComfyUI CLIP: the real SD1 tokenizer with a (small) CLIP-L-architecture text model."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+
+    overrides = SCALES[scale]["clip"]
+    options = {"clip_l_model_config": dict(overrides)} if overrides else {}
+    clip = comfy.sd.CLIP(target=ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options=options)
+    init_weights(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def comfy_vae(seed: int = 0):
+    """A small KL autoencoder with SD's 8x downscale and 4 latent channels."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 32,
+                'ch_mult': [1, 1, 1, 1], 'num_res_blocks': 1, 'attn_resolutions': [], 'dropout': 0.0}
+    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
+    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    init_weights(ae, seed + 2, std=0.05)
+    return comfy.sd.VAE(sd=ae.state_dict(), config=config)
+
+
+def comfy_checkpoint(scale: str = "tiny", seed: int = 0, v_prediction: bool = False):
+    return comfy_model(scale, seed, v_prediction), comfy_clip(scale, seed), comfy_vae(seed)

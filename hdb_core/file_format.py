@@ -1,0 +1,149 @@
+"""The .safetensors layout of a LiDB file.
+
+Compact by design (the paper's "about 120 KB"): layers whose train matrices have
+the same shape are stacked into one tensor per group, so the safetensors header
+holds a handful of entries instead of two per layer. The layer order, the
+architecture signature and how the LiDB was made travel in string metadata:
+
+  tensors   a_train.<a>x<b> [L, a, r], b_train.<a>x<b> [L, r, b]   (float32)
+  metadata  format, format_version, layers (JSON [[name, in, out], ...]),
+            a, b, rank, seed, aux_generator, aux_checksum, arch, trigger,
+            source, base_model, created_by
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import aux_bases
+from .atomic import write_atomic
+from .errors import HDBError
+from .lidb import LiDB, LiDBConfig
+from .targets import LayerSpec, describe
+
+FORMAT_NAME = "hyperdreambooth.lidb"
+FORMAT_VERSION = 1
+PACK_NAME = "ComfyUI-HyperDreamBooth"
+INFO_KEYS = ("trigger", "source", "base_model")
+
+
+def _group_key(a_l: int, b_l: int) -> str:
+    return f"{a_l}x{b_l}"
+
+
+def lidb_to_safetensors(lidb: LiDB) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the file, without writing it."""
+    groups: dict[str, tuple[list, list]] = {}
+    for spec in lidb.layers:
+        a_l, b_l = lidb.config.layer_dims(spec)
+        at, bt = groups.setdefault(_group_key(a_l, b_l), ([], []))
+        at.append(lidb.a_train[spec.name].detach().float().cpu())
+        bt.append(lidb.b_train[spec.name].detach().float().cpu())
+    tensors = {}
+    for key, (at, bt) in groups.items():
+        tensors[f"a_train.{key}"] = torch.stack(at).contiguous()
+        tensors[f"b_train.{key}"] = torch.stack(bt).contiguous()
+    c = lidb.config
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps([[s.name, s.in_features, s.out_features] for s in lidb.layers],
+                             separators=(",", ":")),
+        "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
+        "aux_generator": aux_bases.GENERATOR_VERSION,
+        "aux_checksum": lidb.aux_checksum(),
+        "arch": describe(lidb.layers),
+        "created_by": PACK_NAME,
+    }
+    for k in INFO_KEYS:
+        meta[k] = str(lidb.info.get(k, ""))
+    return tensors, meta
+
+
+def save_lidb(lidb: LiDB, path: str) -> str:
+    """Write a LiDB atomically (temp file, then rename). Refuses NaN/Inf weights."""
+    if not lidb.is_finite():
+        raise HDBError("This LiDB contains NaN or Inf values and was not saved; re-run the step that made it "
+                       "(for finetuning: lower the learning rate).")
+    tensors, meta = lidb_to_safetensors(lidb)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _fail(path: str, why: str) -> HDBError:
+    return HDBError(f"'{os.path.basename(path)}' {why}")
+
+
+def load_lidb(path: str) -> LiDB:
+    """Read and validate a LiDB file; every problem becomes a one-sentence HDBError."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            if meta.get("format") != FORMAT_NAME:
+                raise _fail(path, "is a safetensors file but not a LiDB (it has no HyperDreamBooth metadata); "
+                                  "load LoRA files with LoraLoader instead.")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except HDBError:
+        raise
+    except FileNotFoundError:
+        raise _fail(path, "does not exist; put LiDB files in ComfyUI/models/lidb/.") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _fail(path, f"is not a readable safetensors file (truncated or corrupt: {e}); "
+                          f"save or download it again.") from None
+    return lidb_from_safetensors(tensors, meta, path)
+
+
+def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str = "LiDB") -> LiDB:
+    try:
+        version = int(meta.get("format_version", "0"))
+    except ValueError:
+        version = 0
+    if version > FORMAT_VERSION:
+        raise _fail(path, f"uses LiDB format version {version}, newer than this pack reads ({FORMAT_VERSION}); "
+                          f"update ComfyUI-HyperDreamBooth.")
+    if version < 1:
+        raise _fail(path, "has an invalid LiDB format version; it was not written by ComfyUI-HyperDreamBooth.")
+    if meta.get("aux_generator") != aux_bases.GENERATOR_VERSION:
+        raise _fail(path, f"was made with aux-basis generator {meta.get('aux_generator')!r}, which this version "
+                          f"does not know ({aux_bases.GENERATOR_VERSION}); update ComfyUI-HyperDreamBooth.")
+    try:
+        layers = tuple(LayerSpec(str(n), int(i), int(o)) for n, i, o in json.loads(meta["layers"]))
+        config = LiDBConfig(a=int(meta["a"]), b=int(meta["b"]), rank=int(meta["rank"]), seed=int(meta["seed"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise _fail(path, f"has damaged LiDB metadata ({e}); save it again.") from None
+    if config.rank < 1 or config.a < 1 or config.b < 1 or not layers:
+        raise _fail(path, "has damaged LiDB metadata (empty layer list or zero rank); save it again.")
+
+    a_train, b_train = {}, {}
+    cursor: dict[str, int] = {}
+    for spec in layers:
+        key = _group_key(*config.layer_dims(spec))
+        idx = cursor.get(key, 0)
+        cursor[key] = idx + 1
+        at, bt = tensors.get(f"a_train.{key}"), tensors.get(f"b_train.{key}")
+        if at is None or bt is None or at.dim() != 3 or bt.dim() != 3 or idx >= at.shape[0] or idx >= bt.shape[0]:
+            raise _fail(path, f"is missing the train matrices of layer {spec.name}; the file is damaged, save it again.")
+        a_train[spec.name], b_train[spec.name] = at[idx].float(), bt[idx].float()
+    expected = {f"{p}.{k}" for k in cursor for p in ("a_train", "b_train")}
+    sizes_ok = all(tensors[f"a_train.{k}"].shape[0] == n and tensors[f"b_train.{k}"].shape[0] == n
+                   for k, n in cursor.items())
+    if set(tensors) != expected or not sizes_ok:
+        raise _fail(path, "has tensors that do not match its layer list; the file is damaged, save it again.")
+    info = {k: meta.get(k, "") for k in INFO_KEYS}
+    try:
+        lidb = LiDB(layers, config, a_train, b_train, info)
+    except ValueError as e:
+        raise _fail(path, f"has inconsistent shapes ({e}); the file is damaged, save it again.") from None
+    if not lidb.is_finite():
+        raise _fail(path, "contains NaN or Inf values; it came from a diverged run, make it again "
+                          "(for finetuning: lower the learning rate).")
+    stored = meta.get("aux_checksum", "")
+    actual = lidb.aux_checksum()
+    if stored != actual:
+        raise _fail(path, f"cannot be reproduced here: its aux-basis checksum {stored!r} differs from the "
+                          f"regenerated {actual!r}; the file is damaged or was edited, make it again.")
+    return lidb

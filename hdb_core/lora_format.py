@@ -1,0 +1,55 @@
+"""Conversion of a LiDB to the standard (kohya) LoRA file format.
+
+A LiDB's residual already is a rank-r LoRA: down = (A_aux A_train)^T and
+up = (B_train B_aux)^T, so the export is exact (no SVD). Keys follow kohya's
+`lora_unet_*` / `lora_te_*` (`lora_te1_`/`lora_te2_` for SDXL) naming with
+alpha = rank, i.e. a scale of 1, so `W + strength * up @ down` everywhere.
+"""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from .atomic import write_atomic
+from .lidb import LiDB
+from .targets import kohya_name
+
+BASE_MODEL_VERSION = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}
+
+
+def _base_model_version(lidb: LiDB) -> str:
+    arch = lidb.describe()
+    for family, tag in BASE_MODEL_VERSION.items():
+        if family in arch:
+            return tag
+    return "unknown"
+
+
+def to_kohya(lidb: LiDB, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and ss_* metadata of the kohya LoRA equivalent to `lidb`."""
+    rank = lidb.config.rank
+    tensors = {}
+    for spec in lidb.layers:
+        down, up = lidb.down_up(spec.name)
+        key = kohya_name(spec.name)
+        tensors[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    has_te = any(s.component != "unet" for s in lidb.layers)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank),
+        "ss_base_model_version": _base_model_version(lidb),
+        "ss_network_args": "{}",
+        "ss_training_comment": (f"Exported from a HyperDreamBooth LiDB ({lidb.info.get('source') or 'unknown'}); "
+                                f"trigger: {lidb.info.get('trigger') or '-'}"),
+        "ss_text_encoder_lr": "" if has_te else "0",
+        "hdb_trigger": lidb.info.get("trigger", ""),
+    }
+    return tensors, meta
+
+
+def save_kohya(lidb: LiDB, path: str, dtype: torch.dtype = torch.float32) -> str:
+    tensors, meta = to_kohya(lidb, dtype)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
