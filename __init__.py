@@ -3,6 +3,10 @@
 ComfyUI imports this file; nodes are declared with the V3 schema in nodes/ and
 the maths lives in hdb_core/ (plain torch, usable without ComfyUI).
 """
-from .nodes import comfy_entrypoint
+import importlib.util
 
-__all__ = ["comfy_entrypoint"]
+# Outside ComfyUI (pytest collecting this folder, packaging tools) there is nothing to register.
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint
+
+    __all__ = ["comfy_entrypoint"]

@@ -61,8 +61,11 @@ def aux_checksum(config: LiDBConfig, layers: Iterable[LayerSpec]) -> str:
 
 def down_up_from(a_aux, b_aux, a_train, b_train) -> tuple[torch.Tensor, torch.Tensor]:
     """The LoRA factors of one layer; differentiable in a_train and b_train."""
-    down = (a_aux @ a_train).transpose(-1, -2)   # [r, in]
-    up = (b_train @ b_aux).transpose(-1, -2)     # [out, r]
+    # One rank component at a time: component k is then computed identically whatever the
+    # rank, so relaxing a LiDB (appending components) leaves its existing dW bit-identical.
+    r = a_train.shape[-1]
+    down = torch.cat([a_aux @ a_train[..., k:k + 1] for k in range(r)], dim=-1).transpose(-1, -2)  # [r, in]
+    up = torch.cat([b_train[..., k:k + 1, :] @ b_aux for k in range(r)], dim=-2).transpose(-1, -2)  # [out, r]
     return down, up
 
 
