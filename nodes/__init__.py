@@ -14,6 +14,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from . import lidb_nodes
 
     nodes = list(lidb_nodes.NODES)
+    from . import face_crop_node; nodes += face_crop_node.NODES  # noqa: E702
     return nodes
 
 
