@@ -83,7 +83,7 @@ def comfy_model(scale: str = "tiny", seed: int = 0, v_prediction: bool = False, 
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device(device))
 
 
-def comfy_clip(scale: str = "tiny", seed: int = 0):
+def comfy_clip(scale: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ComfyUI CLIP: the real SD1 tokenizer with a (small) CLIP-L-architecture text model."""
     import comfy.sd
     import comfy.sd1_clip
@@ -91,6 +91,7 @@ def comfy_clip(scale: str = "tiny", seed: int = 0):
 
     overrides = SCALES[scale]["clip"]
     options = {"clip_l_model_config": dict(overrides)} if overrides else {}
+    options["dtype"] = dtype  # ComfyUI would pick fp16 on some devices; tests want exact fp32
     clip = comfy.sd.CLIP(target=ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
                          model_options=options)
     init_weights(clip.cond_stage_model, seed + 1)

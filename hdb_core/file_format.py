@@ -133,7 +133,7 @@ def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
                    for k, n in cursor.items())
     if set(tensors) != expected or not sizes_ok:
         raise _fail(path, "has tensors that do not match its layer list; the file is damaged, save it again.")
-    info = {k: meta.get(k, "") for k in INFO_KEYS}
+    info = {k: meta[k] for k in INFO_KEYS if meta.get(k)}
     try:
         lidb = LiDB(layers, config, a_train, b_train, info)
     except ValueError as e:
