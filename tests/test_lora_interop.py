@@ -1,0 +1,47 @@
+"""An exported LiDB is an ordinary kohya LoRA: diffusers' own LoRA loader reads it with the same deltas."""
+import os
+
+import torch
+
+from hdb_core.lidb import LiDB, LiDBConfig
+from hdb_core.lora_format import save_kohya
+from hdb_core.targets import specs_from_module
+
+COMFY = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(os.path.dirname(__file__)), ".comfyui")
+
+
+def tiny_pipeline():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, sample_size=8, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                      num_hidden_layers=2, projection_dim=32))
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+    tok_dir = os.path.join(COMFY, "comfy", "sd1_tokenizer")
+    tok = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def test_diffusers_load_lora_weights_gives_the_lidb_deltas(tmp_path):
+    pipe = tiny_pipeline()
+    specs = specs_from_module(pipe.unet, "unet") + specs_from_module(pipe.text_encoder, "te")
+    g = torch.Generator().manual_seed(0)
+    lidb = LiDB.zeros(specs, LiDBConfig(rank=2, seed=5))
+    lidb = lidb.with_tensors({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lidb.a_train.items()},
+                             {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lidb.b_train.items()})
+    path = save_kohya(lidb, str(tmp_path / "id_lora.safetensors"))
+    modules = {"unet": pipe.unet, "te": pipe.text_encoder}
+    before = {s.name: modules[s.component].get_submodule(s.name.split(".", 1)[1]).weight.detach().clone()
+              for s in specs}
+    pipe.load_lora_weights(str(tmp_path), weight_name=os.path.basename(path))
+    pipe.fuse_lora(lora_scale=1.0)
+    for s in specs:
+        after = modules[s.component].get_submodule(s.name.split(".", 1)[1]).weight.detach()
+        torch.testing.assert_close(after - before[s.name], lidb.delta(s.name), atol=1e-6, rtol=1e-4)
+    assert len(specs) == 8 * 4 + 4 * 2  # 4 transformer blocks (down, mid, 2 up) x 8; 2 CLIP layers x 4
