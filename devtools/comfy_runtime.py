@@ -51,11 +51,12 @@ def boot(base_directory: str) -> dict:
     if not ok:
         raise RuntimeError("ComfyUI could not import the HyperDreamBooth pack (see the log above)")
     pack = sys.modules[REPO.replace(".", "_x_")]
+    hdb_nodes = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
     from . import dev_nodes
 
     dev_nodes.register(nodes)
     _state.update(pack=pack, nodes=nodes, execution=execution, folder_paths=folder_paths,
-                  hdb_nodes=sorted(set(nodes.NODE_CLASS_MAPPINGS) - before), base=base_directory)
+                  hdb_nodes=hdb_nodes, base=base_directory)
     return _state
 
 
