@@ -162,8 +162,9 @@ class HyperNetwork(nn.Module):
             groups.setdefault(key, []).append(i)
             self.group_dims[key] = (a_l, b_l)
         self.group_layers = {k: tuple(v) for k, v in groups.items()}
+        # Small start: predicted entries ~0.1, the scale of pre-optimised LiDB train matrices.
         self.heads = nn.ParameterDict({
-            k: nn.Parameter(torch.randn(len(idx), w, self._head_out(k)) / math.sqrt(w))
+            k: nn.Parameter(torch.randn(len(idx), w, self._head_out(k)) * (0.1 / math.sqrt(w)))
             for k, idx in self.group_layers.items()})
 
     def _head_out(self, key: str) -> int:
