@@ -1,0 +1,140 @@
+"""Rank-relaxed fast finetuning of a LiDB (HyperDreamBooth stage 2), independent of any UI.
+
+The loop only knows LiDB train matrices: it relaxes the start to `relaxed_rank`
+(so step 0 reproduces the start's dW exactly), then optimises A_train/B_train
+with a loss the caller supplies. How the residuals reach a model and what the
+loss is (the diffusion objective of a ComfyUI model, a toy regression in a
+test) is the caller's business, which keeps this loop testable with plain torch.
+
+The caller's loss gets, for every layer, the differentiable LoRA factors
+(down [r, in], up [out, r]) of this step, already on the training device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from .errors import HDBError
+from .lidb import LiDB, LiDBConfig, down_up_from
+from .targets import LayerSpec
+
+Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[int, Factors, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    steps: int = 40
+    learning_rate: float = 1e-3
+    relaxed_rank: int = 4
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None   # None: full precision (CPU default)
+    loss_scaling: bool = False                  # dynamic loss scaling (needed with fp16 on GPU)
+    trainable: frozenset[str] | None = None     # components to optimise ('unet', 'te', ...); None = all
+
+
+@dataclass
+class FinetuneResult:
+    lidb: LiDB
+    losses: list[float] = field(default_factory=list)
+
+
+def relaxed_start(start: LiDB, rank: int, generator: torch.Generator) -> LiDB:
+    """The start as a rank-`rank` LiDB with identical dW (the paper's rank relaxation)."""
+    if rank < start.config.rank:
+        raise HDBError(f"The starting LiDB already has rank {start.config.rank}, more than relaxed_rank {rank}; "
+                       f"set relaxed_rank to {start.config.rank} or higher.")
+    return start.relaxed(rank, generator) if rank > start.config.rank else start.to_float32()
+
+
+def zero_start(layers: Iterable[LayerSpec], rank: int, generator: torch.Generator, **info) -> LiDB:
+    """A LiDB whose dW is zero but which learns from the first step (LoRA-style A random, B zero)."""
+    return LiDB.trainable_start(layers, LiDBConfig(rank=rank), generator, **info)
+
+
+class TrainableLiDB(torch.nn.Module):
+    """A LiDB's train matrices as parameters, with its frozen aux bases on the training device."""
+
+    def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None):
+        super().__init__()
+        self.template = lidb
+        self.names = [s.name for s in lidb.layers]
+        self.a_train = torch.nn.ParameterList()
+        self.b_train = torch.nn.ParameterList()
+        self._aux: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for spec in lidb.layers:
+            learn = trainable is None or spec.component in trainable
+            self.a_train.append(torch.nn.Parameter(lidb.a_train[spec.name].detach().float().to(device).clone(),
+                                                   requires_grad=learn))
+            self.b_train.append(torch.nn.Parameter(lidb.b_train[spec.name].detach().float().to(device).clone(),
+                                                   requires_grad=learn))
+            a_aux, b_aux = lidb.aux(spec.name)
+            self._aux.append((a_aux.to(device), b_aux.to(device)))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (down [r, in], up [out, r]); differentiable in the trainable matrices."""
+        return {name: down_up_from(a_aux, b_aux, at, bt)
+                for name, (a_aux, b_aux), at, bt in zip(self.names, self._aux, self.a_train, self.b_train)}
+
+    def to_lidb(self, **info) -> LiDB:
+        a = {n: p.detach().float().cpu().clone() for n, p in zip(self.names, self.a_train)}
+        b = {n: p.detach().float().cpu().clone() for n, p in zip(self.names, self.b_train)}
+        return self.template.with_tensors(a, b, **info)
+
+
+def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
+             progress: Callable[[int, int, float], None] | None = None,
+             check_cancel: Callable[[], None] | None = None, **info) -> FinetuneResult:
+    """Relax `start` to settings.relaxed_rank and optimise it for settings.steps steps of `loss_fn`.
+
+    `loss_fn(step, factors, generator)` returns a scalar loss; `generator` is a CPU
+    generator seeded with settings.seed, for the caller's noise and timesteps, so a
+    run is reproducible. `check_cancel` runs before every step and may raise to stop;
+    `progress(step, steps, loss)` runs after every step. A non-finite loss or
+    weights stop the run with an HDBError; NaN weights are never returned.
+    """
+    if settings.steps < 1:
+        raise HDBError(f"steps is {settings.steps}; finetuning needs at least 1 step (40 is the paper's value).")
+    if not (settings.learning_rate > 0 and math.isfinite(settings.learning_rate)):
+        raise HDBError(f"learning_rate is {settings.learning_rate}; use a positive value such as 1e-3.")
+    generator = torch.Generator().manual_seed(int(settings.seed))
+    lidb = relaxed_start(start, settings.relaxed_rank, generator)
+    weights = TrainableLiDB(lidb, settings.device, settings.trainable)
+    params = weights.trainable_parameters()
+    if not params:
+        raise HDBError("Nothing to train: the LiDB has no layers on the components being trained; "
+                       "connect a model whose attention layers the LiDB covers.")
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.loss_scaling)
+    autocast = (torch.autocast(settings.device.type, dtype=settings.autocast_dtype)
+                if settings.autocast_dtype is not None else contextlib.nullcontext())
+    losses: list[float] = []
+    for step in range(settings.steps):
+        if check_cancel is not None:
+            check_cancel()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(step, weights.factors(), generator)
+        value = float(loss.detach().float())
+        if not math.isfinite(value):
+            raise HDBError(f"The finetuning loss became {value} at step {step + 1} of {settings.steps}; "
+                           f"lower learning_rate (now {settings.learning_rate:g}) or check that the model and "
+                           f"VAE produce finite outputs.")
+        scaler.scale(loss.float()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(value)
+        if progress is not None:
+            progress(step + 1, settings.steps, value)
+    if not all(torch.isfinite(p).all() for p in weights.parameters()):
+        raise HDBError(f"The finetuned weights became non-finite; lower learning_rate "
+                       f"(now {settings.learning_rate:g}) and run again.")
+    return FinetuneResult(weights.to_lidb(**info), losses)

@@ -1,0 +1,187 @@
+"""hdb_core.finetune and hdb_core.loss_plot: the UI-free finetune loop, on plain torch."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hdb_core.errors import HDBError
+from hdb_core.finetune import FinetuneSettings, TrainableLiDB, finetune, relaxed_start, zero_start
+from hdb_core.lidb import LiDB, LiDBConfig
+from hdb_core.loss_plot import loss_curve_image, running_mean
+from hdb_core.targets import LayerSpec
+
+LAYERS = [LayerSpec("unet.down.attn1.to_q", 160, 120), LayerSpec("unet.mid.attn2.to_k", 96, 64),
+          LayerSpec("te.text_model.encoder.layers.0.self_attn.q_proj", 48, 48)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread avoids OpenMP spin contention with other processes on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rank1_init(seed: int = 0) -> LiDB:
+    """A rank-1 LiDB with non-zero A and B, as a hypernetwork would predict."""
+    g = torch.Generator().manual_seed(seed)
+    lidb = LiDB.zeros(LAYERS, LiDBConfig(), trigger="a ohwx face", source="predicted")
+    for s in LAYERS:
+        a_l, b_l = lidb.config.layer_dims(s)
+        lidb.a_train[s.name] = torch.randn(a_l, 1, generator=g) * 0.1
+        lidb.b_train[s.name] = torch.randn(1, b_l, generator=g) * 0.1
+    return lidb
+
+
+def toy_loss(target: dict[str, torch.Tensor]):
+    """Regression of every layer's dW onto a fixed target: a loss whose minimum is known."""
+    def loss(step, factors, generator):
+        return sum(((up @ down) - target[n]).pow(2).sum() for n, (down, up) in factors.items())
+    return loss
+
+
+def reachable_target(rank: int = 2, seed: int = 5) -> dict[str, torch.Tensor]:
+    """dW of another LiDB: reachable by the factorisation, so the loss can go to zero."""
+    other = relaxed_start(rank1_init(seed), rank, torch.Generator().manual_seed(seed))
+    for s in LAYERS:
+        other.b_train[s.name] = torch.randn(other.b_train[s.name].shape, generator=torch.Generator().manual_seed(1)) * 0.1
+    return {s.name: other.delta(s.name) for s in LAYERS}
+
+
+def test_relaxed_rank_reproduces_the_init_dw_exactly_at_step_0():
+    init = rank1_init()
+    relaxed = relaxed_start(init, 4, torch.Generator().manual_seed(3))
+    assert relaxed.config.rank == 4
+    for s in LAYERS:
+        assert torch.equal(relaxed.delta(s.name), init.delta(s.name)), s.name
+        assert relaxed.a_train[s.name].shape[1] == 4 and relaxed.b_train[s.name].shape[0] == 4
+        # The new components can learn at once: random A columns (B rows start at zero).
+        assert relaxed.a_train[s.name][:, 1:].abs().sum() > 0
+    # The factors the training loop hands to the loss at step 0 give the same dW too.
+    factors = TrainableLiDB(relaxed, torch.device("cpu")).factors()
+    for s in LAYERS:
+        down, up = factors[s.name]
+        assert torch.equal(up @ down, init.delta(s.name))
+
+
+def test_relaxing_to_a_lower_rank_is_refused():
+    start = relaxed_start(rank1_init(), 4, torch.Generator().manual_seed(0))
+    with pytest.raises(HDBError, match="relaxed_rank"):
+        relaxed_start(start, 2, torch.Generator())
+
+
+def test_loop_optimises_all_train_matrices_and_lowers_the_loss():
+    init = rank1_init()
+    target = reachable_target()
+    settings = FinetuneSettings(steps=60, learning_rate=1e-2, relaxed_rank=3, seed=1)
+    seen = []
+    result = finetune(init, toy_loss(target), settings, progress=lambda i, n, loss: seen.append((i, n, loss)),
+                      trigger="a ohwx face")
+    assert [s[0] for s in seen] == list(range(1, 61)) and all(s[1] == 60 for s in seen)
+    assert result.losses == [s[2] for s in seen]
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    out = result.lidb
+    assert out.config.rank == 3 and out.is_finite()
+    assert out.info["trigger"] == "a ohwx face" and out.info["source"] == "predicted"
+    relaxed = relaxed_start(init, 3, torch.Generator().manual_seed(1))
+    for s in LAYERS:  # every matrix moved, including the first (the init's) component
+        assert not torch.equal(out.a_train[s.name], relaxed.a_train[s.name])
+        assert not torch.equal(out.b_train[s.name][0], relaxed.b_train[s.name][0])
+    # The input LiDB is never mutated.
+    again = rank1_init()
+    assert all(torch.equal(init.a_train[n], again.a_train[n]) for n in init.a_train)
+
+
+def test_only_the_chosen_components_train():
+    init = rank1_init()
+    target = reachable_target()
+    settings = FinetuneSettings(steps=5, learning_rate=1e-2, relaxed_rank=2, seed=0, trainable=frozenset({"unet"}))
+    out = finetune(init, toy_loss(target), settings).lidb
+    relaxed = relaxed_start(init, 2, torch.Generator().manual_seed(0))
+    te = LAYERS[2].name
+    assert torch.equal(out.a_train[te], relaxed.a_train[te]) and torch.equal(out.b_train[te], relaxed.b_train[te])
+    assert not torch.equal(out.b_train[LAYERS[0].name], relaxed.b_train[LAYERS[0].name])
+
+
+def test_same_seed_same_result_and_different_seed_differs():
+    def noisy_loss(step, factors, generator):
+        noise = torch.randn(8, generator=generator)
+        return sum((up @ down).mean() ** 2 for down, up in factors.values()) + 1e-3 * (noise.sum() * sum(
+            up.sum() for _, up in factors.values()))
+
+    start = zero_start(LAYERS, 2, torch.Generator().manual_seed(0))
+    run = lambda seed: finetune(start, noisy_loss, FinetuneSettings(steps=4, learning_rate=1e-2, relaxed_rank=2,
+                                                                    seed=seed)).lidb
+    a, b, c = run(7), run(7), run(8)
+    assert all(torch.equal(a.b_train[n], b.b_train[n]) for n in a.b_train)
+    assert any(not torch.equal(a.b_train[n], c.b_train[n]) for n in a.b_train)
+
+
+def test_zero_start_has_zero_dw_but_learns():
+    start = zero_start(LAYERS, 4, torch.Generator().manual_seed(0), source="trained")
+    assert start.config.rank == 4 and start.info["source"] == "trained"
+    assert all(start.delta(s.name).abs().max() == 0 for s in LAYERS)
+    target = reachable_target()
+    out = finetune(start, toy_loss(target), FinetuneSettings(steps=10, learning_rate=1e-2, relaxed_rank=4)).lidb
+    assert all(out.delta(s.name).abs().max() > 0 for s in LAYERS)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_returns_nothing():
+    def exploding(step, factors, generator):
+        value = sum(up.sum() * down.sum() for down, up in factors.values())
+        return value * (float("nan") if step == 2 else 1.0)
+
+    calls = []
+    with pytest.raises(HDBError, match=r"loss became nan at step 3 of 10.*learning_rate"):
+        finetune(rank1_init(), exploding, FinetuneSettings(steps=10, learning_rate=1e-3),
+                 progress=lambda *a: calls.append(a))
+    assert len(calls) == 2
+
+
+def test_cancel_callback_stops_between_steps():
+    class Cancelled(Exception):
+        pass
+
+    count = {"n": 0}
+
+    def check():
+        if count["n"] == 3:
+            raise Cancelled()
+
+    def loss(step, factors, generator):
+        count["n"] += 1
+        return sum(up.pow(2).sum() + down.pow(2).sum() for down, up in factors.values())
+
+    with pytest.raises(Cancelled):
+        finetune(rank1_init(), loss, FinetuneSettings(steps=10), check_cancel=check)
+    assert count["n"] == 3
+
+
+@pytest.mark.parametrize("steps,lr", [(0, 1e-3), (5, 0.0), (5, float("nan"))])
+def test_bad_settings_are_refused(steps, lr):
+    with pytest.raises(HDBError):
+        finetune(rank1_init(), toy_loss({}), FinetuneSettings(steps=steps, learning_rate=lr))
+
+
+def test_loss_curve_image_is_a_comfy_image_and_shows_the_curve():
+    losses = [1.0 / (i + 1) for i in range(40)]
+    img = loss_curve_image(losses, "test curve")
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and img.dtype == torch.float32
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    blue = (img[0, ..., 2] > 0.6) & (img[0, ..., 0] < 0.3)
+    assert blue.sum() > 100  # the running-mean curve is drawn
+    # Falling losses: the curve starts high (top left) and ends low (bottom right).
+    cols = blue.nonzero()
+    left, right = cols[cols[:, 1] < cols[:, 1].min() + 20], cols[cols[:, 1] > cols[:, 1].max() - 20]
+    assert left[:, 0].float().mean() < right[:, 0].float().mean()
+    # Degenerate inputs still give an image.
+    for values in ([], [2.0], [1.0, float("nan"), 0.5]):
+        assert loss_curve_image(values, "x").shape == img.shape
+
+
+def test_running_mean_is_centred():
+    assert running_mean([0, 0, 3, 0, 0], 3) == [0, 1, 1, 1, 0]
+    assert all(math.isclose(a, b) for a, b in zip(running_mean([1.0, 2.0], 1), [1.0, 2.0]))
