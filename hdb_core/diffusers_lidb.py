@@ -152,6 +152,17 @@ class LiDBInjector:
         self._factors = factors
         self.scale = float(scale)
 
+    def set_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0) -> None:
+        """Ready-made LoRA factors {name: (down [r, in] or [N, r, in], up [out, r] or [N, out, r])}."""
+        out = {}
+        for spec in self.layers:
+            down, up = factors[spec.name]
+            if down.dim() == 2:
+                down, up = down.unsqueeze(0), up.unsqueeze(0)
+            out[spec.name] = (down.to(self.device), up.to(self.device))
+        self._factors = out
+        self.scale = float(scale)
+
     def set_lidb(self, lidbs: LiDB | Sequence[LiDB], scale: float = 1.0) -> None:
         """One LiDB for every sample, or one LiDB per sample (in batch order)."""
         lidbs = [lidbs] if isinstance(lidbs, LiDB) else list(lidbs)

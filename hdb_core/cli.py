@@ -1,0 +1,332 @@
+"""`hdb`: the HyperDreamBooth training pipeline and personalisation outside ComfyUI.
+
+    hdb preoptimize     stage 0: one LiDB per identity of a face dataset
+    hdb train-hypernet  stage 1: the hypernetwork, from photos and their stage-0 LiDBs
+    hdb predict         a LiDB from a photo with a trained hypernetwork
+    hdb finetune        rank-relaxed fast finetuning of a LiDB on a photo (stage 2)
+    hdb export-lora     a LiDB as a standard kohya LoRA file
+
+Multi-GPU / multi-machine: `accelerate launch [--num_processes N ...] -m hdb_core.cli preoptimize ...`
+(or `accelerate launch $(which hdb) ...`). Every command works offline: models are
+local folders/files, and what is missing is named in the error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import HDBError
+
+log = logging.getLogger("hdb")
+
+
+# -- shared arguments ---------------------------------------------------------------------------
+def _base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", required=True,
+                   help="local diffusers folder of SD1.x/2.x, or a single-file .safetensors checkpoint")
+    p.add_argument("--base-config", default=None,
+                   help="for a single-file checkpoint: a local diffusers folder with the same architecture's configs")
+
+
+def _data_args(p: argparse.ArgumentParser, face_check: str = "detect") -> None:
+    p.add_argument("--resolution", type=int, default=512, help="training image size in pixels (512 for SD1.5)")
+    p.add_argument("--face-check", choices=("none", "detect", "crop"), default=face_check,
+                   help="skip images without a detectable face (detect), also crop to the face (crop), or trust "
+                        "the data (none)")
+    p.add_argument("--min-size", type=int, default=128, help="skip images smaller than this on the short side")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trigger", default="sks", help="the identifier token V of the prompt")
+    p.add_argument("--prompt", default="a {trigger} face", help="training prompt; {trigger} is replaced")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (runs are reproducible)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="dtype of the frozen UNet/text encoder (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hdb", description="HyperDreamBooth training and personalisation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preoptimize", help="stage 0: pre-optimise one LiDB per identity")
+    p.add_argument("--data", required=True, help="folder: one face image per identity, or a subfolder per identity")
+    p.add_argument("--output", required=True, help="folder for <identity>.safetensors LiDB files")
+    _base_args(p)
+    _data_args(p)
+    _run_args(p)
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps per identity")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=8, help="identities trained together per process")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints within a batch")
+    p.add_argument("--a", type=int, default=100, help="LiDB down-projection dimension a (paper: 100)")
+    p.add_argument("--b", type=int, default=50, help="LiDB up-projection dimension b (paper: 50)")
+    p.add_argument("--rank", type=int, default=1, help="LiDB rank (paper: 1)")
+    p.add_argument("--lidb-seed", type=int, default=0, help="seed of the frozen aux bases (stored in every file)")
+    p.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
+
+    p = sub.add_parser("train-hypernet", help="stage 1: train the hypernetwork")
+    p.add_argument("--data", required=True, help="the face folder stage 0 was run on")
+    p.add_argument("--lidbs", required=True, help="the stage-0 output folder")
+    p.add_argument("--output", required=True, help="hypernetwork file to write (.safetensors)")
+    p.add_argument("--image-encoder", default=None,
+                   help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14")
+    _base_args(p)
+    _data_args(p)
+    _run_args(p)
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (cosine decay after warm-up)")
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=4, help="photos per process per step")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion reconstruction loss")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the L2 loss to the stage-0 LiDBs")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
+    p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=4, help="refinement passes s")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+
+    p = sub.add_parser("predict", help="predict a LiDB from face photo(s) with a trained hypernetwork")
+    p.add_argument("--hypernet", required=True)
+    p.add_argument("--image-encoder", required=True, help="local CLIP vision folder the hypernetwork was trained with")
+    p.add_argument("--image", required=True, nargs="+", help="one or more photos of the same person")
+    p.add_argument("--output", required=True, help="LiDB file to write")
+    p.add_argument("--lora", default=None, help="also write a kohya LoRA file here")
+    p.add_argument("--trigger", default="sks")
+    p.add_argument("--iterations", type=int, default=None, help="refinement passes (default: the file's)")
+    p.add_argument("--face-check", choices=("none", "detect", "crop"), default="crop")
+    p.add_argument("--cpu", action="store_true")
+
+    p = sub.add_parser("finetune", help="rank-relaxed fast finetuning (stage 2) of a LiDB on a photo")
+    p.add_argument("--image", required=True, nargs="+", help="photo(s) of the person")
+    p.add_argument("--output", required=True, help="LiDB file to write")
+    p.add_argument("--init", default=None, help="start LiDB (e.g. from `hdb predict`); default: zero residual")
+    p.add_argument("--lora", default=None, help="also write a kohya LoRA file here")
+    _base_args(p)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--face-check", choices=("none", "detect", "crop"), default="crop")
+    p.add_argument("--trigger", default="sks")
+    p.add_argument("--prompt", default="a {trigger} face")
+    p.add_argument("--steps", type=int, default=40, help="paper: 40")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=4, help="relaxed rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cpu", action="store_true")
+
+    p = sub.add_parser("export-lora", help="write a LiDB as a standard kohya LoRA")
+    p.add_argument("--lidb", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_preoptimize(args) -> int:
+    from .preoptimize import PreoptimizeSettings, ProcessInfo, loss_curve, preoptimize
+
+    settings = PreoptimizeSettings(
+        trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,
+        batch_size=args.batch_size, resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
+        rank=args.rank, lidb_seed=args.lidb_seed, text_encoder=not args.no_text_encoder, flip=not args.no_flip,
+        face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
+        dtype=args.dtype)
+    settings.validate()
+    process = _process(args.cpu)
+    summary = preoptimize(args.data, args.base_model, args.output, settings, base_config=args.base_config,
+                          process=process, progress=not args.no_progress)
+    png = os.path.join(args.output, "logs", f"stage0_loss_rank{process.index}.png")
+    save_loss_png(loss_curve(args.output, process.index), "stage 0: mean loss per step", png)
+    print(f"rank {process.index}: {summary['trained']} LiDBs trained, {summary['already_done']} already done, "
+          f"{summary['skipped']}; loss log in {os.path.join(args.output, 'logs')}")
+    return 0
+
+
+def cmd_train_hypernet(args) -> int:
+    from accelerate import Accelerator
+
+    from .train_hypernet import HypernetSettings, loss_curve, train_hypernet
+
+    settings = HypernetSettings(
+        trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
+        grad_clip=args.grad_clip, resolution=args.resolution, width=args.width, depth=args.depth,
+        heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
+        face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
+        dtype=args.dtype)
+    settings.validate()
+    encoder = args.image_encoder
+    if encoder is None:
+        encoder = os.path.join(args.base_model, "image_encoder")
+        if not os.path.isdir(encoder):
+            raise HDBError("Stage 1 needs a CLIP vision encoder: pass --image-encoder with a local folder (config.json "
+                           "and model.safetensors, e.g. CLIP-ViT-H-14-laion2B) - nothing is downloaded.")
+    accelerator = Accelerator(cpu=bool(args.cpu))
+    summary = train_hypernet(args.data, args.lidbs, args.base_model, encoder, args.output, settings,
+                             base_config=args.base_config, accelerator=accelerator, progress=not args.no_progress)
+    if accelerator.is_main_process:
+        save_loss_png(loss_curve(args.output), "stage 1: loss per step",
+                      os.path.join(summary["state_dir"], "loss.png"))
+        print(f"hypernetwork written to {args.output} ({summary['identities']} identities, {settings.steps} steps); "
+              f"loss log in {summary['state_dir']}")
+    return 0
+
+
+def _load_photos(paths: list[str], size: int, face_check: str):
+    import torch
+
+    from . import data
+
+    images = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise HDBError(f"Photo '{p}' does not exist; give the path of a face image.")
+        try:
+            images.append(data.prepare_image(p, size, face_check))
+        except ValueError as e:
+            raise HDBError(f"Photo '{p}' cannot be used ({e}); use a clear frontal face photo"
+                           f"{' or --face-check none' if face_check != 'none' else ''}.") from None
+    return torch.stack(images)
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .file_format import save_lidb
+    from .hypernet_file import load_hypernet
+    from .image_encoder import ClipImageEncoder
+    from .lora_format import save_kohya
+
+    device = _device(args.cpu)
+    net = load_hypernet(args.hypernet, device=device)
+    if not os.path.exists(args.image_encoder):
+        raise HDBError(f"Image encoder '{args.image_encoder}' does not exist; pass the local CLIP vision folder the "
+                       f"hypernetwork was trained with.")
+    encoder = ClipImageEncoder.from_pretrained(args.image_encoder, device=device)
+    net.encoder.check(encoder.spec, "image encoder")
+    images = _load_photos(args.image, 512, args.face_check)
+    with torch.no_grad():
+        lidb = net.predict_lidb(encoder.encode(images), args.iterations, trigger=args.trigger,
+                                base_model=net.base_model)
+    save_lidb(lidb, args.output)
+    if args.lora:
+        save_kohya(lidb, args.lora)
+    print(f"LiDB written to {args.output}" + (f", LoRA to {args.lora}" if args.lora else ""))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .base_model import encode_latents, load_base_model, tokenize, training_target
+    from .data import to_model_range
+    from .diffusers_lidb import LiDBInjector, check_layers_match
+    from .file_format import load_lidb, save_lidb
+    from .finetune import FinetuneSettings, finetune, zero_start
+    from .lora_format import save_kohya
+
+    device = _device(args.cpu)
+    base = load_base_model(args.base_model, args.base_config).to(device)
+    if args.init:
+        start = load_lidb(args.init)
+        check_layers_match(start.layers, base.layers(True), f"The start LiDB '{args.init}'")
+    else:
+        start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed))
+    images = _load_photos(args.image, args.resolution, args.face_check)
+    pixels = to_model_range(torch.cat([images, images.flip(2)]))
+    latents = encode_latents(base, pixels, device)
+    te = any(s.component != "unet" for s in start.layers)
+    injector = LiDBInjector(base.modules(te), start.layers, start.config, device)
+    input_ids = tokenize(base, [args.prompt.format(trigger=args.trigger)], device)
+    T = base.noise_scheduler.config.num_train_timesteps
+
+    def loss_fn(step, factors, g):
+        injector.set_factors(factors)
+        k = int(torch.randint(latents.shape[0], (1,), generator=g))
+        x = latents[k:k + 1]
+        noise = torch.randn(x.shape, generator=g).to(device)
+        t = torch.randint(T, (1,), generator=g).to(device)
+        context = base.text_encoder(input_ids)[0]
+        pred = base.unet(base.noise_scheduler.add_noise(x, noise, t), t, context).sample
+        return (pred.float() - training_target(base, x, noise, t).float()).pow(2).mean()
+
+    from tqdm.auto import tqdm
+
+    settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, relaxed_rank=args.rank, seed=args.seed,
+                                device=device)
+    with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
+        result = finetune(start, loss_fn, settings, progress=lambda s, n, loss: (bar.update(1),
+                                                                                 bar.set_postfix(loss=f"{loss:.4f}")),
+                          source="finetuned", trigger=args.trigger, base_model=base.name)
+    save_lidb(result.lidb, args.output)
+    if args.lora:
+        save_kohya(result.lidb, args.lora)
+    print(f"finetuned LiDB (rank {result.lidb.config.rank}) written to {args.output}")
+    return 0
+
+
+def cmd_export_lora(args) -> int:
+    import torch
+
+    from .file_format import load_lidb
+    from .lora_format import save_kohya
+
+    lidb = load_lidb(args.lidb)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    save_kohya(lidb, args.output, dtype)
+    print(f"LoRA written to {args.output} ({len(lidb.layers)} layers, rank {lidb.config.rank})")
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _process(cpu: bool):
+    from accelerate import PartialState
+
+    from .preoptimize import ProcessInfo
+
+    state = PartialState(cpu=bool(cpu))
+    return ProcessInfo(state.process_index, state.num_processes, state.device)
+
+
+def _device(cpu: bool):
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+def save_loss_png(losses: list[float], title: str, path: str) -> str | None:
+    """The loss curve as a PNG (written atomically); nothing when there are no losses."""
+    if not losses:
+        return None
+    from PIL import Image
+
+    from .atomic import write_atomic
+    from .loss_plot import loss_curve_image
+
+    arr = (loss_curve_image(losses, title)[0].clamp(0, 1) * 255).round().byte().numpy()
+    return write_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+COMMANDS = {"preoptimize": cmd_preoptimize, "train-hypernet": cmd_train_hypernet, "predict": cmd_predict,
+            "finetune": cmd_finetune, "export-lora": cmd_export_lora}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never reach for the hub at run time
+    try:
+        return COMMANDS[args.command](args)
+    except HDBError as e:
+        print(f"hdb {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Stage 1: train the HyperNetwork on (face photo, stage-0 LiDB) pairs.
+
+    loss = alpha * ||eps_theta_hat(x_t, t, c) - eps||^2  +  beta * ||theta_hat - theta||^2
+
+The first term is the diffusion loss of the base model with the *predicted*
+LiDB applied (per sample, batched by `LiDBInjector`); the second pulls the
+prediction towards the identity's pre-optimised LiDB. Both are means (per
+pixel of the latent, per number of the LiDB), so alpha and beta do not depend
+on image size or on how many layers the model has. The CLIP vision encoder is
+frozen.
+
+Data-parallel under `accelerate launch`: the model is wrapped in DDP, each
+process takes its slice of every global batch. Batches and random draws are a
+pure function of (seed, step), so a run resumed from a checkpoint continues
+exactly like an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from . import data
+from .base_model import BaseModel, encode_latents, load_base_model, tokenize, training_target
+from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, prefixed, save_checkpoint
+from .diffusers_lidb import LiDBInjector, check_layers_match
+from .errors import HDBError
+from .file_format import load_lidb
+from .hypernet import HyperNetConfig, HyperNetwork
+from .hypernet_file import save_hypernet
+from .lidb import LiDB
+from .preoptimize import LossLog, resolve_dtype, DTYPES
+from .seeding import generator
+
+log = logging.getLogger("hdb")
+
+
+@dataclass
+class HypernetSettings:
+    trigger: str = "sks"
+    prompt: str = "a {trigger} face"
+    steps: int = 10000
+    batch_size: int = 4            # per process
+    learning_rate: float = 1e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    alpha: float = 1.0             # diffusion reconstruction weight
+    beta: float = 1.0              # weight-space L2 weight
+    grad_clip: float = 1.0
+    resolution: int = 512
+    width: int = 512
+    depth: int = 2
+    heads: int = 8
+    iterations: int = 4
+    seed: int = 0
+    flip: bool = True
+    face_check: str = "detect"
+    min_size: int = 128
+    checkpoint_every: int = 500
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise HDBError(f"steps ({self.steps}) and batch size ({self.batch_size}) must be at least 1.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-4.")
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise HDBError(f"alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0.")
+        if self.resolution < 64 or self.resolution % 64:
+            raise HDBError(f"resolution {self.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
+        if self.checkpoint_every < 1:
+            raise HDBError(f"checkpoint interval is {self.checkpoint_every}; use 1 or more steps.")
+        if self.face_check not in data.FACE_CHECKS:
+            raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
+        if self.dtype not in DTYPES:
+            raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
+        HyperNetConfig(self.width, self.depth, self.heads, self.iterations)
+
+    def net_config(self) -> HyperNetConfig:
+        return HyperNetConfig(width=self.width, depth=self.depth, heads=self.heads, iterations=self.iterations)
+
+    def resume_key(self) -> dict:
+        """Settings a resumed run must share with the checkpoint (the rest may change)."""
+        d = asdict(self)
+        for k in ("steps", "checkpoint_every", "min_size"):
+            d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    image: str          # path of the identity's first usable image
+    lidb: LiDB
+
+
+def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, skips: data.Skips) -> list[Pair]:
+    """(photo, stage-0 LiDB) per identity; clear errors when the two folders do not fit the base model."""
+    identities = data.scan(data_dir, min_size, skips)
+    if not os.path.isdir(lidb_dir):
+        raise HDBError(f"Stage-0 folder '{lidb_dir}' does not exist; run `hdb preoptimize` first and pass its "
+                       f"output folder.")
+    layers = None
+    pairs = []
+    missing = 0
+    for ident in identities:
+        path = os.path.join(lidb_dir, f"{ident.id}.safetensors")
+        if not os.path.exists(path):
+            missing += 1
+            continue
+        lidb = load_lidb(path)
+        if layers is None:
+            te = any(s.component != "unet" for s in lidb.layers)
+            check_layers_match(lidb.layers, base.layers(te), f"The stage-0 LiDBs in '{lidb_dir}'")
+            if tuple(lidb.layers) != tuple(base.layers(te)):
+                raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' cover {len(lidb.layers)} layers but the base "
+                               f"model has {len(base.layers(te))}; pre-optimise them with this base model.")
+            layers, config = lidb.layers, lidb.config
+        elif lidb.layers != layers or lidb.config != config:
+            raise HDBError(f"The stage-0 LiDB '{path}' was made with other layers or a/b/rank/seed than the others; "
+                           f"pre-optimise all identities with the same settings.")
+        pairs.append(Pair(ident.id, ident.paths[0], lidb))
+    if not pairs:
+        raise HDBError(f"None of the {len(identities)} identities in '{data_dir}' has a stage-0 LiDB in "
+                       f"'{lidb_dir}' (expected <identity>.safetensors); run `hdb preoptimize` on the same data.")
+    if missing:
+        log.warning("%d identities have no stage-0 LiDB yet and are left out", missing)
+    return pairs
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch of `step`: epochs of seeded permutations, a pure function of step."""
+    out = []
+    for pos in range(step * global_batch, (step + 1) * global_batch):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=generator(seed, "epoch", epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def lr_factor(step: int, settings: HypernetSettings) -> float:
+    """Linear warm-up, then cosine decay to 0 over the remaining steps."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - settings.warmup_steps) / span)))
+
+
+def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
+    """Per-sample mean squared error over every number of the LiDB [B]."""
+    total, count = 0.0, 0
+    for n in names:
+        total = total + (a_hat[n] - a_t[n]).pow(2).flatten(1).sum(1) + (b_hat[n] - b_t[n]).pow(2).flatten(1).sum(1)
+        count += a_t[n][0].numel() + b_t[n][0].numel()
+    return total / count
+
+
+class _Samples:
+    """Loads photos, caches their latents, and draws the per-sample noise of a step."""
+
+    def __init__(self, pairs, base, encoder, settings, device, skips):
+        self.pairs, self.base, self.encoder, self.s, self.device, self.skips = pairs, base, encoder, settings, device, skips
+        self.images: dict[int, torch.Tensor] = {}
+        self.latents: dict[int, torch.Tensor] = {}
+
+    def image(self, i: int) -> torch.Tensor:
+        if i not in self.images:
+            p = self.pairs[i]
+            try:
+                img = data.prepare_image(p.image, self.s.resolution, self.s.face_check)
+            except ValueError as e:
+                raise HDBError(f"The photo of identity '{p.id}' ({p.image}) cannot be used ({e}); remove that "
+                               f"identity or its LiDB and start again.") from None
+            self.images[i] = img
+            pixels = data.to_model_range(torch.stack([img, img.flip(1)]))
+            self.latents[i] = encode_latents(self.base, pixels, self.device).cpu()
+        return self.images[i]
+
+    def batch(self, indices: list[int], positions: list[int], step: int):
+        imgs, lat, noise, ts = [], [], [], []
+        T = self.base.noise_scheduler.config.num_train_timesteps
+        for i, pos in zip(indices, positions):
+            g = generator(self.s.seed, "stage1", step, pos)
+            f = int(torch.randint(2, (1,), generator=g)) if self.s.flip else 0
+            t = int(torch.randint(T, (1,), generator=g))
+            img = self.image(i)
+            imgs.append(img.flip(1) if f else img)
+            x = self.latents[i][f]
+            lat.append(x)
+            noise.append(torch.randn(x.shape, generator=g))
+            ts.append(t)
+        return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
+
+
+def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, image_encoder, output: str,
+                   settings: HypernetSettings, base_config: str | None = None, accelerator=None,
+                   progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) a hypernetwork and write it to `output`; returns a summary dict.
+
+    `image_encoder` is a local CLIP vision folder or an `image_encoder.ClipImageEncoder`.
+    Checkpoints and the loss log go to `<output>.state/`.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .image_encoder import ClipImageEncoder
+
+    settings.validate()
+    if not output.endswith(".safetensors"):
+        raise HDBError(f"The hypernetwork output '{output}' must end in .safetensors.")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    dtype = resolve_dtype(settings.dtype, device)
+    skips = data.Skips()
+    base = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, base_config)
+    pairs = find_pairs(data_dir, lidb_dir, base, settings.min_size, skips)
+    if isinstance(image_encoder, str):
+        if not os.path.exists(image_encoder):
+            raise HDBError(f"Image encoder '{image_encoder}' does not exist; pass --image-encoder with a local CLIP "
+                           f"vision folder (config.json + model.safetensors) - nothing is downloaded.")
+        image_encoder = ClipImageEncoder.from_pretrained(image_encoder, device=device)
+    else:
+        image_encoder.model.to(device)
+    base.to(device, dtype)
+    layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
+    te = any(s.component != "unet" for s in layers)
+
+    torch.manual_seed(settings.seed)  # the initial weights: identical on every process
+    net = HyperNetwork(settings.net_config(), layers, config, image_encoder.spec)
+    net.base_model = base.name
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    state_dir = output[: -len(".safetensors")] + ".state"
+    ckpt_path = os.path.join(state_dir, "checkpoint.safetensors")
+    start = 0
+    found = load_checkpoint(ckpt_path)
+    if found is not None:
+        tensors, st = found
+        if st["settings"] != settings.resume_key():
+            changed = sorted(k for k in st["settings"] if st["settings"][k] != settings.resume_key().get(k))
+            raise HDBError(f"The checkpoint in '{state_dir}' was written with other settings ({', '.join(changed)}); "
+                           f"use the same settings to resume, or delete that folder to start again.")
+        net.load_state_dict(prefixed(tensors, "net"))
+        load_optimizer_state(optimizer, tensors, st["optimizer"])
+        start = st["step"]
+        if accelerator.is_main_process:
+            log.info("resuming stage 1 from step %d", start)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    raw = accelerator.unwrap_model(net)
+
+    loss_log = None
+    if accelerator.is_main_process:
+        loss_log = LossLog(os.path.join(state_dir, "loss.csv"), ["step", "loss", "diffusion", "weight", "lr"])
+        loss_log.keep(lambda r: int(r["step"]) <= start)
+    injector = LiDBInjector(base.modules(te), layers, config, device)
+    samples = _Samples(pairs, base, image_encoder, settings, device, skips)
+    names = [s.name for s in layers]
+    prompt = settings.prompt.format(trigger=settings.trigger)
+    input_ids = tokenize(base, [prompt] * settings.batch_size, device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = settings.batch_size * world
+    bar = tqdm(total=settings.steps, initial=start, disable=not (progress and accelerator.is_main_process),
+               desc="stage 1", unit="step", dynamic_ncols=True)
+    net.train()
+    with injector:
+        for step in range(start, settings.steps):
+            idx = batch_indices(step, len(pairs), global_batch, settings.seed)
+            positions = list(range(step * global_batch, (step + 1) * global_batch))
+            lo, hi = rank * settings.batch_size, (rank + 1) * settings.batch_size
+            images, lat, noise, ts = samples.batch(idx[lo:hi], positions[lo:hi], step)
+            features = image_encoder.encode(images)
+            a_hat, b_hat = net(features)
+            a_t = {n: torch.stack([pairs[i].lidb.a_train[n] for i in idx[lo:hi]]).to(device) for n in names}
+            b_t = {n: torch.stack([pairs[i].lidb.b_train[n] for i in idx[lo:hi]]).to(device) for n in names}
+            w_loss = weight_loss(a_hat, b_hat, a_t, b_t, names)
+            if settings.alpha > 0:
+                injector.set_train(a_hat, b_hat)
+                context = base.text_encoder(input_ids)[0]
+                lat, noise, ts = lat.to(device), noise.to(device), ts.to(device)
+                noisy = base.noise_scheduler.add_noise(lat, noise, ts)
+                pred = base.unet(noisy.to(dtype), ts, context.to(dtype)).sample
+                target = training_target(base, lat, noise, ts)
+                d_loss = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+            else:
+                d_loss = torch.zeros_like(w_loss)
+            loss = settings.alpha * d_loss.mean() + settings.beta * w_loss.mean()
+            optimizer.zero_grad(set_to_none=True)
+            lr = settings.learning_rate * lr_factor(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr    # set from the step, so a resumed run needs no scheduler state
+            accelerator.backward(loss)
+            if settings.grad_clip > 0:
+                accelerator.clip_grad_norm_(net.parameters(), settings.grad_clip)
+            optimizer.step()
+            injector.clear()
+            logged = accelerator.reduce(torch.stack([loss.detach(), d_loss.detach().mean(), w_loss.detach().mean()]),
+                                        "mean").tolist()
+            if not math.isfinite(logged[0]):
+                raise HDBError(f"The stage-1 loss became {logged[0]} at step {step + 1}; lower the learning rate "
+                               f"(now {settings.learning_rate:g}) or use --dtype fp32.")
+            if loss_log is not None:
+                loss_log.append(step + 1, *(f"{v:.6g}" for v in logged), f"{lr:.3g}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged[0]:.4f}")
+            done = step + 1
+            if done % settings.checkpoint_every == 0 and done < settings.steps:
+                _checkpoint(accelerator, ckpt_path, raw, optimizer, done, settings)
+            if on_step is not None:
+                on_step({"step": done, "loss": logged[0], "diffusion": logged[1], "weight": logged[2], "net": raw,
+                         "rank": rank})
+    bar.close()
+    accelerator.wait_for_everyone()
+    summary = {"steps": settings.steps, "identities": len(pairs), "skipped": skips.summary(),
+               "output": output, "state_dir": state_dir}
+    if accelerator.is_main_process:
+        raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(pairs)), "steps": str(settings.steps),
+                    "alpha": str(settings.alpha), "beta": str(settings.beta), "trigger": settings.trigger,
+                    "prompt": prompt}
+        save_hypernet(raw, output)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _checkpoint(accelerator, path, raw, optimizer, step, settings) -> None:
+    if accelerator.is_main_process:
+        tensors, opt_meta = optimizer_state(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        tensors.update({f"net.{k}": v for k, v in raw.state_dict().items()})
+        save_checkpoint(path, tensors, {"step": step, "optimizer": opt_meta, "settings": settings.resume_key()})
+    accelerator.wait_for_everyone()
+
+
+def loss_curve(output: str) -> list[float]:
+    path = output[: -len(".safetensors")] + ".state/loss.csv"
+    if not os.path.exists(path):
+        return []
+    import csv
+
+    with open(path, newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
