@@ -251,7 +251,7 @@ class HyperNetwork(nn.Module):
         self._check_features(features)
         if features.shape[0] == 0:
             raise HDBError("The image batch is empty; connect at least one photo of the face to image.")
-        memory = features.reshape(1, -1, features.shape[-1])
+        memory = features.reshape(1, -1, features.shape[-1]).to(self.layer_embed.device)
         a_train, b_train = self.forward(memory, iterations)
         a_train = {k: v[0].detach().float().cpu().clone() for k, v in a_train.items()}
         b_train = {k: v[0].detach().float().cpu().clone() for k, v in b_train.items()}

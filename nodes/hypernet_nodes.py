@@ -98,7 +98,7 @@ class PredictLiDBWeights(io.ComfyNode):
             info["trigger"] = net.info["trigger"]
         # Outside inference mode, so the LiDB holds ordinary tensors that Fast Finetune can train from.
         with torch.inference_mode(False), torch.no_grad():
-            lidb = net.predict_lidb(features.to(hypernet.load_device, torch.float32).clone(),
+            lidb = net.predict_lidb(features.float().clone(),
                                     iterations if iterations > 0 else None, **info)
         bar.update(1)
         return io.NodeOutput(lidb)

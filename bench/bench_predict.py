@@ -1,0 +1,79 @@
+"""How long HDB_PredictLiDBWeights' hypernetwork takes on the CPU, and how big the default network is.
+
+Builds the full SD1.5 target list (176 layers: diffusers UNet2DConditionModel
+SD1.5 config + CLIP-L text encoder, on the meta device), a default-config
+HyperNetwork with random weights, and ViT-H-shaped features ([N, 257, 1280]).
+The image encoder is excluded (it is the user's CLIP_VISION model). Reports the
+parameter count, the size of the saved .safetensors file, and the median
+prediction time for 1 and 4 photos, for SD1.5 (goal: under 1 s) and SDXL.
+
+    .venv/bin/python bench/bench_predict.py [--threads 2] [--repeats 5] [--no-sdxl]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+GOAL_S = 1.0
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(arch: str, layers, repeats: int) -> None:
+    from hdb_core.hypernet import HyperNetConfig, HyperNetwork
+    from hdb_core.hypernet_file import save_hypernet
+    from hdb_core.image_encoder import VIT_H_14
+    from hdb_core.lidb import LiDBConfig
+
+    torch.manual_seed(0)
+    config = HyperNetConfig()
+    net = HyperNetwork(config, layers, LiDBConfig(), VIT_H_14).eval()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "hypernet.safetensors")
+        save_hypernet(net, path, {"base_model": arch})
+        size = os.path.getsize(path)
+    heads = sum(p.numel() for p in net.heads.parameters())
+    print(f"{arch}: {len(layers)} layers, config {config.to_dict()}")
+    print(f"  parameters {net.num_parameters:,} ({heads:,} in the per-layer heads), "
+          f"file {size / 2**20:.1f} MiB ({size:,} bytes, float32)")
+    for n in (1, 4):
+        feats = torch.randn(n, VIT_H_14.num_tokens, VIT_H_14.hidden_size)
+        t = median_time(lambda: net.predict_lidb(feats), repeats)
+        print(f"  predict from {n} photo{'s' if n > 1 else ''}: {t * 1000:.0f} ms median of {repeats} "
+              f"({t / GOAL_S:.2f}x the {GOAL_S:.0f} s goal)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-sdxl", action="store_true", help="skip the SDXL target list")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from devtools.arch_targets import sd15_targets, sdxl_targets
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, encoder excluded")
+    measure("SD1.5", sd15_targets(), args.repeats)
+    if not args.no_sdxl:
+        measure("SDXL", sdxl_targets(), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
