@@ -16,6 +16,7 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     nodes = list(lidb_nodes.NODES)
     from . import face_crop_node; nodes += face_crop_node.NODES  # noqa: E702
     from . import hypernet_nodes; nodes += hypernet_nodes.NODES  # noqa: E702
+    from . import finetune_node; nodes += finetune_node.NODES  # noqa: E702
     return nodes
 
 

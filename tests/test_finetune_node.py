@@ -1,0 +1,324 @@
+"""HDB_FastFinetune on a real ComfyUI with tiny random SD1.5-architecture checkpoints.
+
+Models are built under inference mode where it matters, as the executor loads
+them, so the inference-tensor escape is exercised; resolution 64 keeps steps fast.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from devtools import comfy_runtime, tiny_models
+
+RES = 64
+TRIGGER = "a ohwx face"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin contention with other processes on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tr(comfy):
+    return comfy["pack"].nodes.comfy_training
+
+
+@pytest.fixture(scope="module")
+def ckpt(comfy):
+    """A tiny checkpoint loaded under inference mode, as the executor's loaders do (never mutated)."""
+    with torch.inference_mode():
+        return tiny_models.comfy_checkpoint("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 5, generator=g), size=(96, 80), mode="bicubic")
+    return smooth.clamp(0, 1).movedim(1, -1).contiguous()
+
+
+def finetune(node, model, clip, vae, image, **kw):
+    args = dict(trigger=TRIGGER, steps=20, learning_rate=1e-2, relaxed_rank=4, train_text_encoder=True,
+                resolution=RES, seed=0)
+    args.update(kw)
+    return comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=image, **args)
+
+
+def unet_probe(model) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        return model.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx).clone()
+
+
+def clip_probe(clip) -> torch.Tensor:
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize("a photo of a person")).clone()
+
+
+def module_state(module: torch.nn.Module):
+    """Everything training could leave behind: parameter/buffer objects, hooks, instance forwards, grads."""
+    return ([(n, id(p)) for n, p in module.named_parameters()], [(n, id(b)) for n, b in module.named_buffers()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()),
+            sum("forward" in m.__dict__ for m in module.modules()),
+            sum(p.grad is not None for p in module.parameters()))
+
+
+def assert_clean(model, clip, before, hash_weights):
+    hashes, probes, states = before
+    assert (hash_weights(model.model), hash_weights(clip.cond_stage_model)) == hashes
+    assert torch.equal(unet_probe(model), probes[0]) and torch.equal(clip_probe(clip), probes[1])
+    assert (module_state(model.model), module_state(clip.cond_stage_model)) == states
+
+
+def snapshot(model, clip, hash_weights):
+    return ((hash_weights(model.model), hash_weights(clip.cond_stage_model)),
+            (unet_probe(model), clip_probe(clip)),
+            (module_state(model.model), module_state(clip.cond_stage_model)))
+
+
+@pytest.fixture(scope="module")
+def from_zero(comfy, node, ckpt, photo, tr):
+    """One training run from zero, shared by the tests that inspect its result."""
+    model, clip, vae = ckpt
+    bare = tr.held_out_loss(model, clip, vae, photo, None, TRIGGER, RES)
+    lidb, curve = finetune(node, model, clip, vae, photo, steps=30)
+    return lidb, curve, bare
+
+
+def test_from_zero_loss_falls_and_result_is_a_rank_r_lidb(comfy, hdb, ckpt, photo, tr, from_zero):
+    model, clip, vae = ckpt
+    lidb, curve, bare = from_zero
+    assert isinstance(lidb, hdb.lidb.LiDB) and lidb.config.rank == 4 and lidb.is_finite()
+    assert {s.component for s in lidb.layers} == {"unet", "te"} and len(lidb.layers) == 64
+    assert lidb.info["trigger"] == TRIGGER and lidb.info["source"] == "trained" and lidb.info["base_model"] == "SD15"
+    assert curve.shape == (1, 360, 640, 3) and 0 <= curve.min() and curve.max() <= 1
+    trained = tr.held_out_loss(model, clip, vae, photo, lidb, TRIGGER, RES)
+    assert trained < 0.97 * bare, (trained, bare)
+
+
+def test_from_init_loss_falls_and_text_encoder_can_stay_frozen(comfy, node, ckpt, photo, tr, from_zero):
+    model, clip, vae = ckpt
+    init = from_zero[0].with_info(source="predicted")
+    start_loss = tr.held_out_loss(model, clip, vae, photo, init, TRIGGER, RES)
+    out, _ = finetune(node, model, clip, vae, photo, init_lidb=init, relaxed_rank=6, train_text_encoder=False,
+                      seed=3)
+    assert out.config.rank == 6 and out.info["source"] == "finetuned"
+    assert tr.held_out_loss(model, clip, vae, photo, out, TRIGGER, RES) < start_loss
+    for s in init.layers:
+        if s.component == "te":  # frozen: the init's dW, exactly
+            assert torch.equal(out.delta(s.name), init.delta(s.name))
+    assert any(not torch.equal(out.delta(s.name), init.delta(s.name)) for s in init.layers if s.component == "unet")
+
+
+def test_base_weights_and_outputs_untouched_and_same_seed_is_identical(comfy, node, ckpt, photo, hash_weights):
+    model, clip, vae = ckpt
+    before = snapshot(model, clip, hash_weights)
+    a, _ = finetune(node, model, clip, vae, photo, steps=4)
+    b, _ = finetune(node, model, clip, vae, photo, steps=4)
+    c, _ = finetune(node, model, clip, vae, photo, steps=4, seed=1)
+    assert all(torch.equal(a.a_train[n], b.a_train[n]) and torch.equal(a.b_train[n], b.b_train[n])
+               for n in a.a_train)
+    assert any(not torch.equal(a.b_train[n], c.b_train[n]) for n in a.b_train)
+    assert_clean(model, clip, before, hash_weights)
+
+
+def test_model_loaded_outside_inference_mode_trains_without_touching_grads(comfy, node, tiny_sd, photo,
+                                                                         hash_weights):
+    model, clip, vae = tiny_sd
+    before = snapshot(model, clip, hash_weights)
+    lidb, _ = finetune(node, model, clip, vae, photo, steps=3, gradient_checkpointing=True)
+    assert lidb.is_finite()
+    assert_clean(model, clip, before, hash_weights)
+
+
+def test_gradient_checkpointing_gives_the_same_lidb(comfy, node, ckpt, photo):
+    model, clip, vae = ckpt
+    plain, _ = finetune(node, model, clip, vae, photo, steps=3)
+    ckpt_run, _ = finetune(node, model, clip, vae, photo, steps=3, gradient_checkpointing=True)
+    for n in plain.b_train:
+        torch.testing.assert_close(ckpt_run.b_train[n], plain.b_train[n], rtol=1e-5, atol=1e-7)
+
+
+def test_cancel_mid_run_leaves_the_model_clean_and_the_next_run_works(comfy, node, ckpt, photo, hash_weights):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, clip, vae = ckpt
+    before = snapshot(model, clip, hash_weights)
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing()   # what the UI's Cancel button does
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            finetune(node, model, clip, vae, photo, steps=50)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2, 3], "Cancel must stop at the next step"
+    assert_clean(model, clip, before, hash_weights)
+    lidb, _ = finetune(node, model, clip, vae, photo, steps=2)
+    assert lidb.is_finite()
+
+
+def test_native_objective_for_eps_and_v_prediction_models(comfy, tr):
+    """The loss equals the MSE of the raw UNet output against eps (eps models) or v (v models)."""
+    import comfy.model_management as mm
+
+    for v_pred in (False, True):
+        model = tiny_models.comfy_model("tiny", seed=2, v_prediction=v_pred)
+        base, ms = model.model, model.model.model_sampling
+        g = torch.Generator().manual_seed(0)
+        latents, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+        mm.load_models_gpu([model])
+        paths = tr.LowRankPaths({})
+        loss = tr.DiffusionLoss(model, latents, paths, None, (cond, None), RES, torch.device("cpu"))
+        with torch.no_grad():
+            got = loss(0, {}, torch.Generator().manual_seed(5))
+            # Redraw the same noise and timestep, and compute the textbook target by hand.
+            g2 = torch.Generator().manual_seed(5)
+            noise = torch.randn(latents.shape, generator=g2)
+            pct = tr._PERCENT_EDGE + (1 - 2 * tr._PERCENT_EDGE) * torch.rand((), generator=g2).item()
+            sigma = torch.tensor([ms.percent_to_sigma(pct)])
+            x = latents + sigma * noise
+            raw = base.diffusion_model(x / (sigma ** 2 + 1).sqrt(), ms.timestep(sigma).float(), context=cond)
+            target = (noise - sigma * latents) / (sigma ** 2 + 1).sqrt() if v_pred else noise
+            want = ((raw - target) ** 2).mean()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_grayscale_and_rgba_photos_are_converted(comfy, node, ckpt, photo, tr):
+    gray = photo.mean(-1, keepdim=True)
+    rgba = torch.cat([photo, torch.zeros_like(photo[..., :1])], dim=-1)
+    out_gray, out_rgba = tr.prepare_pixels(gray, RES), tr.prepare_pixels(rgba, RES)
+    assert out_gray.shape == out_rgba.shape == (1, RES, RES, 3)
+    assert torch.equal(out_gray[..., 0], out_gray[..., 2])
+    assert torch.equal(out_rgba, tr.prepare_pixels(photo, RES)), "RGBA: the alpha channel is ignored"
+    model, clip, vae = ckpt
+    assert finetune(node, model, clip, vae, gray, steps=1)[0].is_finite()
+
+
+def test_photo_is_resized_and_centre_cropped(tr):
+    wide = torch.zeros(1, 100, 300, 3)
+    wide[:, :, 100:200] = 1.0            # a white centre square in a black frame
+    out = tr.prepare_pixels(wide, RES)
+    assert out.shape == (1, RES, RES, 3) and out.mean() > 0.95
+
+
+def other_arch_lidb(comfy):
+    hdb = comfy["pack"].hdb_core
+    ct = comfy["pack"].nodes.comfy_targets
+    mid = tiny_models.comfy_model("mid", device="meta")
+    specs = [t.spec for t in ct.unet_targets(mid).values()]
+    return hdb.lidb.LiDB.zeros(specs, hdb.lidb.LiDBConfig())
+
+
+def no_attention_model():
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = tiny_models.comfy_unet_config("tiny")
+    cfg.update(transformer_depth=[0, 0], transformer_depth_middle=0, transformer_depth_output=[0, 0, 0, 0])
+    mc = comfy.supported_models.SD15(cfg)
+    mc.unet_config.update(num_heads=2, num_head_channels=-1)
+    base = comfy.model_base.BaseModel(mc, device="meta")
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("empty", "image batch is empty"),
+    ("16x16", "only 16x16 pixels"),
+    ("5 channels", "5 channels"),
+    ("steps 0", "steps is 0"),
+    ("empty trigger", "trigger is empty"),
+    ("other architecture", "This LiDB was made for a custom UNet"),
+    ("no attention", "has no attention projections"),
+    ("rank below init", "set relaxed_rank to 4 or higher"),
+])
+def test_bad_inputs_give_one_clear_sentence(comfy, hdb, node, ckpt, photo, from_zero, case, expect):
+    model, clip, vae = ckpt
+    kw = dict(image=photo)
+    if case == "empty":
+        kw["image"] = photo[:0]
+    elif case == "16x16":
+        kw["image"] = torch.rand(1, 16, 16, 3)
+    elif case == "5 channels":
+        kw["image"] = torch.rand(1, 96, 96, 5)
+    elif case == "steps 0":
+        kw["steps"] = 0
+    elif case == "empty trigger":
+        kw["trigger"] = "  "
+    elif case == "other architecture":
+        kw["init_lidb"] = other_arch_lidb(comfy)
+    elif case == "no attention":
+        model = no_attention_model()
+    elif case == "rank below init":
+        kw.update(init_lidb=from_zero[0], relaxed_rank=2)
+    with pytest.raises(hdb.errors.HDBError) as err:
+        finetune(node, model, clip, vae, **kw)
+    message = str(err.value)
+    assert expect in message and message.endswith(".") and message.count(". ") == 0, message
+
+
+def test_training_precision_choice(tr):
+    cuda = torch.device("cuda")
+    assert tr.training_precision(torch.device("cpu"), torch.float32) == (None, False)
+    assert tr.training_precision(cuda, torch.float16) == (torch.float16, True)
+    assert tr.training_precision(cuda, torch.bfloat16) == (torch.bfloat16, False)
+
+
+def graph(image_name: str, prefix: str) -> dict:
+    return {
+        "1": {"class_type": "HDBDev_TinyCheckpoint", "inputs": {"scale": "tiny", "seed": 0, "v_prediction": False}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "3": {"class_type": "HDB_FastFinetune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "trigger": TRIGGER,
+            "steps": 3, "learning_rate": 0.01, "relaxed_rank": 2, "train_text_encoder": True, "resolution": RES,
+            "seed": 0}},
+        "4": {"class_type": "HDB_ApplyLiDB", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lidb": ["3", 0],
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": f"{TRIGGER}, portrait", "clip": ["4", 1]}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["5", 0], "negative": ["6", 0],
+                                                   "latent_image": ["7", 0], "seed": 1, "steps": 2, "cfg": 2.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": prefix}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
+
+
+def test_graph_checkpoint_finetune_apply_sample_save_runs_in_the_executor(comfy, hdb, photo):
+    from PIL import Image
+
+    folder = comfy["folder_paths"].get_input_directory()
+    Image.fromarray((photo[0] * 255).byte().numpy()).save(os.path.join(folder, "hdb_face.png"))
+    result = comfy_runtime.run_prompt(graph("hdb_face.png", "finetuned"))
+    assert result.success, result.error
+    lidb = result.node_output("3")[0]
+    assert isinstance(lidb, hdb.lidb.LiDB) and lidb.config.rank == 2 and lidb.info["source"] == "trained"
+    assert result.node_output("9")[0].shape == (1, 64, 64, 3)
+    saved = result.outputs["10"]["images"][0]
+    assert os.path.isfile(os.path.join(comfy["folder_paths"].get_output_directory(), saved["subfolder"],
+                                       saved["filename"]))
+    # A bad input fails that node only; the executor keeps working.
+    bad = graph("hdb_face.png", "bad")
+    bad["3"]["inputs"]["trigger"] = ""
+    failed = comfy_runtime.run_prompt(bad)
+    assert not failed.success and "trigger is empty" in failed.error["exception_message"]
+    assert comfy_runtime.run_prompt(graph("hdb_face.png", "again")).success
