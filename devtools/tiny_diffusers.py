@@ -28,8 +28,7 @@ SCALES = {
                  text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                            projection_dim=32),
                  vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=8),
-                 vision=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                             projection_dim=32, image_size=32, patch_size=8)),
+                 vision=None),   # devtools.tiny_vision's config: the twin of HDBDev_TinyClipVision
     # for benchmarks: wider, three levels, 4-layer text encoder.
     "mid": dict(unet=dict(block_out_channels=(128, 256, 256), layers_per_block=1, cross_attention_dim=256,
                           attention_head_dim=4, norm_num_groups=32),
@@ -57,7 +56,13 @@ def build(scale: str = "tiny", seed: int = 0):
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         sample_size=64, **s["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **s["text"]))
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**s["vision"]))
+    if s["vision"] is None:
+        from .tiny_vision import config as vision_config
+
+        vision = {k: v for k, v in vision_config().items() if k != "model_type"}
+    else:
+        vision = s["vision"]
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
     tokenizer = CLIPTokenizer(os.path.join(TOKENIZER_DIR, "vocab.json"), os.path.join(TOKENIZER_DIR, "merges.txt"),
                               model_max_length=77)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
