@@ -15,6 +15,7 @@ stored in the file and compared with the connected encoder before use.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -114,8 +115,11 @@ def spec_from_hf_config(config, name: str = "") -> EncoderSpec:
     """EncoderSpec of a transformers CLIPVisionConfig (penultimate tokens, CLIP normalisation)."""
     vision = getattr(config, "vision_config", config)
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    # The folder's name, not its path: the name is shown to ComfyUI users on other machines.
+    path = getattr(config, "_name_or_path", "") or ""
+    source = name or (os.path.basename(os.path.normpath(path)) if path else "")
     return EncoderSpec(hidden_size=vision.hidden_size, num_tokens=tokens, image_size=vision.image_size,
-                       name=name or getattr(config, "_name_or_path", "") or "CLIP vision")
+                       name=source or "CLIP vision")
 
 
 class ClipImageEncoder:
