@@ -68,15 +68,21 @@ class _ServerStub:
         self.last_node_id = None
         self.last_prompt_id = None
         self.messages: list = []
+        self.timeline: list = []  # (monotonic time, node id) at each node start; None marks the end
 
     def send_sync(self, event, data, sid=None):
+        import time
+
         self.messages.append((event, data))
+        if event == "executing":
+            self.timeline.append((time.monotonic(), data.get("node") if isinstance(data, dict) else None))
 
 
 class PromptResult:
     def __init__(self, executor, server, prompt_id):
         self.success = executor.success
         self.messages = executor.status_messages + server.messages
+        self.timeline = server.timeline
         self.outputs = executor.history_result.get("outputs", {}) if executor.history_result else {}
         self.executor = executor
         self.prompt_id = prompt_id
@@ -87,6 +93,14 @@ class PromptResult:
             if event in ("execution_error", "execution_interrupted"):
                 return data
         return None
+
+    def node_seconds(self) -> dict[str, float]:
+        """Wall time each executed node took (from the executor's 'executing' events)."""
+        out = {}
+        for (t0, nid), (t1, _) in zip(self.timeline, self.timeline[1:]):
+            if nid is not None:
+                out[str(nid)] = out.get(str(nid), 0.0) + t1 - t0
+        return out
 
     def node_output(self, node_id: str):
         """The Python values a node returned (its output tuple), from the executor's cache."""
@@ -119,5 +133,9 @@ def run_prompt(prompt: dict, executor=None) -> PromptResult:
                                             cache_args={"lru": 0, "ram": 0})
     else:
         executor.server = server
-    executor.execute(prompt, prompt_id, {}, valid[2])
+    # A client id makes the executor report each node as it starts (used for timings).
+    executor.execute(prompt, prompt_id, {"client_id": "hdb-dev"}, valid[2])
+    import time
+
+    server.timeline.append((time.monotonic(), None))
     return PromptResult(executor, server, prompt_id)

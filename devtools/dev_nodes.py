@@ -31,7 +31,9 @@ DEV_NODES = [TinyCheckpoint]
 
 
 def register(nodes_module) -> None:
-    for cls in DEV_NODES:
+    from . import dev_vision_nodes
+
+    for cls in DEV_NODES + dev_vision_nodes.DEV_NODES:
         schema = cls.GET_SCHEMA()
         nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = cls
         nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
