@@ -38,9 +38,10 @@ class LiDBConfig:
 
 @functools.lru_cache(maxsize=4096)
 def _cached_aux(seed: int, name: str, in_f: int, out_f: int, a_l: int, b_l: int):
-    a_aux, b_aux = aux_bases.aux_pair(seed, name, in_f, out_f, a_l, b_l)
-    # Shared between every LiDB with this seed: make accidental in-place edits fail loudly.
-    return a_aux, b_aux
+    # The cache outlives the call that fills it: ComfyUI runs nodes under inference mode, and an
+    # inference tensor cached by ApplyLiDB could not be used by a later finetune's backward.
+    with torch.inference_mode(False):
+        return aux_bases.aux_pair(seed, name, in_f, out_f, a_l, b_l)
 
 
 def aux_for(config: LiDBConfig, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
