@@ -12,6 +12,16 @@ from devtools.comfy_runtime import call_node, run_prompt
 TINY_ENCODER = dict(hidden_size=32, num_tokens=17, image_size=56, name="tiny CLIP vision (dev)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread that waits
+    for a busy core makes every small op up to 100x slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def vision_nodes(comfy):
     from devtools import dev_vision_nodes
@@ -160,9 +170,6 @@ def _requires_fast_finetune(comfy):
 
 def test_predicted_lidb_starts_fast_finetune(comfy, vision_nodes, tiny_hypernet, face_png, hdb):
     _requires_fast_finetune(comfy)
-    # Earlier tests applied LiDBs under inference mode, which leaves inference tensors in the aux-basis
-    # cache (see test_apply_then_finetune_in_one_session); start this one from a clean cache.
-    hdb.lidb._cached_aux.cache_clear()
     result = run_prompt(finetune_prompt(tiny_hypernet, face_png))
     assert result.success, result.error
     (pred,), (tuned, _) = result.node_output("pred"), result.node_output("ft")
