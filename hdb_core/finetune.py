@@ -44,11 +44,15 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
 
 
-def relaxed_start(start: LiDB, rank: int, generator: torch.Generator) -> LiDB:
-    """The start as a rank-`rank` LiDB with identical dW (the paper's rank relaxation)."""
+def check_relaxable(start: LiDB, rank: int) -> None:
     if rank < start.config.rank:
         raise HDBError(f"The starting LiDB already has rank {start.config.rank}, more than relaxed_rank {rank}; "
                        f"set relaxed_rank to {start.config.rank} or higher.")
+
+
+def relaxed_start(start: LiDB, rank: int, generator: torch.Generator) -> LiDB:
+    """The start as a rank-`rank` LiDB with identical dW (the paper's rank relaxation)."""
+    check_relaxable(start, rank)
     return start.relaxed(rank, generator) if rank > start.config.rank else start.to_float32()
 
 

@@ -11,7 +11,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..hdb_core.errors import HDBError
-from ..hdb_core.finetune import FinetuneSettings, finetune, zero_start
+from ..hdb_core.finetune import FinetuneSettings, check_relaxable, finetune, zero_start
 from ..hdb_core.lidb import LiDB
 from ..hdb_core.loss_plot import loss_curve_image, loss_curve_pil
 from . import comfy_targets as ct
@@ -23,7 +23,7 @@ log = logging.getLogger("HyperDreamBooth")
 DEFAULT_TRIGGER = "a ohwx face"
 DEFAULT_STEPS = 40              # the paper's value, from a hypernetwork prediction
 ZERO_START_STEPS_ADVICE = 300   # from zero (no init_lidb): see docs/finetune.md
-DEFAULT_LR = 2e-3
+DEFAULT_LR = 3e-3
 DEFAULT_RANK = 4
 
 
@@ -101,6 +101,7 @@ class FastFinetune(io.ComfyNode):
                 log.warning("HyperDreamBooth: training from zero with only %d steps; about %d are advised "
                             "without a hypernetwork prediction.", steps, ZERO_START_STEPS_ADVICE)
         else:
+            check_relaxable(init_lidb, relaxed_rank)
             te_parts = {s.component for s in init_lidb.layers} - {"unet"}
             ct.check_compatible(init_lidb, unet_t, {"unet"}, "model")
             if te_parts:

@@ -1,0 +1,147 @@
+"""Per-step time and peak memory of HDB_FastFinetune against its floor and against ComfyUI's TrainLoraNode.
+
+For each model size it measures, on the same latent batch (one photo), conditioning
+and resolution, fp32 on the CPU:
+
+  bare fwd+bwd     one UNet forward + backward to the input, no trainable weights:
+                   the floor for any method that backpropagates through the UNet
+  HDB (UNet)       HDB_FastFinetune with train_text_encoder off
+  HDB (UNet+TE)    HDB_FastFinetune as by default (also trains the CLIP text encoder)
+  TrainLoraNode    ComfyUI's own trainer at rank 1 (fp32, no gradient checkpointing)
+
+Each measurement runs in its own process, so peak RSS is its own (and TrainLoraNode's
+weight wrappers cannot leak into the other rows); the methods take turns for
+`--rounds` rounds so that load from other processes hits them alike. Step time is the
+median over all rounds of the steps after each run's first; ratios come from this run.
+
+    .venv/bin/python bench/bench_finetune.py                 # tiny + mid, a few minutes on 2 cores
+    .venv/bin/python bench/bench_finetune.py --scales tiny   # seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+METHODS = ("bare", "hdb_unet", "hdb_te", "trainlora")
+LABELS = {"bare": "bare UNet fwd+bwd", "hdb_unet": "HDB_FastFinetune (UNet)",
+          "hdb_te": "HDB_FastFinetune (UNet+TE)", "trainlora": "TrainLoraNode rank 1"}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from devtools import comfy_runtime, tiny_models
+
+    rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_bench_"))
+    import comfy.model_management as mm
+    import comfy.utils
+
+    pack = rt["pack"]
+    tr = sys.modules[pack.__name__ + ".nodes.comfy_training"]
+    with torch.inference_mode():   # loaded as the executor loads checkpoints
+        model, clip, vae = tiny_models.comfy_checkpoint(scale, seed=0)
+        g = torch.Generator().manual_seed(0)
+        image = torch.rand(1, resolution, resolution, 3, generator=g)
+        latent = tr.encode_latents(vae, model.model, tr.prepare_pixels(image, resolution))
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+    loaded = rss_mb()
+    stamps: list[float] = []
+    comfy.utils.set_progress_bar_global_hook(lambda *a, **k: stamps.append(time.perf_counter()))
+
+    if method == "bare":
+        with torch.inference_mode(False):
+            lat, c = latent.clone(), cond.clone()
+            mm.load_models_gpu([model], force_full_load=True)
+            ms = model.model.model_sampling
+            with tr.trainable_through(model.model):
+                for i in range(steps):
+                    noise = torch.randn(lat.shape, generator=g)
+                    sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])
+                    xt = ms.noise_scaling(sigma, noise, lat).requires_grad_(True)
+                    out = model.model.apply_model(xt, sigma, c_crossattn=c)
+                    ((out - lat) ** 2).mean().backward()
+                    stamps.append(time.perf_counter())
+    elif method in ("hdb_unet", "hdb_te"):
+        node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]
+        comfy_runtime.call_node(node, model=model, clip=clip, vae=vae, image=image, steps=steps,
+                                learning_rate=2e-3, relaxed_rank=4, resolution=resolution, seed=0,
+                                train_text_encoder=method == "hdb_te")
+    else:
+        node = rt["nodes"].NODE_CLASS_MAPPINGS["TrainLoraNode"]
+        # Two copies of the latent: 0.3.75 crashes on a single latent input (multi_res unset).
+        comfy_runtime.call_node(
+            node, model=[model], latents=[{"samples": latent}, {"samples": latent}],
+            positive=[[[cond, {"pooled_output": pooled}]]], batch_size=[1], grad_accumulation_steps=[1],
+            steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+            training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False],
+            existing_lora=["[None]"])
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])][-(steps - 1):]
+    return {"steps_s": per_step, "peak_mb": rss_mb(),
+            "loaded_mb": loaded, "unet_params_m": sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scales", default="tiny,mid")
+    p.add_argument("--resolution-tiny", type=int, default=256)
+    p.add_argument("--resolution-mid", type=int, default=512)
+    p.add_argument("--steps-tiny", type=int, default=12)
+    p.add_argument("--steps-mid", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--worker", nargs=5, metavar=("METHOD", "SCALE", "RES", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        m, s, r, n, t = args.worker
+        print("RESULT " + json.dumps(worker(m, s, int(r), int(n), int(t))))
+        return
+
+    print(f"CPU, fp32, {args.threads} threads, batch 1, {args.rounds} rounds; median s/step over the steps after "
+          f"each run's first; each run in its own process.\n")
+    header = f"{'model':<22}{'method':<30}{'s/step':>9}{'x bare':>8}{'x TrainLora':>12}{'peak RSS MB':>13}" \
+             f"{'+ over loaded':>15}"
+    print(header)
+    print("-" * len(header))
+    for scale in args.scales.split(","):
+        res = getattr(args, f"resolution_{scale}")
+        steps = getattr(args, f"steps_{scale}")
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        for _ in range(args.rounds):
+            for method in METHODS:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, scale, str(res), str(steps),
+                       str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{scale}: {method} failed:\n{out.stderr[-3000:]}")
+                    continue
+                runs[method].append(json.loads(line[len("RESULT "):]))
+        rows = {m: {"step_s": statistics.median([t for r in rs for t in r["steps_s"]]),
+                    "peak_mb": max(r["peak_mb"] for r in rs), "loaded_mb": min(r["loaded_mb"] for r in rs),
+                    "unet_params_m": rs[0]["unet_params_m"]} for m, rs in runs.items() if rs}
+        bare, lora = rows.get("bare"), rows.get("trainlora")
+        for method, r in rows.items():
+            model = f"{scale} ({r['unet_params_m']:.1f}M) {res}px"
+            xb = f"{r['step_s'] / bare['step_s']:.2f}" if bare else "-"
+            xl = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "-"
+            print(f"{model:<22}{LABELS[method]:<30}{r['step_s']:9.3f}{xb:>8}{xl:>12}{r['peak_mb']:13.0f}"
+                  f"{r['peak_mb'] - r['loaded_mb']:15.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
