@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=4, help="photos per process per step")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion reconstruction loss")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the L2 loss to the stage-0 LiDBs")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="weight of the squared L2 distance to the stage-0 LiDBs (summed over all numbers)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
     p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")

@@ -4,10 +4,11 @@
 
 The first term is the diffusion loss of the base model with the *predicted*
 LiDB applied (per sample, batched by `LiDBInjector`); the second pulls the
-prediction towards the identity's pre-optimised LiDB. Both are means (per
-pixel of the latent, per number of the LiDB), so alpha and beta do not depend
-on image size or on how many layers the model has. The CLIP vision encoder is
-frozen.
+prediction towards the identity's pre-optimised LiDB. The diffusion term is a
+mean over latent pixels (independent of resolution); the weight term is the
+squared L2 norm summed over every number of the LiDB, as in the paper, so its
+gradient per number does not shrink as the model gets more layers. The CLIP
+vision encoder is frozen.
 
 Data-parallel under `accelerate launch`: the model is wrapped in DDP, each
 process takes its slice of every global batch. Batches and random draws are a
@@ -49,7 +50,7 @@ class HypernetSettings:
     warmup_steps: int = 500
     weight_decay: float = 0.0
     alpha: float = 1.0             # diffusion reconstruction weight
-    beta: float = 1.0              # weight-space L2 weight
+    beta: float = 0.1              # weight-space L2 weight (on the summed squared error)
     grad_clip: float = 1.0
     resolution: int = 512
     width: int = 512
@@ -151,12 +152,11 @@ def lr_factor(step: int, settings: HypernetSettings) -> float:
 
 
 def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
-    """Per-sample mean squared error over every number of the LiDB [B]."""
-    total, count = 0.0, 0
+    """Per-sample ||theta_hat - theta||^2 summed over every number of the LiDB [B] (the paper's L2 term)."""
+    total = 0.0
     for n in names:
         total = total + (a_hat[n] - a_t[n]).pow(2).flatten(1).sum(1) + (b_hat[n] - b_t[n]).pow(2).flatten(1).sum(1)
-        count += a_t[n][0].numel() + b_t[n][0].numel()
-    return total / count
+    return total
 
 
 class _Samples:
@@ -196,6 +196,63 @@ class _Samples:
         return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
 
 
+def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_name: str) -> HyperNetwork:
+    """The untrained network; seeded, so every process starts from identical weights."""
+    torch.manual_seed(settings.seed)
+    net = HyperNetwork(settings.net_config(), layers, config, encoder_spec)
+    net.base_model = base_name
+    return net
+
+
+class Objective:
+    """alpha * diffusion + beta * weight-L2 of one process's share of a step's global batch.
+
+    Use as a context manager (it wraps the base model's projections while open).
+    """
+
+    def __init__(self, pairs, base: BaseModel, encoder, settings: HypernetSettings, device, dtype, skips=None):
+        self.pairs, self.base, self.encoder, self.s, self.device, self.dtype = pairs, base, encoder, settings, device, dtype
+        self.layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
+        self.names = [l.name for l in self.layers]
+        te = any(l.component != "unet" for l in self.layers)
+        self.injector = LiDBInjector(base.modules(te), self.layers, config, device)
+        self.samples = _Samples(pairs, base, encoder, settings, device, skips or data.Skips())
+        prompt = settings.prompt.format(trigger=settings.trigger)
+        self.input_ids = tokenize(base, [prompt] * settings.batch_size, device)
+
+    def __enter__(self) -> "Objective":
+        self.injector.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.injector.remove()
+
+    def __call__(self, net, step: int, rank: int = 0, world: int = 1):
+        """(loss, diffusion [B], weight [B]); batches and draws depend only on (seed, step, rank)."""
+        s, device, base = self.s, self.device, self.base
+        global_batch = s.batch_size * world
+        idx = batch_indices(step, len(self.pairs), global_batch, s.seed)
+        positions = list(range(step * global_batch, (step + 1) * global_batch))
+        lo, hi = rank * s.batch_size, (rank + 1) * s.batch_size
+        mine = idx[lo:hi]
+        images, lat, noise, ts = self.samples.batch(mine, positions[lo:hi], step)
+        a_hat, b_hat = net(self.encoder.encode(images))
+        a_t = {n: torch.stack([self.pairs[i].lidb.a_train[n] for i in mine]).to(device) for n in self.names}
+        b_t = {n: torch.stack([self.pairs[i].lidb.b_train[n] for i in mine]).to(device) for n in self.names}
+        w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
+        if s.alpha > 0:
+            self.injector.set_train(a_hat, b_hat)
+            context = base.text_encoder(self.input_ids)[0]
+            lat, noise, ts = lat.to(device), noise.to(device), ts.to(device)
+            noisy = base.noise_scheduler.add_noise(lat, noise, ts)
+            pred = base.unet(noisy.to(self.dtype), ts, context.to(self.dtype)).sample
+            target = training_target(base, lat, noise, ts)
+            d_loss = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        else:
+            d_loss = torch.zeros_like(w_loss)
+        return s.alpha * d_loss.mean() + s.beta * w_loss.mean(), d_loss, w_loss
+
+
 def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, image_encoder, output: str,
                    settings: HypernetSettings, base_config: str | None = None, accelerator=None,
                    progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
@@ -229,9 +286,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
     te = any(s.component != "unet" for s in layers)
 
-    torch.manual_seed(settings.seed)  # the initial weights: identical on every process
-    net = HyperNetwork(settings.net_config(), layers, config, image_encoder.spec)
-    net.base_model = base.name
+    net = new_hypernet(settings, layers, config, image_encoder.spec, base.name)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     state_dir = output[: -len(".safetensors")] + ".state"
     ckpt_path = os.path.join(state_dir, "checkpoint.safetensors")
@@ -255,38 +310,14 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     if accelerator.is_main_process:
         loss_log = LossLog(os.path.join(state_dir, "loss.csv"), ["step", "loss", "diffusion", "weight", "lr"])
         loss_log.keep(lambda r: int(r["step"]) <= start)
-    injector = LiDBInjector(base.modules(te), layers, config, device)
-    samples = _Samples(pairs, base, image_encoder, settings, device, skips)
-    names = [s.name for s in layers]
-    prompt = settings.prompt.format(trigger=settings.trigger)
-    input_ids = tokenize(base, [prompt] * settings.batch_size, device)
+    objective = Objective(pairs, base, image_encoder, settings, device, dtype, skips)
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = settings.batch_size * world
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and accelerator.is_main_process),
                desc="stage 1", unit="step", dynamic_ncols=True)
     net.train()
-    with injector:
+    with objective:
         for step in range(start, settings.steps):
-            idx = batch_indices(step, len(pairs), global_batch, settings.seed)
-            positions = list(range(step * global_batch, (step + 1) * global_batch))
-            lo, hi = rank * settings.batch_size, (rank + 1) * settings.batch_size
-            images, lat, noise, ts = samples.batch(idx[lo:hi], positions[lo:hi], step)
-            features = image_encoder.encode(images)
-            a_hat, b_hat = net(features)
-            a_t = {n: torch.stack([pairs[i].lidb.a_train[n] for i in idx[lo:hi]]).to(device) for n in names}
-            b_t = {n: torch.stack([pairs[i].lidb.b_train[n] for i in idx[lo:hi]]).to(device) for n in names}
-            w_loss = weight_loss(a_hat, b_hat, a_t, b_t, names)
-            if settings.alpha > 0:
-                injector.set_train(a_hat, b_hat)
-                context = base.text_encoder(input_ids)[0]
-                lat, noise, ts = lat.to(device), noise.to(device), ts.to(device)
-                noisy = base.noise_scheduler.add_noise(lat, noise, ts)
-                pred = base.unet(noisy.to(dtype), ts, context.to(dtype)).sample
-                target = training_target(base, lat, noise, ts)
-                d_loss = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-            else:
-                d_loss = torch.zeros_like(w_loss)
-            loss = settings.alpha * d_loss.mean() + settings.beta * w_loss.mean()
+            loss, d_loss, w_loss = objective(net, step, rank, world)
             optimizer.zero_grad(set_to_none=True)
             lr = settings.learning_rate * lr_factor(step, settings)
             for group in optimizer.param_groups:
@@ -295,7 +326,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
             if settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(net.parameters(), settings.grad_clip)
             optimizer.step()
-            injector.clear()
+            objective.injector.clear()
             logged = accelerator.reduce(torch.stack([loss.detach(), d_loss.detach().mean(), w_loss.detach().mean()]),
                                         "mean").tolist()
             if not math.isfinite(logged[0]):
@@ -318,7 +349,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     if accelerator.is_main_process:
         raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(pairs)), "steps": str(settings.steps),
                     "alpha": str(settings.alpha), "beta": str(settings.beta), "trigger": settings.trigger,
-                    "prompt": prompt}
+                    "prompt": settings.prompt.format(trigger=settings.trigger)}
         save_hypernet(raw, output)
     accelerator.wait_for_everyone()
     return summary

@@ -1,0 +1,159 @@
+"""Stage 1 (`hdb train-hypernet`) and the personalisation commands: the loss falls, the hypernet file
+works with `hdb predict` / `hdb finetune` / `hdb export-lora`, and bad input fails before training."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hdb_core import cli
+from hdb_core.data import Skips
+from hdb_core.file_format import load_lidb, save_lidb
+from hdb_core.hypernet_file import load_hypernet
+from hdb_core.image_encoder import ClipImageEncoder
+from hdb_core.lidb import LiDB, LiDBConfig
+from hdb_core.preoptimize import PreoptimizeSettings, preoptimize
+from hdb_core.train_hypernet import HypernetSettings, Objective, find_pairs, new_hypernet, train_hypernet
+
+from tests.pipeline_fixtures import FAST, FAST_NET, base, make_faces, one_thread, tiny_model  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def stage0(tmp_path_factory, base):
+    """(faces folder, stage-0 LiDB folder) for 4 synthetic identities."""
+    root = tmp_path_factory.mktemp("stage0")
+    faces = make_faces(str(root / "faces"), 4)
+    preoptimize(faces, base, str(root / "lidbs"), PreoptimizeSettings(
+        steps=4, batch_size=4, resolution=64, face_check="none", min_size=32, learning_rate=1e-2), progress=False)
+    return faces, str(root / "lidbs")
+
+
+def net_settings(**kw) -> HypernetSettings:
+    return HypernetSettings(**{**dict(steps=25, batch_size=2, resolution=64, face_check="none", min_size=32,
+                                      width=32, heads=2, depth=1, iterations=2, warmup_steps=2, learning_rate=3e-3,
+                                      checkpoint_every=100), **kw})
+
+
+def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path):
+    faces, lidbs = stage0
+    settings = net_settings()
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    out = str(tmp_path / "hn.safetensors")
+    log = []
+    train_hypernet(faces, lidbs, base, encoder, out, settings, progress=False, on_step=log.append)
+
+    # The same objective, on the same fixed draws (steps 0..3 of the schedule), before and after training.
+    pairs = find_pairs(faces, lidbs, base, settings.min_size, Skips())
+    start = new_hypernet(settings, pairs[0].lidb.layers, pairs[0].lidb.config, encoder.spec, "model")
+    trained = load_hypernet(out)
+    with torch.no_grad(), Objective(pairs, base, encoder, settings, "cpu", torch.float32) as objective:
+        before = [objective(start, k) for k in range(4)]
+        after = [objective(trained, k) for k in range(4)]
+    total = lambda runs: sum(float(r[0]) for r in runs)            # noqa: E731
+    weight = lambda runs: sum(float(r[2].mean()) for r in runs)    # noqa: E731
+    assert total(after) < total(before)
+    assert weight(after) < 0.5 * weight(before)
+    assert [e["step"] for e in log] == list(range(1, 26))
+    rows = open(tmp_path / "hn.state" / "loss.csv").read().splitlines()
+    assert rows[0] == "step,loss,diffusion,weight,lr" and len(rows) == 26
+
+
+@pytest.fixture(scope="module")
+def hypernet_file(stage0, tiny_model, tmp_path_factory):
+    faces, lidbs = stage0
+    out = str(tmp_path_factory.mktemp("hn") / "hn.safetensors")
+    rc = cli.main(["train-hypernet", "--data", faces, "--lidbs", lidbs, "--base-model", tiny_model,
+                   "--output", out, "--steps", "3", "--batch-size", "2", "--lr", "1e-3", *FAST, *FAST_NET])
+    assert rc == 0
+    return out
+
+
+def test_train_hypernet_cli_writes_file_log_and_plot(hypernet_file, stage0):
+    net = load_hypernet(hypernet_file)
+    lidb = load_lidb(os.path.join(stage0[1], "id00.safetensors"))
+    assert net.layers == lidb.layers and net.lidb_config == lidb.config
+    assert net.info["trigger"] == "sks" and net.info["identities"] == "4" and net.base_model == "model"
+    state = hypernet_file[: -len(".safetensors")] + ".state"
+    assert os.path.getsize(os.path.join(state, "loss.png")) > 1000
+    assert len(open(os.path.join(state, "loss.csv")).read().splitlines()) == 4
+
+
+def test_predict_finetune_export_from_the_command_line(hypernet_file, stage0, tiny_model, tmp_path, capsys):
+    faces, _ = stage0
+    enc = os.path.join(tiny_model, "image_encoder")
+    photo = os.path.join(faces, "id01.png")
+    assert cli.main(["predict", "--hypernet", hypernet_file, "--image-encoder", enc, "--image", photo,
+                     "--output", str(tmp_path / "p.safetensors"), "--lora", str(tmp_path / "p_lora.safetensors"),
+                     "--face-check", "none"]) == 0
+    predicted = load_lidb(str(tmp_path / "p.safetensors"))
+    assert predicted.info["source"] == "predicted" and predicted.config.rank == 1
+    assert any(predicted.b_train[s.name].abs().sum() > 0 for s in predicted.layers)
+    with safe_open(str(tmp_path / "p_lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+
+    assert cli.main(["finetune", "--base-model", tiny_model, "--image", photo, "--init", str(tmp_path / "p.safetensors"),
+                     "--output", str(tmp_path / "f.safetensors"), "--steps", "2", "--resolution", "64",
+                     "--face-check", "none", "--no-progress"]) == 0
+    tuned = load_lidb(str(tmp_path / "f.safetensors"))
+    assert tuned.info["source"] == "finetuned" and tuned.config.rank == 4
+    name = tuned.layers[0].name
+    assert not torch.allclose(tuned.delta(name), predicted.delta(name))
+
+    assert cli.main(["export-lora", "--lidb", str(tmp_path / "f.safetensors"),
+                     "--output", str(tmp_path / "f_lora.safetensors")]) == 0
+    with safe_open(str(tmp_path / "f_lora.safetensors"), "pt") as f:
+        down = f.get_tensor(f"lora_unet_{name[5:].replace('.', '_')}.lora_down.weight")
+    assert down.dtype == torch.float16 and down.shape[0] == 4
+
+    rc = cli.main(["predict", "--hypernet", hypernet_file, "--image-encoder", str(tmp_path / "nope"),
+                   "--image", photo, "--output", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_path, capsys):
+    faces, lidbs = stage0
+    common = ["train-hypernet", "--data", faces, "--base-model", tiny_model, "--steps", "1", *FAST, *FAST_NET]
+
+    other = tmp_path / "other"
+    os.makedirs(other)
+    from hdb_core.targets import LayerSpec
+
+    wider = [LayerSpec(s.name, 64 if s.name.endswith(("attn2.to_k", "attn2.to_v")) else s.in_features, s.out_features)
+             for s in base.layers()]
+    save_lidb(LiDB.zeros(wider, LiDBConfig()), str(other / "id00.safetensors"))
+    out = tmp_path / "hn.safetensors"
+    rc = cli.main([*common, "--lidbs", str(other), "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "stage-0 LiDBs" in err[-1] and "was made for" in err[-1] and "base model is" in err[-1]
+
+    os.makedirs(tmp_path / "none")
+    rc = cli.main([*common, "--lidbs", str(tmp_path / "none"), "--output", str(out)])
+    assert rc == 2 and "has a stage-0 LiDB" in capsys.readouterr().err
+
+    rc = cli.main([*common, "--lidbs", lidbs, "--output", str(out), "--image-encoder", str(tmp_path / "nope")])
+    assert rc == 2 and "Image encoder" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "hn.state").exists()
+
+
+def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_path):
+    faces, lidbs = stage0
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    out = str(tmp_path / "hn.safetensors")
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info["step"] == 2:
+            raise Stop()
+    with pytest.raises(Stop):
+        train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, checkpoint_every=1), progress=False,
+                       on_step=stop)
+    from hdb_core.errors import HDBError
+
+    with pytest.raises(HDBError, match=r"other settings \(learning_rate\)"):
+        train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, learning_rate=1e-2), progress=False)
