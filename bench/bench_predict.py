@@ -7,7 +7,7 @@ The image encoder is excluded (it is the user's CLIP_VISION model). Reports the
 parameter count, the size of the saved .safetensors file, and the median
 prediction time for 1 and 4 photos, for SD1.5 (goal: under 1 s) and SDXL.
 
-    .venv/bin/python bench/bench_predict.py [--threads 2] [--repeats 5] [--no-sdxl]
+    .venv/bin/python bench/bench_predict.py [--threads 1,2] [--repeats 5] [--no-sdxl]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def median_time(fn, repeats: int) -> tuple[float, float]:
     """(median wall seconds, median process CPU seconds) per call.
 
     On a shared machine wall time includes waiting for a core; CPU time does not,
-    so CPU time / threads estimates the wall time on an idle machine.
+    so a large gap between them means the run was waiting for busy cores.
     """
     fn()  # warm-up (allocations, kernel selection)
     wall, cpu = [], []
@@ -42,7 +42,7 @@ def median_time(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def measure(arch: str, layers, repeats: int) -> None:
+def measure(arch: str, layers, repeats: int, threads: list[int]) -> None:
     from hdb_core.hypernet import HyperNetConfig, HyperNetwork
     from hdb_core.hypernet_file import save_hypernet
     from hdb_core.image_encoder import VIT_H_14
@@ -59,29 +59,30 @@ def measure(arch: str, layers, repeats: int) -> None:
     print(f"{arch}: {len(layers)} layers, config {config.to_dict()}")
     print(f"  parameters {net.num_parameters:,} ({heads:,} in the per-layer heads), "
           f"file {size / 2**20:.1f} MiB ({size:,} bytes, float32)")
-    for n in (1, 4):
-        feats = torch.randn(n, VIT_H_14.num_tokens, VIT_H_14.hidden_size)
-        t, cpu = median_time(lambda: net.predict_lidb(feats), repeats)
-        print(f"  predict from {n} photo{'s' if n > 1 else ''}: wall {t * 1000:.0f} ms median of {repeats} "
-              f"({t / GOAL_S:.2f}x the {GOAL_S:.0f} s goal); CPU time {cpu * 1000:.0f} ms "
-              f"({cpu / torch.get_num_threads() / GOAL_S:.2f}x the goal per thread)")
+    for th in threads:
+        torch.set_num_threads(th)
+        for n in (1, 4):
+            feats = torch.randn(n, VIT_H_14.num_tokens, VIT_H_14.hidden_size)
+            t, cpu = median_time(lambda: net.predict_lidb(feats), repeats)
+            print(f"  {th} thread{'s' if th > 1 else ''}, {n} photo{'s' if n > 1 else ''}: wall {t * 1000:.0f} ms "
+                  f"median of {repeats} ({t / GOAL_S:.2f}x the {GOAL_S:.0f} s goal), CPU time {cpu * 1000:.0f} ms")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts to time (default 1,2)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-sdxl", action="store_true", help="skip the SDXL target list")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     from devtools.arch_targets import sd15_targets, sdxl_targets
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads of {os.cpu_count()} cores, "
-          f"load average {load:.1f} at start, encoder excluded")
-    measure("SD1.5", sd15_targets(), args.repeats)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, load average {load:.1f} at start "
+          f"(other processes slow multi-threaded runs most), encoder excluded")
+    measure("SD1.5", sd15_targets(), args.repeats, threads)
     if not args.no_sdxl:
-        measure("SDXL", sdxl_targets(), args.repeats)
+        measure("SDXL", sdxl_targets(), args.repeats, threads)
 
 
 if __name__ == "__main__":
