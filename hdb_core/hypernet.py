@@ -47,7 +47,7 @@ from .targets import LayerSpec
 class HyperNetConfig:
     """Decoder size. Defaults: the paper's 2-layer decoder at width 512 with 4 refinement passes.
 
-    About 23M parameters for the SD1.5 target list (~93 MB in float32); per pass
+    22.9M parameters for the SD1.5 target list (91.8 MB file; bench/bench_predict.py); per pass
     the decoder is cheap (176 tokens), so a 24 GB GPU spends its memory on the
     frozen UNet and ViT during training, not on the hypernetwork.
     """
