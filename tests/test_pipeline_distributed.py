@@ -1,0 +1,98 @@
+"""Scale-out and fault tolerance, with real processes: a 2-process CPU run (torch.distributed, gloo,
+as accelerate sets it up) and a stage-1 run killed with SIGKILL and resumed."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from hdb_core import cli
+
+from tests.pipeline_fixtures import (FAST, FAST_NET, PYTHON, REPO, hdb, make_faces, one_thread,  # noqa: F401
+                                     tiny_model)
+
+
+def test_two_processes_shard_stage0_and_keep_hypernet_replicas_identical(tiny_model, tmp_path):
+    faces = make_faces(str(tmp_path / "faces"), 5)
+    work = tmp_path / "work"
+    os.makedirs(work)
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 500), os.path.join(REPO, "tests", "pipeline_worker.py"),
+                           faces, tiny_model, str(work)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    shards = [json.load(open(work / "lidbs" / ".hdb" / f"shard-{k}-of-2.json"))["identities"] for k in range(2)]
+    assert sorted(shards[0] + shards[1]) == [f"id{k:02d}" for k in range(5)]      # every identity ...
+    assert not set(shards[0]) & set(shards[1])                                   # ... exactly once
+    summaries = [json.load(open(work / "lidbs" / ".hdb" / f"summary-rank{k}.json")) for k in range(2)]
+    assert [s["trained"] for s in summaries] == [len(shards[0]), len(shards[1])]
+
+    hashes = [json.load(open(work / f"hashes-{k}.json")) for k in range(2)]
+    assert hashes[0]["world"] == hashes[1]["world"] == 2
+    assert len(hashes[0]["hashes"]) == 2
+    assert hashes[0]["hashes"] == hashes[1]["hashes"]            # identical replicas after every step
+    assert hashes[0]["hashes"][0] != hashes[0]["hashes"][1]      # and the steps did change them
+    assert os.path.exists(work / "hn.safetensors")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_stage1_killed_with_sigkill_resumes_to_the_straight_result(tiny_model, tmp_path):
+    faces = make_faces(str(tmp_path / "faces"), 3)
+    lidbs = str(tmp_path / "lidbs")
+    assert cli.main(["preoptimize", "--data", faces, "--base-model", tiny_model, "--output", lidbs, "--steps", "2",
+                     "--batch-size", "3", *FAST]) == 0
+    steps, every = 14, 3
+
+    def args(out):
+        return ["train-hypernet", "--data", faces, "--lidbs", lidbs, "--base-model", tiny_model, "--output", out,
+                "--steps", str(steps), "--checkpoint-every", str(every), "--batch-size", "2", "--lr", "1e-3",
+                *FAST, *FAST_NET]
+
+    straight = str(tmp_path / "straight.safetensors")
+    assert cli.main(args(straight)) == 0          # in this process (one thread, like the subprocesses)
+
+    killed = str(tmp_path / "killed.safetensors")
+    log = str(tmp_path / "killed.state" / "loss.csv")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PYTHON, "-m", "hdb_core.cli", *args(killed)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if os.path.exists(log) and len(_rows(log)) >= 2 * every + 1:   # past the 2nd checkpoint
+            break
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(killed)
+    logged = int(_rows(log)[-1]["step"])
+    ckpt = load_file(str(tmp_path / "killed.state" / "checkpoint.safetensors"))
+    from hdb_core.checkpoint import load_checkpoint
+
+    _, state = load_checkpoint(str(tmp_path / "killed.state" / "checkpoint.safetensors"))
+    assert ckpt and state["step"] % every == 0 and 0 <= logged - state["step"] <= every  # lost <= 1 interval
+    assert logged < steps
+
+    resumed = hdb(*args(killed))
+    assert f"resuming stage 1 from step {state['step']}" in resumed.stderr
+
+    a, b = load_file(straight), load_file(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    rows_a, rows_b = _rows(str(tmp_path / "straight.state" / "loss.csv")), _rows(log)
+    assert [r["step"] for r in rows_b] == [str(k) for k in range(1, steps + 1)]   # each step logged once
+    assert all(abs(float(x["loss"]) - float(y["loss"])) <= 1e-5 * max(1.0, abs(float(x["loss"])))
+               for x, y in zip(rows_a, rows_b))
