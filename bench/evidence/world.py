@@ -1,0 +1,226 @@
+"""A toy world whose identities are known exactly: tiny SD model, teacher LiDBs, generated "photos".
+
+* Base model: the tiny SD1-architecture diffusers model of `devtools.tiny_diffusers`
+  (random UNet / text encoder weights), saved as a normal diffusers folder so
+  the `hdb` pipeline loads it like any user's model.
+* The VAE: a random decoder, scaled so images stay inside 0..1, with an encoder
+  trained briefly to invert it through 8-bit PNG quantisation. Then what the
+  pipeline encodes from a photo is (almost) exactly the latent that was sampled,
+  so "the identity in the photo" and "the teacher's samples" are the same thing.
+* Identities: teacher LiDB i has A_train = M_A z_i, B_train = M_B z_i + noise for
+  a hidden code z_i in R^k (one fixed random linear map per layer), so identities
+  form a low-dimensional family a hypernetwork can generalise over.
+* Photos: latents sampled with DDIM from base + teacher i, each with its own
+  seed, decoded to 64x64 PNGs, one folder per identity (the layout `hdb`
+  expects). The teacher's latents are kept for the sample comparison.
+* Image encoder: a tiny transformers CLIP vision model with frozen random weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from hdb_core.base_model import BaseModel, load_base_model, tokenize
+from hdb_core.diffusers_lidb import LiDBInjector
+from hdb_core.lidb import LiDB, LiDBConfig
+from hdb_core.seeding import generator
+
+PROMPT = "a sks face"
+IMAGE_SIZE = 64
+
+
+@dataclass
+class WorldSpec:
+    identities: int = 200
+    held_out: int = 16
+    photos: int = 4              # per identity (held-out identities: 1 input photo + the rest for evaluation)
+    code_dim: int = 6            # k: dimension of the hidden identity code z
+    teacher_scale: float = 3.0   # size of the teacher's A/B entries relative to the stage-0 start
+    teacher_noise: float = 0.1   # per-identity deviation from the low-dimensional family
+    photo_variation: float = 0.1 # rho: how far each photo's starting noise is from the shared template
+    sample_steps: int = 10       # DDIM steps per photo
+    vae_steps: int = 300         # encoder-inversion training steps
+    seed: int = 0
+
+    def ids(self) -> tuple[list[str], list[str]]:
+        names = [f"id{i:04d}" for i in range(self.identities)]
+        return names[: self.identities - self.held_out], names[self.identities - self.held_out:]
+
+
+def _save_base(folder: str, seed: int) -> None:
+    from devtools import tiny_diffusers
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae, text_encoder, tokenizer, scheduler, image_encoder = tiny_diffusers.build("tiny", seed)
+    vae.register_to_config(scaling_factor=1.0)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _save_image_encoder(folder: str, seed: int) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed + 7)
+    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
+                           projection_dim=32, image_size=IMAGE_SIZE, patch_size=16)
+    CLIPVisionModelWithProjection(cfg).eval().save_pretrained(folder, safe_serialization=True)
+
+
+def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> list[LiDB]:
+    """Teacher LiDBs from hidden codes z_i through one fixed random linear map per layer."""
+    g = generator(spec.seed, "teacher-maps")
+    maps = {}
+    for s in layers:
+        a_l, b_l = config.layer_dims(s)
+        maps[s.name] = (torch.randn(a_l, spec.code_dim, generator=g) / spec.code_dim ** 0.5,
+                        torch.randn(b_l, spec.code_dim, generator=g) / spec.code_dim ** 0.5)
+    out = []
+    for name in names:
+        gi = generator(spec.seed, "teacher", name)
+        z = torch.randn(spec.code_dim, generator=gi)
+        a, b = {}, {}
+        for s in layers:
+            ma, mb = maps[s.name]
+            a_l, b_l = config.layer_dims(s)
+            a[s.name] = (spec.teacher_scale * (ma @ z + spec.teacher_noise * torch.randn(a_l, generator=gi))
+                         / a_l ** 0.5).unsqueeze(1)
+            b[s.name] = (spec.teacher_scale * (mb @ z + spec.teacher_noise * torch.randn(b_l, generator=gi))
+                         / b_l ** 0.5).unsqueeze(0)
+        out.append(LiDB(tuple(layers), config, a, b, {"source": "random", "trigger": "sks"}))
+    return out
+
+
+@torch.no_grad()
+def sample(base: BaseModel, injector: LiDBInjector, weights, seeds: list[str], spec: WorldSpec,
+           scale: float = 1.0) -> torch.Tensor:
+    """Latents [N, 4, 8, 8] sampled with DDIM (no guidance) from base + residual per seed.
+
+    `weights`: None (bare base), a list of LiDBs (one per seed) or LoRA factors
+    {name: (down, up)} of one LiDB (the same for every seed).
+
+    Every start noise is the world's shared template noise plus a per-seed part of
+    weight rho: photos of one identity differ (pose, light) but less than identities
+    do, as with faces. `scale` brings the random UNet's samples to unit size.
+    """
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(base.noise_scheduler.config)
+    sched.set_timesteps(spec.sample_steps)
+    rho = spec.photo_variation
+    template = torch.randn(4, 8, 8, generator=generator(spec.seed, "template"))
+    x = torch.stack([(1 - rho ** 2) ** 0.5 * template + rho * torch.randn(4, 8, 8, generator=generator("sample", s))
+                     for s in seeds])
+    if weights is None:
+        injector.clear()
+    elif isinstance(weights, dict):
+        injector.set_factors(weights)
+    else:
+        injector.set_lidb(weights)
+    context = base.text_encoder(tokenize(base, [PROMPT] * len(seeds), "cpu"))[0]
+    for t in sched.timesteps:
+        eps = base.unet(x, t, context).sample
+        x = sched.step(eps, t, x).prev_sample
+    injector.clear()
+    return x * scale
+
+
+def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int) -> float:
+    """Fit the VAE encoder to invert the (frozen, random) decoder through PNG quantisation."""
+    vae = base.vae
+    with torch.no_grad():      # decoder output scaled so images use most of 0..1 without clipping
+        std = vae.decode(latents[:64]).sample.std()
+        vae.decoder.conv_out.weight.mul_(0.3 / std)
+        vae.decoder.conv_out.bias.mul_(0.3 / std)
+    enc_params = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
+    for p in enc_params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(enc_params, lr=2e-3)
+    g = generator(seed, "vae")
+    err = float("nan")
+    for step in range(steps):
+        idx = torch.randint(latents.shape[0], (32,), generator=g)
+        z = latents[idx] + 0.3 * torch.randn(32, 4, 8, 8, generator=g)
+        with torch.no_grad():
+            img = to_png_range(vae.decode(z).sample)
+        rec = vae.encode(img).latent_dist.mean
+        loss = (rec - z).pow(2).mean() / z.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        err = float(loss)
+    for p in enc_params:
+        p.requires_grad_(False)
+    return err
+
+
+def to_png_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Model-range pixels -> what a PNG round trip gives back (clamped, 8-bit levels), in -1..1."""
+    return (torch.round((pixels.clamp(-1, 1) + 1) * 127.5) / 127.5) - 1
+
+
+def _write_png(path: str, pixels: torch.Tensor) -> None:
+    from PIL import Image
+
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+
+
+def build_world(root: str, spec: WorldSpec, log=print) -> dict:
+    """Write base model, image encoder, photos and teachers under `root`; returns the world's manifest."""
+    from hdb_core.file_format import save_lidb
+
+    manifest_path = os.path.join(root, "world.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest["spec"] == asdict(spec):
+            return manifest
+        raise SystemExit(f"{root} holds a world built with other settings; use a new --out folder.")
+    os.makedirs(root, exist_ok=True)
+    base_dir, enc_dir = os.path.join(root, "base"), os.path.join(root, "image_encoder")
+    _save_base(base_dir, spec.seed)
+    _save_image_encoder(enc_dir, spec.seed)
+    base = load_base_model(base_dir)
+    layers = base.layers(True)
+    config = LiDBConfig()
+    train_ids, held_ids = spec.ids()
+    names = train_ids + held_ids
+    teach = teachers(layers, config, spec, names)
+    injector = LiDBInjector(base.modules(True), layers, config, "cpu")
+    seeds = [f"{n}/photo{k}" for n in names for k in range(spec.photos)]
+    lat = []
+    with injector:
+        for i in range(0, len(names), 32):
+            chunk = teach[i:i + 32]
+            reps = [l for l in chunk for _ in range(spec.photos)]
+            lat.append(sample(base, injector, reps, seeds[i * spec.photos:(i + len(chunk)) * spec.photos], spec))
+        scale = 1.0 / float(sample(base, injector, None, [f"scale{k}" for k in range(16)], spec).std())
+    latents = torch.cat(lat) * scale
+    err = _train_encoder(base, latents, spec.vae_steps, spec.seed)
+    base.vae.save_pretrained(os.path.join(base_dir, "vae"), safe_serialization=True)
+    log(f"world: VAE round-trip relative error {err:.4f}")
+    photos_dir, teach_dir = os.path.join(root, "photos"), os.path.join(root, "teachers")
+    held_dir = os.path.join(root, "held_out_photos")
+    os.makedirs(teach_dir, exist_ok=True)
+    with torch.no_grad():
+        images = base.vae.decode(latents).sample
+    for i, name in enumerate(names):
+        folder = os.path.join(photos_dir if name in train_ids else held_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        for k in range(spec.photos):
+            _write_png(os.path.join(folder, f"{k}.png"), images[i * spec.photos + k])
+        save_lidb(teach[i], os.path.join(teach_dir, f"{name}.safetensors"))
+    from safetensors.torch import save_file
+    save_file({"latents": latents.contiguous()}, os.path.join(root, "teacher_latents.safetensors"))
+    manifest = {"spec": asdict(spec), "latent_scale": scale, "train": train_ids, "held_out": held_ids, "vae_error": err,
+                "base": base_dir, "image_encoder": enc_dir, "photos": photos_dir, "held_out_photos": held_dir,
+                "teachers": teach_dir}
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
