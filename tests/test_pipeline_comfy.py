@@ -1,0 +1,62 @@
+"""The whole pipeline into ComfyUI: stage 0 -> stage 1 with `hdb`, then the hypernetwork file is loaded by
+HDB_LoadHyperNet and predicts an identity that HDB_ApplyLiDB patches into a model sampled by KSampler."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from devtools.comfy_runtime import run_prompt
+from hdb_core import cli
+
+from tests.pipeline_fixtures import FAST, FAST_NET, make_faces, one_thread, tiny_model  # noqa: F401
+
+
+def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, hdb, tiny_model, tmp_path):
+    from devtools import dev_vision_nodes, tiny_vision
+    import folder_paths
+
+    dev_vision_nodes.register(comfy["nodes"])
+    # The transformers twin of the graph's HDBDev_TinyClipVision(seed=0): stage 1 sees the features ComfyUI will.
+    encoder_dir = str(tmp_path / "encoder")
+    tiny_vision.transformers_twin(tiny_vision.comfy_clip_vision(0)).save_pretrained(encoder_dir)
+
+    faces = make_faces(str(tmp_path / "faces"), 3)
+    lidbs = str(tmp_path / "lidbs")
+    assert cli.main(["preoptimize", "--data", faces, "--base-model", tiny_model, "--output", lidbs,
+                     "--steps", "2", "--batch-size", "3", *FAST]) == 0
+    hn_dir = folder_paths.get_folder_paths("hyperdreambooth")[0]
+    out = os.path.join(hn_dir, "pipeline_tiny.safetensors")
+    assert cli.main(["train-hypernet", "--data", faces, "--lidbs", lidbs, "--base-model", tiny_model,
+                     "--image-encoder", encoder_dir, "--output", out, "--steps", "2", "--batch-size", "2",
+                     *FAST, *FAST_NET]) == 0
+
+    from PIL import Image
+
+    Image.open(os.path.join(faces, "id01.png")).save(os.path.join(folder_paths.get_input_directory(), "id01.png"))
+    prompt = {
+        "ckpt": {"class_type": "HDBDev_TinyCheckpoint", "inputs": {"scale": "tiny", "seed": 0, "v_prediction": False}},
+        "vision": {"class_type": "HDBDev_TinyClipVision", "inputs": {"seed": 0}},
+        "hn": {"class_type": "HDB_LoadHyperNet", "inputs": {"hypernet_name": "pipeline_tiny.safetensors"}},
+        "img": {"class_type": "LoadImage", "inputs": {"image": "id01.png"}},
+        "pred": {"class_type": "HDB_PredictLiDBWeights",
+                 "inputs": {"hypernet": ["hn", 0], "clip_vision": ["vision", 0], "image": ["img", 0], "iterations": 0}},
+        "apply": {"class_type": "HDB_ApplyLiDB", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                             "lidb": ["pred", 0], "strength_model": 1.0,
+                                                             "strength_clip": 1.0}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks face", "clip": ["apply", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["apply", 1]}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+    }
+    result = run_prompt(prompt)
+    assert result.success, result.error
+    (lidb,) = result.node_output("pred")
+    trained = hdb.hypernet_file.load_hypernet(out)
+    assert lidb.layers == trained.layers and lidb.info["trigger"] == "sks" and lidb.info["base_model"] == "model"
+    assert lidb.is_finite() and any(t.abs().sum() > 0 for t in lidb.b_train.values())
+    assert torch.isfinite(result.node_output("ks")[0]["samples"]).all()
