@@ -38,7 +38,7 @@ class Settings:
     stage0_steps: int = 200
     stage0_lr: float = 3e-3
     stage0_batch: int = 46
-    stage1_steps: int = 1500
+    stage1_steps: int = 1000
     stage1_lr: float = 1e-3
     stage1_batch: int = 16
     stage1_alpha: float = 1.0

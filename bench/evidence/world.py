@@ -36,7 +36,7 @@ IMAGE_SIZE = 64
 @dataclass
 class WorldSpec:
     identities: int = 200
-    held_out: int = 16
+    held_out: int = 12
     photos: int = 4              # per identity (held-out identities: 1 input photo + the rest for evaluation)
     code_dim: int = 6            # k: dimension of the hidden identity code z
     teacher_scale: float = 3.0   # size of the teacher's A/B entries relative to the stage-0 start
