@@ -116,7 +116,7 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
     if not params:
         raise HDBError("Nothing to train: the LiDB has no layers on the components being trained; "
                        "connect a model whose attention layers the LiDB covers.")
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0, foreach=True)
     scaler = torch.amp.GradScaler(settings.device.type, enabled=settings.loss_scaling)
     autocast = (torch.autocast(settings.device.type, dtype=settings.autocast_dtype)
                 if settings.autocast_dtype is not None else contextlib.nullcontext())
