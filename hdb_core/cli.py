@@ -287,12 +287,9 @@ def cmd_export_lora(args) -> int:
 
 # -- helpers -------------------------------------------------------------------------------------
 def _process(cpu: bool):
-    from accelerate import PartialState
-
     from .preoptimize import ProcessInfo
 
-    state = PartialState(cpu=bool(cpu))
-    return ProcessInfo(state.process_index, state.num_processes, state.device)
+    return ProcessInfo.from_accelerate(cpu)
 
 
 def _device(cpu: bool):

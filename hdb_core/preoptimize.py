@@ -28,7 +28,7 @@ import torch
 
 from . import data
 from .base_model import BaseModel, encode_latents, load_base_model, tokenize, training_target
-from .checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed, save_checkpoint)
+from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from .diffusers_lidb import LiDBInjector, check_layers_match, stack_train, unstack_train
 from .errors import HDBError
 from .file_format import load_lidb, save_lidb
@@ -109,10 +109,10 @@ class ProcessInfo:
         return self.index == 0
 
     @classmethod
-    def from_accelerate(cls) -> "ProcessInfo":
+    def from_accelerate(cls, cpu: bool = False) -> "ProcessInfo":
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=bool(cpu))
         return cls(state.process_index, state.num_processes, state.device)
 
 
