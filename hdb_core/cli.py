@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4, help="relaxed rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cpu", action="store_true")
 
@@ -225,7 +226,7 @@ def cmd_predict(args) -> int:
 def cmd_finetune(args) -> int:
     import torch
 
-    from .base_model import encode_latents, load_base_model, tokenize, training_target
+    from .base_model import encode_latents, load_base_model, tokenize
     from .data import to_model_range
     from .diffusers_lidb import LiDBInjector, check_layers_match
     from .file_format import load_lidb, save_lidb
@@ -240,22 +241,12 @@ def cmd_finetune(args) -> int:
     else:
         start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed))
     images = _load_photos(args.image, args.resolution, args.face_check)
-    pixels = to_model_range(torch.cat([images, images.flip(2)]))
+    pixels = to_model_range(images if args.no_flip else torch.cat([images, images.flip(2)]))
     latents = encode_latents(base, pixels, device)
     te = any(s.component != "unet" for s in start.layers)
     injector = LiDBInjector(base.modules(te), start.layers, start.config, device)
     input_ids = tokenize(base, [args.prompt.format(trigger=args.trigger)], device)
-    T = base.noise_scheduler.config.num_train_timesteps
-
-    def loss_fn(step, factors, g):
-        injector.set_factors(factors)
-        k = int(torch.randint(latents.shape[0], (1,), generator=g))
-        x = latents[k:k + 1]
-        noise = torch.randn(x.shape, generator=g).to(device)
-        t = torch.randint(T, (1,), generator=g).to(device)
-        context = base.text_encoder(input_ids)[0]
-        pred = base.unet(base.noise_scheduler.add_noise(x, noise, t), t, context).sample
-        return (pred.float() - training_target(base, x, noise, t).float()).pow(2).mean()
+    loss_fn = finetune_loss(base, injector, latents, input_ids)
 
     from tqdm.auto import tqdm
 
@@ -286,6 +277,34 @@ def cmd_export_lora(args) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def finetune_loss(base, injector, latents, input_ids):
+    """The diffusion loss `hdb finetune` optimises, as a `hdb_core.finetune` loss function.
+
+    Each step draws one of `latents` [K, 4, h, w] (the photos, mirrored copies
+    included when flipping), one noise and one timestep from the loop's generator,
+    and puts that step's LoRA factors into the model through `injector`. Public
+    so experiments (bench/evidence) optimise exactly what the command does.
+    """
+    import torch
+
+    from .base_model import training_target
+
+    T = base.noise_scheduler.config.num_train_timesteps
+    device = latents.device
+
+    def loss_fn(step, factors, g):
+        injector.set_factors(factors)
+        k = int(torch.randint(latents.shape[0], (1,), generator=g))
+        x = latents[k:k + 1]
+        noise = torch.randn(x.shape, generator=g).to(device)
+        t = torch.randint(T, (1,), generator=g).to(device)
+        context = base.text_encoder(input_ids)[0]
+        pred = base.unet(base.noise_scheduler.add_noise(x, noise, t), t, context).sample
+        return (pred.float() - training_target(base, x, noise, t).float()).pow(2).mean()
+
+    return loss_fn
+
+
 def _process(cpu: bool):
     from .preoptimize import ProcessInfo
 
