@@ -45,6 +45,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     import torch
 
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(os.environ.get("HDB_FLUSH_DENORMAL") == "1")
     from devtools import comfy_runtime, tiny_models
 
     rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_bench_"))
@@ -102,7 +103,9 @@ def main() -> None:
     p.add_argument("--resolution-mid", type=int, default=256)
     p.add_argument("--steps-tiny", type=int, default=10)
     p.add_argument("--steps-mid", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process; 1 by default: with 2 on a shared 2-core machine, OpenMP "
+                        "barriers made steps up to 200x slower")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--worker", nargs=5, metavar=("METHOD", "SCALE", "RES", "STEPS", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args()
