@@ -118,8 +118,8 @@ def _load_single_file(path: str, config_dir: str | None) -> BaseModel:
         raise HDBError(f"'{os.path.basename(path)}' is not a .safetensors checkpoint; convert it to .safetensors "
                        f"(pickled .ckpt files are not loaded) or give a diffusers folder.")
     if not config_dir:
-        raise HDBError(f"A single-file checkpoint needs its model configs offline: pass --base-config with a local "
-                       f"diffusers folder of the same architecture (configs and tokenizer files are enough).")
+        raise HDBError("A single-file checkpoint needs its model configs offline: pass --base-config with a local "
+                       "diffusers folder of the same architecture (configs and tokenizer files are enough).")
     if not os.path.isdir(config_dir):
         raise HDBError(f"Config folder '{config_dir}' does not exist; give a local diffusers folder of the same "
                        f"architecture as '{os.path.basename(path)}'.")

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_preoptimize(args) -> int:
-    from .preoptimize import PreoptimizeSettings, ProcessInfo, loss_curve, preoptimize
+    from .preoptimize import PreoptimizeSettings, loss_curve, preoptimize
 
     settings = PreoptimizeSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,

@@ -13,16 +13,15 @@ architecture signature and how the LiDB was made travel in string metadata:
 from __future__ import annotations
 
 import json
-import os
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import aux_bases
 from .atomic import write_atomic
 from .errors import HDBError
 from .lidb import LiDB, LiDBConfig
+from .safetensors_io import check_version, file_error, read
 from .targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.lidb"
@@ -73,43 +72,25 @@ def save_lidb(lidb: LiDB, path: str) -> str:
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def _fail(path: str, why: str) -> HDBError:
-    return HDBError(f"'{os.path.basename(path)}' {why}")
+_fail = file_error
+
+
+def _check_is_lidb(path: str):
+    def check(meta):
+        if meta.get("format") != FORMAT_NAME:
+            raise _fail(path, "is a safetensors file but not a LiDB (it has no HyperDreamBooth metadata); "
+                              "load LoRA files with LoraLoader instead.")
+    return check
 
 
 def load_lidb(path: str) -> LiDB:
     """Read and validate a LiDB file; every problem becomes a one-sentence HDBError."""
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            if meta.get("format") != FORMAT_NAME:
-                raise _fail(path, "is a safetensors file but not a LiDB (it has no HyperDreamBooth metadata); "
-                                  "load LoRA files with LoraLoader instead.")
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except HDBError:
-        raise
-    except FileNotFoundError:
-        raise _fail(path, "does not exist; put LiDB files in ComfyUI/models/lidb/.") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _fail(path, f"is not a readable safetensors file (truncated or corrupt: {e}); "
-                          f"save or download it again.") from None
+    meta, tensors = read(path, _check_is_lidb(path), "LiDB files in ComfyUI/models/lidb/", "save or download it again")
     return lidb_from_safetensors(tensors, meta, path)
 
 
 def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str = "LiDB") -> LiDB:
-    try:
-        version = int(meta.get("format_version", "0"))
-    except ValueError:
-        version = 0
-    if version > FORMAT_VERSION:
-        raise _fail(path, f"uses LiDB format version {version}, newer than this pack reads ({FORMAT_VERSION}); "
-                          f"update ComfyUI-HyperDreamBooth.")
-    if version < 1:
-        raise _fail(path, "has an invalid LiDB format version; it was not written by ComfyUI-HyperDreamBooth.")
-    if meta.get("aux_generator") != aux_bases.GENERATOR_VERSION:
-        raise _fail(path, f"was made with aux-basis generator {meta.get('aux_generator')!r}, which this version "
-                          f"does not know ({aux_bases.GENERATOR_VERSION}); update ComfyUI-HyperDreamBooth.")
+    check_version(path, meta, "LiDB", FORMAT_VERSION)
     try:
         layers = tuple(LayerSpec(str(n), int(i), int(o)) for n, i, o in json.loads(meta["layers"]))
         config = LiDBConfig(a=int(meta["a"]), b=int(meta["b"]), rank=int(meta["rank"]), seed=int(meta["seed"]))

@@ -144,7 +144,7 @@ class HyperNetwork(nn.Module):
         names = [s.name for s in self.layers]
         if len(set(names)) != len(names):
             raise ValueError("duplicate layer names in the HyperNetwork's target list")
-        w, r = config.width, lidb_config.rank
+        w = config.width
 
         self.image_norm = nn.LayerNorm(encoder.hidden_size)
         self.image_proj = nn.Linear(encoder.hidden_size, w)

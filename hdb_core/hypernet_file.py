@@ -14,11 +14,9 @@ hidden state, preprocessing) and is compared with the connected encoder before u
 from __future__ import annotations
 
 import json
-import os
 from typing import Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import aux_bases
@@ -27,6 +25,7 @@ from .errors import HDBError
 from .hypernet import HyperNetConfig, HyperNetwork
 from .image_encoder import EncoderSpec
 from .lidb import LiDBConfig
+from .safetensors_io import check_version, file_error, read
 from .targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.hypernet"
@@ -63,8 +62,7 @@ def save_hypernet(net: HyperNetwork, path: str, meta: Mapping[str, str] | None =
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _fail(path: str, why: str) -> HDBError:
-    return HDBError(f"'{os.path.basename(path)}' {why}")
+_fail = file_error
 
 
 def read_hypernet_metadata(path: str) -> dict[str, str]:
@@ -74,19 +72,8 @@ def read_hypernet_metadata(path: str) -> dict[str, str]:
 
 
 def _open(path: str, tensors: bool):
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            _check_format(path, meta)
-            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except HDBError:
-        raise
-    except FileNotFoundError:
-        raise _fail(path, "does not exist; put hypernetwork files in ComfyUI/models/hyperdreambooth/.") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _fail(path, f"is not a readable safetensors file (truncated or corrupt: {e}); "
-                          f"download or save it again.") from None
-    return meta, data
+    return read(path, lambda meta: _check_format(path, meta), "hypernetwork files in ComfyUI/models/hyperdreambooth/",
+                "download or save it again", tensors=tensors)
 
 
 def _check_format(path: str, meta: Mapping[str, str]) -> None:
@@ -97,18 +84,7 @@ def _check_format(path: str, meta: Mapping[str, str]) -> None:
                               "hypernetwork files in models/hyperdreambooth.")
         raise _fail(path, "is a safetensors file but not a HyperDreamBooth hypernetwork (its metadata has no "
                           f"format '{FORMAT_NAME}'); put only hypernetwork files in models/hyperdreambooth.")
-    try:
-        version = int(meta.get("format_version", "0"))
-    except ValueError:
-        version = 0
-    if version > FORMAT_VERSION:
-        raise _fail(path, f"uses hypernetwork format version {version}, newer than this pack reads "
-                          f"({FORMAT_VERSION}); update ComfyUI-HyperDreamBooth.")
-    if version < 1:
-        raise _fail(path, "has an invalid hypernetwork format version; it was not written by ComfyUI-HyperDreamBooth.")
-    if meta.get("aux_generator") != aux_bases.GENERATOR_VERSION:
-        raise _fail(path, f"was trained for aux-basis generator {meta.get('aux_generator')!r}, which this version "
-                          f"does not know ({aux_bases.GENERATOR_VERSION}); update ComfyUI-HyperDreamBooth.")
+    check_version(path, meta, "hypernetwork", FORMAT_VERSION)
 
 
 def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNetwork:

@@ -284,7 +284,6 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
         image_encoder.model.to(device)
     base.to(device, dtype)
     layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
-    te = any(s.component != "unet" for s in layers)
 
     net = new_hypernet(settings, layers, config, image_encoder.spec, base.name)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
