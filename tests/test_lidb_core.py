@@ -82,13 +82,14 @@ def test_full_size_sd15_targets_count_and_file_size(tmp_path, capsys):
     assert len(unet_specs) == 128 and len(specs) - 128 == 48
     assert sorted({s.in_features for s in unet_specs if s.name.endswith("attn2.to_k")}) == [768]
     assert describe(specs).startswith("a SD1.x UNet (128 attention projections) and a CLIP-L")
-    lidb = LiDB.zeros(specs, LiDBConfig())
-    assert lidb.num_trainable == 176 * 150 == 26_400
-    size = os.path.getsize(save_lidb(lidb, str(tmp_path / "sd15.safetensors")))
-    with capsys.disabled():
-        print(f"\nSD1.5 rank-1 LiDB: {len(specs)} layers, {lidb.num_trainable} numbers, file {size} bytes")
-    # 26,400 float32 = 105,600 bytes of numbers; the compact layout keeps the header small.
-    assert 105_600 < size < 125_000
+    for rank in (1, 4):  # 1: LiDB / hypernet prediction; 4: FastFinetune's default relaxed rank
+        lidb = LiDB.zeros(specs, LiDBConfig(rank=rank))
+        assert lidb.num_trainable == 176 * 150 * rank
+        size = os.path.getsize(save_lidb(lidb, str(tmp_path / f"sd15_r{rank}.safetensors")))
+        with capsys.disabled():
+            print(f"\nSD1.5 rank-{rank} LiDB: {len(specs)} layers, {lidb.num_trainable} numbers, file {size} bytes")
+        # float32 numbers; the compact layout keeps the header small (about 13 KB of layer names).
+        assert lidb.num_trainable * 4 < size < lidb.num_trainable * 4 + 20_000
 
 
 def test_comfyui_and_diffusers_name_full_sd15_identically(comfy):
