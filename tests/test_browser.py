@@ -85,10 +85,10 @@ def browser(server):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _wait(driver, script: str, what: str, timeout: float = 60.0):
+def _wait(driver, script: str, what: str, timeout: float = 60.0, args: tuple = ()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = driver.execute_script(script)
+        value = driver.execute_script(script, *args)
         if value:
             return value
         time.sleep(0.25)
@@ -172,3 +172,45 @@ def test_all_nodes_on_one_canvas_screenshot(browser, object_info):
     errors = [e["message"] for e in browser.get_log("browser")
               if e["level"] == "SEVERE" and ("HDB" in e["message"] or "HyperDreamBooth" in e["message"])]
     assert not errors, errors
+
+
+
+# Innermost elements whose visible text is exactly arguments[0].
+_BY_TEXT = """
+const t = arguments[0];
+return [...document.querySelectorAll('body *')].filter(e => (e.innerText || '').trim() === t
+    && ![...e.children].some(c => (c.innerText || '').trim() === t));
+"""
+
+
+def test_each_example_workflow_opens_from_the_templates_dialog(browser, server):
+    """A user opens Templates -> ComfyUI-HyperDreamBooth -> a card: the graph loads and no node is missing."""
+    import glob
+
+    from devtools.comfy_server import PACK_DIR_NAME
+
+    files = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
+    listed = server.get_json("/workflow_templates").get(PACK_DIR_NAME, [])
+    assert sorted(listed) == [os.path.basename(f)[:-5] for f in files]
+    for path in files:
+        name = os.path.basename(path)[:-5]
+        with open(path, encoding="utf-8") as f:
+            ui = json.load(f)
+        browser.execute_script("app.graph.clear(); app.extensionManager.command.execute('Comfy.BrowseTemplates');")
+        section = _wait(browser, "const r = (function(){" + _BY_TEXT + "}).apply(null, arguments); return r.pop();",
+                        "our section in the templates dialog", args=(PACK_DIR_NAME,))
+        browser.execute_script("arguments[0].click()", section)
+        card = _wait(browser, "const r = (function(){" + _BY_TEXT + "}).apply(null, arguments);"
+                              "return r.filter(e => e.tagName === 'H3').pop();", f"the {name} card", args=(name,))
+        browser.execute_script("arguments[0].click()", card)
+        loaded = _wait(browser, "return app.graph._nodes.length === arguments[0] && app.graph._nodes.map(n => n.type);",
+                       f"{name} to load", args=(len(ui["nodes"]),))
+        assert sorted(loaded) == sorted(n["type"] for n in ui["nodes"])
+        assert browser.execute_script("return app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
+                                      ".map(n => n.type);") == []
+        text = browser.execute_script("return document.body.innerText").lower()
+        assert "missing node" not in text, f"{name}: the frontend reports missing nodes"
+        assert len(browser.execute_script("return Object.keys(app.graph.links || {})")) == len(ui["links"])
+        if name.startswith("1_"):
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            assert browser.save_screenshot(os.path.join(ARTIFACTS, "browser_template_1.png"))
