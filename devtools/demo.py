@@ -83,7 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(comfy_runtime.REPO, "demo-output"),
                     help="ComfyUI base folder for this run (models/, input/, output/); recreated")
     ap.add_argument("--finetune-steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; tiny models are overhead-bound, so 1 is fastest and steadiest")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     shutil.rmtree(args.out, ignore_errors=True)
     t0 = time.monotonic()
     state = comfy_runtime.boot(os.path.abspath(args.out))
