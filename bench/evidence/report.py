@@ -5,7 +5,7 @@ import statistics
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .run import METRIC_NAMES, METRICS, Settings
+from .run import CONTROL_FULL, CONTROL_PREDICTION, CONTROL_TEACHER, METRIC_NAMES, METRICS, RAW, Settings
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -22,8 +22,10 @@ def rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]]]]:
         (f"hypernet + {s.hyper_steps} steps (full method)", c["hypernet"][s.hyper_steps]),
         (f"zero start + {s.hyper_steps} steps", c["zero"][s.hyper_steps]),
         (f"zero start + {s.zero_steps} steps", c["zero"][s.zero_steps]),
-        ("control: another identity's hypernet prediction", result["refs"]["other identity's hypernet prediction"]),
         ("teacher (generated the photos)", result["refs"]["teacher"]),
+        (f"control: {CONTROL_TEACHER}", result["refs"][CONTROL_TEACHER]),
+        (f"control: {CONTROL_PREDICTION}", result["refs"][CONTROL_PREDICTION]),
+        (f"control: another identity's hypernet + {s.hyper_steps} steps", result["refs"][CONTROL_FULL]),
     ]
 
 
@@ -66,8 +68,43 @@ def ordering(result: dict, s: Settings, metric: str = "loss") -> dict:
     }
 
 
+def specificity(result: dict, s: Settings, metric: str = "loss") -> dict:
+    """Paired per identity on its own photos: another identity's LiDB minus its own (positive = identity-specific)."""
+    c, r = result["curves"], result["refs"]
+    base = c["zero"][0][metric]
+    return {
+        "teacher": [o - w for o, w in zip(r[CONTROL_TEACHER][metric], r["teacher"][metric])],
+        "teacher_vs_base": [b - w for b, w in zip(base, r["teacher"][metric])],
+        "other_teacher_vs_base": [o - b for o, b in zip(r[CONTROL_TEACHER][metric], base)],
+        "prediction": [o - w for o, w in zip(r[CONTROL_PREDICTION][metric], c["hypernet"][0][metric])],
+        "full": [o - w for o, w in zip(r[CONTROL_FULL][metric], c["hypernet"][s.hyper_steps][metric])],
+        "raw_teacher_vs_base": [b - w for b, w in zip(r[RAW]["base"], r[RAW]["teacher"])],
+        "raw_other_vs_base": [o - b for o, b in zip(r[RAW]["other teacher"], r[RAW]["base"])],
+    }
+
+
+def specificity_text(result: dict, s: Settings) -> str:
+    sp = specificity(result, s)
+    m = result["manifest"]
+
+    def fmt(d):
+        mean, sd = stats(d)
+        return f"{mean:+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})"
+
+    return ("identity in the photos: mean squared latent distance between two photos of one identity "
+            f"{m['photo_distance_within']:.2f}, between the photo means of two identities "
+            f"{m['identity_distance_between']:.2f}\n"
+            f"held-out loss on an identity's own photos, paired (positive = the first is worse): "
+            f"base - own teacher {fmt(sp['teacher_vs_base'])}; other teacher - base {fmt(sp['other_teacher_vs_base'])}; "
+            f"other - own, teacher {fmt(sp['teacher'])}; hypernet prediction {fmt(sp['prediction'])}; "
+            f"hypernet + {s.hyper_steps} steps {fmt(sp['full'])}\n"
+            f"the same on the teacher's sampled latents before the VAE round trip (VAE relative error "
+            f"{m['vae_error']:.3f}): base - own teacher {fmt(sp['raw_teacher_vs_base'])}; "
+            f"other teacher - base {fmt(sp['raw_other_vs_base'])}")
+
+
 def ordering_text(result: dict, s: Settings) -> str:
-    out = []
+    out = [specificity_text(result, s)]
     for metric in METRICS:
         o = ordering(result, s, metric)
         parts = []

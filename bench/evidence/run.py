@@ -2,7 +2,7 @@
 
 Every start is finetuned with `hdb_core.finetune.finetune` (the loop behind
 `hdb finetune` and HDB_FastFinetune) on the identity's single input photo, with
-the diffusion loss of `hdb finetune` (one noise draw per step). Intermediate
+the diffusion loss of `hdb finetune --no-flip` (`hdb_core.cli.finetune_loss`). Intermediate
 points of a run are the weights the loop hands to the loss at that step: with a
 constant learning rate they are exactly what a shorter run would return.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hdb_core import data
+from hdb_core.cli import finetune_loss
 from hdb_core.base_model import encode_latents, load_base_model, tokenize, training_target
 from hdb_core.diffusers_lidb import LiDBInjector
 from hdb_core.file_format import load_lidb
@@ -29,6 +30,10 @@ from hdb_core.train_hypernet import HypernetSettings, train_hypernet
 from . import world as W
 
 METRICS = ("dw", "loss", "sample")
+CONTROL_TEACHER = "another identity's teacher"
+CONTROL_PREDICTION = "another identity's hypernet prediction"
+CONTROL_FULL = "another identity's hypernet + k steps"
+RAW = "loss on the teacher's latents before the VAE"
 METRIC_NAMES = {"dw": "dW distance to teacher", "loss": "held-out denoising loss", "sample": "sample error vs teacher"}
 
 
@@ -38,7 +43,7 @@ class Settings:
     stage0_steps: int = 200
     stage0_lr: float = 3e-3
     stage0_batch: int = 46
-    stage1_steps: int = 1000
+    stage1_steps: int = 800
     stage1_lr: float = 1e-3
     stage1_batch: int = 16
     stage1_alpha: float = 1.0
@@ -50,7 +55,7 @@ class Settings:
     hyper_steps: int = 40                 # the paper's finetuning budget from a hypernet start
     zero_steps: int = 400                 # DreamBooth-Agg-1 analogue
     zero_curve: tuple[int, ...] = (0, 10, 20, 40, 70, 100, 150, 200, 300, 400)
-    hyper_curve: tuple[int, ...] = (0, 10, 20, 40, 70, 100)
+    hyper_curve: tuple[int, ...] = (0, 10, 20, 40)
     eval_draws: int = 16                  # noise draws per held-out photo for the denoising loss
     eval_seeds: int = 4                   # sampling seeds for the teacher comparison
     seed: int = 0
@@ -58,7 +63,8 @@ class Settings:
 
 def quick() -> Settings:
     """Small enough for the test suite (about 2-3 minutes on a 2-core CPU): 10 vs 100 finetuning steps."""
-    return Settings(world=W.WorldSpec(identities=40, held_out=3, vae_steps=80), stage0_steps=80, stage0_batch=37,
+    return Settings(world=W.WorldSpec(identities=40, held_out=4, vae_steps=80, pretrain_steps=200), stage0_steps=80,
+                    stage0_batch=36,
                     stage1_steps=200, stage1_batch=8, width=64, hyper_steps=10, zero_steps=100,
                     zero_curve=(0, 10, 40, 100), hyper_curve=(0, 10), eval_draws=8, eval_seeds=2)
 
@@ -94,14 +100,23 @@ class Evaluator:
         for n in self.names:
             down, up = factors[n]
             dw += float((up @ down - self.teacher_dw[n]).pow(2).sum())
-        self.injector.set_factors(factors)
-        context = self.base.text_encoder(self.ids)[0]
-        noisy = self.base.noise_scheduler.add_noise(self.x, self.noise, self.t)
-        pred = self.base.unet(noisy, self.t, context).sample
-        loss = float((pred - training_target(self.base, self.x, self.noise, self.t)).pow(2).mean())
-        self.injector.clear()
-        return {"dw": math.sqrt(dw) / self.teacher_norm, "loss": loss,
+        return {"dw": math.sqrt(dw) / self.teacher_norm, "loss": self.loss(factors),
                 "sample": self._sample_err(factors) / self.base_sample_err}
+
+    @torch.no_grad()
+    def loss(self, factors, latents: torch.Tensor | None = None) -> float:
+        """Denoising loss on the photos as the pipeline encodes them, or on `latents` [K, 4, 8, 8] (same draws)."""
+        x = self.x if latents is None else latents.repeat_interleave(self.x.shape[0] // latents.shape[0], 0)
+        if factors is None:
+            self.injector.clear()
+        else:
+            self.injector.set_factors(factors)
+        context = self.base.text_encoder(self.ids)[0]
+        noisy = self.base.noise_scheduler.add_noise(x, self.noise, self.t)
+        pred = self.base.unet(noisy, self.t, context).sample
+        loss = float((pred - training_target(self.base, x, self.noise, self.t)).pow(2).mean())
+        self.injector.clear()
+        return loss
 
 
 def factors_of(lidb) -> dict:
@@ -110,27 +125,25 @@ def factors_of(lidb) -> dict:
 
 def finetune_curve(base, injector, start, photo_latent, input_ids, steps: int, points, settings: Settings,
                    evaluate) -> dict[int, dict[str, float]]:
-    """Finetune `start` on one photo latent for `steps` steps; metrics at every step count in `points`."""
-    T = base.noise_scheduler.config.num_train_timesteps
+    """Finetune `start` on one photo latent for `steps` steps; metrics and LoRA factors at every step in `points`."""
     curve: dict[int, dict[str, float]] = {}
+    snapshots: dict[int, dict] = {}
+    command_loss = finetune_loss(base, injector, photo_latent, input_ids)
 
     def loss_fn(step, factors, g):
         if step in points:
-            curve[step] = evaluate({n: (d.detach(), u.detach()) for n, (d, u) in factors.items()})
-        injector.set_factors(factors)
-        noise = torch.randn(photo_latent.shape, generator=g)
-        t = torch.randint(T, (1,), generator=g)
-        context = base.text_encoder(input_ids)[0]
-        pred = base.unet(base.noise_scheduler.add_noise(photo_latent, noise, t), t, context).sample
-        return (pred.float() - training_target(base, photo_latent, noise, t).float()).pow(2).mean()
+            snapshots[step] = {n: (d.detach(), u.detach()) for n, (d, u) in factors.items()}
+            curve[step] = evaluate(snapshots[step])
+        return command_loss(step, factors, g)
 
     ft = FinetuneSettings(steps=steps, learning_rate=settings.ft_lr, relaxed_rank=settings.ft_rank,
                           seed=settings.seed)
     result = finetune(start, loss_fn, ft, source="finetuned")
     injector.clear()
     if steps in points:
-        curve[steps] = evaluate(factors_of(result.lidb))
-    return curve
+        snapshots[steps] = factors_of(result.lidb)
+        curve[steps] = evaluate(snapshots[steps])
+    return curve, snapshots
 
 
 def run(out: str, settings: Settings, log=print) -> dict:
@@ -185,19 +198,35 @@ def run(out: str, settings: Settings, log=print) -> dict:
         return torch.stack([data.prepare_image(os.path.join(folder, p), W.IMAGE_SIZE, "none")
                             for p in sorted(os.listdir(folder))])
 
-    # Control: the prediction for another held-out identity. If the hypernet's gain were generic (the world's
-    # common look, not the person), this would score as well as the identity's own prediction.
+    # Controls: the LiDBs of another held-out identity (the next one), scored on this identity's photos. If
+    # gains were generic (the world's common look, not the person), they would score as well as its own.
     predicted = {ident: net.predict_lidb(encoder.encode(photos_of(ident)[:1])) for ident in held}
+    from safetensors.torch import load_file
+
+    raw_latents = load_file(os.path.join(manifest["base"], "..", "teacher_latents.safetensors"))["latents"]
+    teachers = {ident: load_lidb(os.path.join(manifest["teachers"], f"{ident}.safetensors")) for ident in held}
+    evaluators, full_method = {}, {}
+
+    def add_ref(ref, values):
+        for k, v in values.items():
+            refs.setdefault(ref, {}).setdefault(k, []).append(v)
+
     with injector:
         for n, ident in enumerate(held):
             photos = photos_of(ident)
-            teacher = load_lidb(os.path.join(manifest["teachers"], f"{ident}.safetensors"))
+            teacher = teachers[ident]
+            other = held[(n + 1) % len(held)]
             evaluate = Evaluator(base, injector, teacher, photos[1:], [f"{ident}/eval{k}" for k in range(s.eval_seeds)],
                                  s.world, manifest["latent_scale"], s.eval_draws, ident)
-            other = predicted[held[(n + 1) % len(held)]]
-            for ref, lidb in (("teacher", teacher), ("other identity's hypernet prediction", other)):
-                for k, v in evaluate(factors_of(lidb)).items():
-                    refs.setdefault(ref, {}).setdefault(k, []).append(v)
+            evaluators[ident] = evaluate
+            add_ref("teacher", evaluate(factors_of(teacher)))
+            # The same check on the latents the teacher sampled, before the VAE round trip of the photo files.
+            i = (len(manifest["train"]) + n) * s.world.photos
+            raw = raw_latents[i + 1:i + s.world.photos]
+            add_ref(RAW, {"base": evaluate.loss(None, raw), "teacher": evaluate.loss(factors_of(teacher), raw),
+                          "other teacher": evaluate.loss(factors_of(teachers[other]), raw)})
+            add_ref(CONTROL_TEACHER, evaluate(factors_of(teachers[other])))
+            add_ref(CONTROL_PREDICTION, evaluate(factors_of(predicted[other])))
             photo_latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
             features = encoder.encode(photos[:1])
             starts = {"zero": (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed)),
@@ -205,11 +234,16 @@ def run(out: str, settings: Settings, log=print) -> dict:
                       "hypernet": (net.predict_lidb(features), max(s.hyper_curve), s.hyper_curve),
                       "hypernet s=1": (net.predict_lidb(features, 1), s.hyper_steps, (0, s.hyper_steps))}
             for name, (start, steps, points) in starts.items():
-                add(name, finetune_curve(base, injector, start, photo_latent, input_ids, steps, set(points), s,
-                                         evaluate))
+                curve, snapshots = finetune_curve(base, injector, start, photo_latent, input_ids, steps,
+                                                  set(points), s, evaluate)
+                add(name, curve)
+                if name == "hypernet":
+                    full_method[ident] = snapshots[s.hyper_steps]
             log(f"  held-out {n + 1}/{len(manifest['held_out'])} {ident}: "
                 + ", ".join(f"{k} {curves[k][p]['loss'][-1]:.4f}" for k, p in
                             (("hypernet", 0), ("hypernet", s.hyper_steps), ("zero", s.hyper_steps),
                              ("zero", s.zero_steps))))
+        for n, ident in enumerate(held):
+            add_ref(CONTROL_FULL, evaluators[ident](full_method[held[(n + 1) % len(held)]]))
     timings["eval"] = time.time() - t0
     return {"curves": curves, "refs": refs, "timings": timings, "manifest": manifest}

@@ -1,18 +1,25 @@
 """A toy world whose identities are known exactly: tiny SD model, teacher LiDBs, generated "photos".
 
 * Base model: the tiny SD1-architecture diffusers model of `devtools.tiny_diffusers`
-  (random UNet / text encoder weights), saved as a normal diffusers folder so
-  the `hdb` pipeline loads it like any user's model.
+  (random text encoder), made a v-prediction model and its UNet pre-trained as a
+  real denoiser of a simple latent family ("faces": one shared template plus a
+  few smooth variations), saved as a normal diffusers folder so the `hdb`
+  pipeline loads it like any user's model. A random UNet is no denoiser at all,
+  so the model that generated a photo need not be the best denoiser of it, and
+  the diffusion loss then teaches only the photos' common look (the first
+  version of this world). Pre-trained weights are cached under bench/out/pretrained.
 * The VAE: a random decoder, scaled so images stay inside 0..1, with an encoder
   trained briefly to invert it through 8-bit PNG quantisation. Then what the
   pipeline encodes from a photo is (almost) exactly the latent that was sampled,
   so "the identity in the photo" and "the teacher's samples" are the same thing.
-* Identities: teacher LiDB i has A_train = M_A z_i, B_train = M_B z_i + noise for
-  a hidden code z_i in R^k (one fixed random linear map per layer), so identities
-  form a low-dimensional family a hypernetwork can generalise over.
-* Photos: latents sampled with DDIM from base + teacher i, each with its own
-  seed, decoded to 64x64 PNGs, one folder per identity (the layout `hdb`
-  expects). The teacher's latents are kept for the sample comparison.
+* Identities: teacher LiDB i has A_train = M_A u_i + noise, B_train = M_B v_i + noise
+  for a hidden code z_i = (u_i, v_i) in R^2k (one fixed random linear map per
+  layer), so identities form a low-dimensional family a hypernetwork can
+  generalise over, and the mean teacher dW is zero (no shared "look" to learn).
+* Photos: latents sampled with DDIM from base + teacher i, each from a start
+  noise that mixes a shared part with its own (weight rho = 0.5), decoded to 64x64 PNGs, one folder per identity (the layout
+  `hdb` expects). Teachers are large enough that photos of two identities differ
+  more than two photos of one identity (checked and reported by the bench).
 * Image encoder: a tiny transformers CLIP vision model with frozen random weights.
 """
 from __future__ import annotations
@@ -36,12 +43,14 @@ IMAGE_SIZE = 64
 @dataclass
 class WorldSpec:
     identities: int = 200
-    held_out: int = 12
+    held_out: int = 8
     photos: int = 4              # per identity (held-out identities: 1 input photo + the rest for evaluation)
-    code_dim: int = 6            # k: dimension of the hidden identity code z
-    teacher_scale: float = 3.0   # size of the teacher's A/B entries relative to the stage-0 start
+    code_dim: int = 6            # k: dimension of each half of the hidden identity code z
+    teacher_scale: float = 3.0   # size of the teacher's A/B entries
     teacher_noise: float = 0.1   # per-identity deviation from the low-dimensional family
-    photo_variation: float = 0.1 # rho: how far each photo's starting noise is from the shared template
+    family_variation: float = 0.15  # size of the base family's smooth variations around the template
+    photo_variation: float = 0.5 # rho: weight of each photo's own part of the start noise (pose, light)
+    pretrain_steps: int = 600    # denoiser pre-training of the base UNet (batch 64)
     sample_steps: int = 10       # DDIM steps per photo
     vae_steps: int = 300         # encoder-inversion training steps
     seed: int = 0
@@ -51,12 +60,77 @@ class WorldSpec:
         return names[: self.identities - self.held_out], names[self.identities - self.held_out:]
 
 
-def _save_base(folder: str, seed: int) -> None:
-    from devtools import tiny_diffusers
-    from diffusers import StableDiffusionPipeline
+FAMILY_BASIS = 6
+PRETRAIN_BATCH = 64
+PRETRAIN_LR = 2e-3
+PRETRAIN_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out", "pretrained")
 
-    unet, vae, text_encoder, tokenizer, scheduler, image_encoder = tiny_diffusers.build("tiny", seed)
+
+def family(n: int, g: torch.Generator, spec: WorldSpec) -> torch.Tensor:
+    """n latents [n, 4, 8, 8] of the base model's world: template + smooth variations + a little pixel noise."""
+    import torch.nn.functional as F
+
+    gf = generator(spec.seed, "family")
+    smooth = F.interpolate(torch.randn(1 + FAMILY_BASIS, 4, 4, 4, generator=gf), size=(8, 8), mode="bilinear",
+                           align_corners=False)
+    smooth = smooth / smooth.flatten(1).std(1).view(-1, 1, 1, 1)
+    template, basis = smooth[0], smooth[1:]
+    c = spec.family_variation * torch.randn(n, FAMILY_BASIS, generator=g)
+    return template + torch.einsum("nk,kchw->nchw", c, basis) + 0.05 * torch.randn(n, 4, 8, 8, generator=g)
+
+
+def pretrain_unet(unet, text_encoder, tokenizer, scheduler, spec: WorldSpec, log=print) -> float:
+    """Train the UNet (all weights) as a denoiser of `family`; cached by settings. Returns seconds spent."""
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from hdb_core.atomic import write_atomic
+
+    key = f"unet-s{spec.seed}-f{spec.family_variation:g}-n{spec.pretrain_steps}-b{PRETRAIN_BATCH}-v1.safetensors"
+    path = os.path.join(PRETRAIN_CACHE, key)
+    if os.path.exists(path):
+        unet.load_state_dict(load_file(path))
+        return 0.0
+    t0 = time.time()
+    ids = tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = text_encoder(ids)[0].expand(PRETRAIN_BATCH, -1, -1)
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
+    g = generator(spec.seed, "pretrain")
+    T = scheduler.config.num_train_timesteps
+    loss = torch.zeros(())
+    for step in range(spec.pretrain_steps):
+        lr = PRETRAIN_LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / spec.pretrain_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = family(PRETRAIN_BATCH, g, spec)
+        noise = torch.randn(x.shape, generator=g)
+        t = torch.randint(T, (PRETRAIN_BATCH,), generator=g)
+        pred = unet(scheduler.add_noise(x, noise, t), t, context).sample
+        loss = (pred - scheduler.get_velocity(x, noise, t)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval().requires_grad_(False)
+    os.makedirs(PRETRAIN_CACHE, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    write_atomic(path, lambda tmp: save_file(state, tmp))
+    log(f"world: base UNet pre-trained as a denoiser ({spec.pretrain_steps} steps, final loss {float(loss.detach()):.4f}, "
+        f"{time.time() - t0:.0f} s; cached in {path})")
+    return time.time() - t0
+
+
+def _save_base(folder: str, spec: WorldSpec, log=print) -> None:
+    from devtools import tiny_diffusers
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    unet, vae, text_encoder, tokenizer, scheduler, image_encoder = tiny_diffusers.build("tiny", spec.seed)
+    # v-prediction: an eps-model this small is badly wrong at high noise levels, so its samples miss its own data.
+    scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
     vae.register_to_config(scaling_factor=1.0)
+    pretrain_unet(unet, text_encoder, tokenizer, scheduler, spec, log)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -73,7 +147,7 @@ def _save_image_encoder(folder: str, seed: int) -> None:
 
 
 def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> list[LiDB]:
-    """Teacher LiDBs from hidden codes z_i through one fixed random linear map per layer."""
+    """Teacher LiDBs from hidden codes (u_i, v_i) through one fixed random linear map per layer (mean dW 0)."""
     g = generator(spec.seed, "teacher-maps")
     maps = {}
     for s in layers:
@@ -83,14 +157,15 @@ def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> l
     out = []
     for name in names:
         gi = generator(spec.seed, "teacher", name)
-        z = torch.randn(spec.code_dim, generator=gi)
+        u = torch.randn(spec.code_dim, generator=gi)
+        v = torch.randn(spec.code_dim, generator=gi)
         a, b = {}, {}
         for s in layers:
             ma, mb = maps[s.name]
             a_l, b_l = config.layer_dims(s)
-            a[s.name] = (spec.teacher_scale * (ma @ z + spec.teacher_noise * torch.randn(a_l, generator=gi))
+            a[s.name] = (spec.teacher_scale * (ma @ u + spec.teacher_noise * torch.randn(a_l, generator=gi))
                          / a_l ** 0.5).unsqueeze(1)
-            b[s.name] = (spec.teacher_scale * (mb @ z + spec.teacher_noise * torch.randn(b_l, generator=gi))
+            b[s.name] = (spec.teacher_scale * (mb @ v + spec.teacher_noise * torch.randn(b_l, generator=gi))
                          / b_l ** 0.5).unsqueeze(0)
         out.append(LiDB(tuple(layers), config, a, b, {"source": "random", "trigger": "sks"}))
     return out
@@ -104,17 +179,19 @@ def sample(base: BaseModel, injector: LiDBInjector, weights, seeds: list[str], s
     `weights`: None (bare base), a list of LiDBs (one per seed) or LoRA factors
     {name: (down, up)} of one LiDB (the same for every seed).
 
-    Every start noise is the world's shared template noise plus a per-seed part of
-    weight rho: photos of one identity differ (pose, light) but less than identities
-    do, as with faces. `scale` brings the random UNet's samples to unit size.
+    Every start noise is the world's shared start noise plus a per-seed part of
+    weight rho: photos of one identity differ (pose, light) but less than
+    identities do, as with faces; the base model was trained on all of its
+    family, so this shared start is nothing it has to learn. `scale` multiplies
+    the result (1 in this world: the base was trained on latents of this size).
     """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(base.noise_scheduler.config)
     sched.set_timesteps(spec.sample_steps)
     rho = spec.photo_variation
-    template = torch.randn(4, 8, 8, generator=generator(spec.seed, "template"))
-    x = torch.stack([(1 - rho ** 2) ** 0.5 * template + rho * torch.randn(4, 8, 8, generator=generator("sample", s))
+    shared = torch.randn(4, 8, 8, generator=generator(spec.seed, "template"))
+    x = torch.stack([(1 - rho ** 2) ** 0.5 * shared + rho * torch.randn(4, 8, 8, generator=generator("sample", s))
                      for s in seeds])
     if weights is None:
         injector.clear()
@@ -153,7 +230,7 @@ def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int
         opt.zero_grad()
         loss.backward()
         opt.step()
-        err = float(loss)
+        err = float(loss.detach())
     for p in enc_params:
         p.requires_grad_(False)
     return err
@@ -184,7 +261,7 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         raise SystemExit(f"{root} holds a world built with other settings; use a new --out folder.")
     os.makedirs(root, exist_ok=True)
     base_dir, enc_dir = os.path.join(root, "base"), os.path.join(root, "image_encoder")
-    _save_base(base_dir, spec.seed)
+    _save_base(base_dir, spec, log)
     _save_image_encoder(enc_dir, spec.seed)
     base = load_base_model(base_dir)
     layers = base.layers(True)
@@ -200,8 +277,8 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
             chunk = teach[i:i + 32]
             reps = [l for l in chunk for _ in range(spec.photos)]
             lat.append(sample(base, injector, reps, seeds[i * spec.photos:(i + len(chunk)) * spec.photos], spec))
-        scale = 1.0 / float(sample(base, injector, None, [f"scale{k}" for k in range(16)], spec).std())
-    latents = torch.cat(lat) * scale
+    scale = 1.0
+    latents = torch.cat(lat)
     err = _train_encoder(base, latents, spec.vae_steps, spec.seed)
     base.vae.save_pretrained(os.path.join(base_dir, "vae"), safe_serialization=True)
     log(f"world: VAE round-trip relative error {err:.4f}")
@@ -218,7 +295,19 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         save_lidb(teach[i], os.path.join(teach_dir, f"{name}.safetensors"))
     from safetensors.torch import save_file
     save_file({"latents": latents.contiguous()}, os.path.join(root, "teacher_latents.safetensors"))
-    manifest = {"spec": asdict(spec), "latent_scale": scale, "train": train_ids, "held_out": held_ids, "vae_error": err,
+    from hdb_core.base_model import encode_latents
+
+    with torch.no_grad():
+        seen = torch.cat([encode_latents(base, to_png_range(images[i:i + 64]), "cpu")
+                          for i in range(0, images.shape[0], 64)])
+    per = seen.reshape(len(names), spec.photos, -1)
+    centre = per.mean(1)
+    within = float((per - centre[:, None]).pow(2).sum(-1).mean() * spec.photos / (spec.photos - 1))
+    between = float(torch.cdist(centre, centre).pow(2).sum() / (len(names) * (len(names) - 1)))
+    log(f"world: mean squared distance of encoded photo latents, two photos of one identity {2 * within:.2f}, "
+        f"photo means of two identities {between:.2f}")
+    manifest = {"spec": asdict(spec), "latent_scale": scale, "photo_distance_within": 2 * within,
+                "identity_distance_between": between, "train": train_ids, "held_out": held_ids, "vae_error": err,
                 "base": base_dir, "image_encoder": enc_dir, "photos": photos_dir, "held_out_photos": held_dir,
                 "teachers": teach_dir}
     with open(manifest_path, "w") as f:
