@@ -1,7 +1,7 @@
 """Toy-scale evidence that LiDB + hypernetwork + rank-relaxed finetuning work together (see docs/evidence.md).
 
-    .venv/bin/python bench/bench_evidence.py            # full run, under 30 minutes on a 2-core CPU
-    .venv/bin/python bench/bench_evidence.py --quick    # the CI variant, a few minutes
+    .venv/bin/python bench/bench_evidence.py            # full run, about 14 min on a 2-core CPU (+2 min once)
+    .venv/bin/python bench/bench_evidence.py --quick    # the CI variant, about 1.5 min
 
 Builds a world with known identities, runs `hdb` stage 0 and stage 1 on its
 training identities, personalises held-out identities from one photo each and

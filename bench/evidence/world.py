@@ -17,9 +17,10 @@
   layer), so identities form a low-dimensional family a hypernetwork can
   generalise over, and the mean teacher dW is zero (no shared "look" to learn).
 * Photos: latents sampled with DDIM from base + teacher i, each from a start
-  noise that mixes a shared part with its own (weight rho = 0.5), decoded to 64x64 PNGs, one folder per identity (the layout
-  `hdb` expects). Teachers are large enough that photos of two identities differ
-  more than two photos of one identity (checked and reported by the bench).
+  noise that mixes a shared part with its own (weight rho = 0.5), decoded to
+  64x64 PNGs, one folder per identity (the layout `hdb` expects). Teachers are
+  large enough that photos of two identities differ more than two photos of one
+  identity (checked and reported by the bench).
 * Image encoder: a tiny transformers CLIP vision model with frozen random weights.
 """
 from __future__ import annotations
@@ -117,7 +118,8 @@ def pretrain_unet(unet, text_encoder, tokenizer, scheduler, spec: WorldSpec, log
     os.makedirs(PRETRAIN_CACHE, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     write_atomic(path, lambda tmp: save_file(state, tmp))
-    log(f"world: base UNet pre-trained as a denoiser ({spec.pretrain_steps} steps, final loss {float(loss.detach()):.4f}, "
+    log(f"world: base UNet pre-trained as a denoiser ({spec.pretrain_steps} steps, "
+        f"final loss {float(loss.detach()):.4f}, "
         f"{time.time() - t0:.0f} s; cached in {path})")
     return time.time() - t0
 
