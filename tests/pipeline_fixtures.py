@@ -73,14 +73,3 @@ def base(tiny_model):
     from hdb_core.base_model import load_base_model
 
     return load_base_model(tiny_model).to("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and 2 threads on a shared 2-core machine can be 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

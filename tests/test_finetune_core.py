@@ -16,14 +16,6 @@ LAYERS = [LayerSpec("unet.down.attn1.to_q", 160, 120), LayerSpec("unet.mid.attn2
           LayerSpec("te.text_model.encoder.layers.0.self_attn.q_proj", 48, 48)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread avoids OpenMP spin contention with other processes on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def rank1_init(seed: int = 0) -> LiDB:
     """A rank-1 LiDB with non-zero A and B, as a hypernetwork would predict."""

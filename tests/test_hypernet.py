@@ -23,15 +23,6 @@ TOY_LAYERS = (LayerSpec("unet.a.attn1.to_q", 32, 32), LayerSpec("unet.a.attn2.to
               LayerSpec("unet.b.attn1.to_out.0", 128, 160), LayerSpec("te.l.0.self_attn.q_proj", 32, 32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread that waits
-    for a busy core makes every small op up to 100x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def toy_net(seed=0, config=SMALL, layers=TOY_LAYERS, lidb_config=LiDBConfig()) -> HyperNetwork:
     torch.manual_seed(seed)

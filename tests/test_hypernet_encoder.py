@@ -8,15 +8,6 @@ from hdb_core.errors import HDBError
 from hdb_core.image_encoder import VIT_H_14, ClipImageEncoder, EncoderSpec, preprocess, spec_from_hf_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread that waits
-    for a busy core makes every small op up to 100x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def encoders(comfy):

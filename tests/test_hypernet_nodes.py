@@ -12,15 +12,6 @@ from devtools.comfy_runtime import call_node, run_prompt
 TINY_ENCODER = dict(hidden_size=32, num_tokens=17, image_size=56, name="tiny CLIP vision (dev)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a second OpenMP thread that waits
-    for a busy core makes every small op up to 100x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def vision_nodes(comfy):

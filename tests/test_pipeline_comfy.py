@@ -9,7 +9,7 @@ import torch
 from devtools.comfy_runtime import run_prompt
 from hdb_core import cli
 
-from tests.pipeline_fixtures import FAST, FAST_NET, make_faces, one_thread, tiny_model  # noqa: F401
+from tests.pipeline_fixtures import FAST, FAST_NET, make_faces, tiny_model  # noqa: F401
 
 
 def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, hdb, tiny_model, tmp_path):

@@ -15,7 +15,7 @@ from hdb_core.diffusers_lidb import LiDBInjector, stack_train
 from hdb_core.errors import HDBError
 from hdb_core.lidb import LiDB, LiDBConfig
 
-from tests.pipeline_fixtures import base, make_faces, one_thread, tiny_model  # noqa: F401  (fixtures)
+from tests.pipeline_fixtures import base, make_faces, tiny_model  # noqa: F401  (fixtures)
 
 
 def random_lidbs(layers, n, seed=0, scale=0.3):

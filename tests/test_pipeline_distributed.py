@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from hdb_core import cli
 
-from tests.pipeline_fixtures import (FAST, FAST_NET, PYTHON, REPO, hdb, make_faces, one_thread,  # noqa: F401
+from tests.pipeline_fixtures import (FAST, FAST_NET, PYTHON, REPO, hdb, make_faces,  # noqa: F401
                                      tiny_model)
 
 

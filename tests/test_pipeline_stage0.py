@@ -13,7 +13,7 @@ from hdb_core.file_format import load_lidb, save_lidb
 from hdb_core.lidb import LiDB, LiDBConfig
 from hdb_core.preoptimize import PreoptimizeSettings, ProcessInfo, preoptimize, shard
 
-from tests.pipeline_fixtures import FAST, base, make_faces, one_thread, tiny_model  # noqa: F401  (fixtures)
+from tests.pipeline_fixtures import FAST, base, make_faces, tiny_model  # noqa: F401  (fixtures)
 
 
 def settings(**kw) -> PreoptimizeSettings:

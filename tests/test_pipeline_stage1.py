@@ -17,7 +17,7 @@ from hdb_core.lidb import LiDB, LiDBConfig
 from hdb_core.preoptimize import PreoptimizeSettings, preoptimize
 from hdb_core.train_hypernet import HypernetSettings, Objective, find_pairs, new_hypernet, train_hypernet
 
-from tests.pipeline_fixtures import FAST, FAST_NET, base, make_faces, one_thread, tiny_model  # noqa: F401
+from tests.pipeline_fixtures import FAST, FAST_NET, base, make_faces, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")
