@@ -22,11 +22,5 @@ class TinyClipVision(io.ComfyNode):
         return io.NodeOutput(tiny_vision.comfy_clip_vision(seed))
 
 
-DEV_NODES = [TinyClipVision]
+DEV_NODES = [TinyClipVision]  # registered with the other dev nodes by dev_nodes.register
 
-
-def register(nodes_module) -> None:
-    for cls in DEV_NODES:
-        schema = cls.GET_SCHEMA()
-        nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = cls
-        nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name

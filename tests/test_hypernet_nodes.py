@@ -12,12 +12,8 @@ from devtools.comfy_runtime import call_node, run_prompt
 TINY_ENCODER = dict(hidden_size=32, num_tokens=17, image_size=56, name="tiny CLIP vision (dev)")
 
 
-
 @pytest.fixture(scope="module")
 def vision_nodes(comfy):
-    from devtools import dev_vision_nodes
-
-    dev_vision_nodes.register(comfy["nodes"])
     return comfy["nodes"].NODE_CLASS_MAPPINGS["HDBDev_TinyClipVision"]
 
 

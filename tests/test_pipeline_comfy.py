@@ -13,10 +13,9 @@ from tests.pipeline_fixtures import FAST, FAST_NET, make_faces, tiny_model  # no
 
 
 def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, hdb, tiny_model, tmp_path):
-    from devtools import dev_vision_nodes, tiny_vision
+    from devtools import tiny_vision
     import folder_paths
 
-    dev_vision_nodes.register(comfy["nodes"])
     # The transformers twin of the graph's HDBDev_TinyClipVision(seed=0): stage 1 sees the features ComfyUI will.
     encoder_dir = str(tmp_path / "encoder")
     tiny_vision.transformers_twin(tiny_vision.comfy_clip_vision(0)).save_pretrained(encoder_dir)
