@@ -53,12 +53,15 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     import comfy.utils
 
     pack = rt["pack"]
-    tr = sys.modules[pack.__name__ + ".nodes.comfy_training"]
+    nodes_pkg = pack.__name__ + ".nodes."
+    autograd, objective = sys.modules[nodes_pkg + "comfy_autograd"], sys.modules[nodes_pkg + "comfy_objective"]
+    photo_input = sys.modules[nodes_pkg + "photo_input"]
     with torch.inference_mode():   # loaded as the executor loads checkpoints
         model, clip, vae = tiny_models.comfy_checkpoint(scale, seed=0)
         g = torch.Generator().manual_seed(0)
         image = torch.rand(1, resolution, resolution, 3, generator=g)
-        latent = tr.encode_latents(vae, model.model, tr.prepare_pixels(image, resolution))
+        latent = objective.encode_photo_latents(vae, model.model, photo_input.prepare_pixels(image, resolution),
+                                                mirror=False)[:, 0]
         cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
     loaded = rss_mb()
     stamps: list[float] = []
@@ -69,7 +72,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
             lat, c = latent.clone(), cond.clone()
             mm.load_models_gpu([model], force_full_load=True)
             ms = model.model.model_sampling
-            with tr.trainable_through(model.model):
+            with autograd.trainable_through(model.model):
                 for i in range(steps):
                     noise = torch.randn(lat.shape, generator=g)
                     sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])

@@ -43,10 +43,10 @@ def median_time(fn, repeats: int) -> tuple[float, float]:
 
 
 def measure(arch: str, layers, repeats: int, threads: list[int]) -> None:
-    from hdb_core.hypernet import HyperNetConfig, HyperNetwork
-    from hdb_core.hypernet_file import save_hypernet
-    from hdb_core.image_encoder import VIT_H_14
-    from hdb_core.lidb import LiDBConfig
+    from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+    from hdb_core.hypernet.file import save_hypernet
+    from hdb_core.hypernet.image_encoder import VIT_H_14
+    from hdb_core.lidb.weights import LiDBConfig
 
     torch.manual_seed(0)
     config = HyperNetConfig()

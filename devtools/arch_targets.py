@@ -2,13 +2,13 @@
 
 diffusers' UNet2DConditionModel with the published configs and transformers'
 CLIPTextModel with the CLIP-L / OpenCLIP-bigG shapes, read through
-hdb_core.targets.specs_from_module exactly as real models would be.
+hdb_core.lidb.targets.specs_from_module exactly as real models would be.
 """
 from __future__ import annotations
 
 import torch
 
-from hdb_core.targets import LayerSpec, specs_from_module
+from hdb_core.lidb.targets import LayerSpec, specs_from_module
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
               projection_dim=768)

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from hdb_core import defaults
+
 from . import comfy_runtime, workflows
 
 STAND_INS = {"CheckpointLoaderSimple": ("HDBDev_TinyCheckpoint", {"scale": "tiny", "seed": 0, "v_prediction": False}),
@@ -52,25 +54,25 @@ def prepare_stand_ins(state: dict) -> None:
     from . import tiny_models
 
     fp = state["folder_paths"]
-    hdb = state["pack"].hdb_core
+    import hdb_core as hdb
     Image.fromarray(astronaut()).save(os.path.join(fp.get_input_directory(), workflows.PHOTO))
     model, clip = tiny_models.comfy_model("tiny"), tiny_models.comfy_clip("tiny")
     ct = state["pack"].nodes.comfy_targets
     layers = [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
     torch.manual_seed(0)
-    net = hdb.hypernet.HyperNetwork(hdb.hypernet.HyperNetConfig(width=32, depth=1, heads=2, iterations=4), layers,
-                                    hdb.lidb.LiDBConfig(), hdb.image_encoder.EncoderSpec(**TINY_ENCODER))
+    net = hdb.HyperNetwork(hdb.HyperNetConfig(width=32, depth=1, heads=2, iterations=4), layers,
+                                    hdb.LiDBConfig(), hdb.EncoderSpec(**TINY_ENCODER))
     net.base_model = "tiny random SD1.5-architecture model (dev)"
     hn_dir = fp.get_folder_paths("hyperdreambooth")[0]
     os.makedirs(hn_dir, exist_ok=True)
-    hdb.hypernet_file.save_hypernet(net, os.path.join(hn_dir, workflows.HYPERNET), {"trigger": "sks"})
+    hdb.save_hypernet(net, os.path.join(hn_dir, workflows.HYPERNET), {"trigger": defaults.TRIGGER})
     g = torch.Generator().manual_seed(1)
-    style = hdb.lidb.LiDB.zeros(layers, hdb.lidb.LiDBConfig(rank=4, seed=99))
+    style = hdb.LiDB.zeros(layers, hdb.LiDBConfig(rank=4, seed=99))
     style = style.with_tensors({k: torch.randn(v.shape, generator=g) * 0.05 for k, v in style.a_train.items()},
                                {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in style.b_train.items()})
     lora_dir = fp.get_folder_paths("loras")[0]
     os.makedirs(lora_dir, exist_ok=True)
-    hdb.lora_format.save_kohya(style, os.path.join(lora_dir, workflows.STYLE_LORA))
+    hdb.save_kohya(style, os.path.join(lora_dir, workflows.STYLE_LORA))
 
 
 def load_api(name: str) -> dict:

@@ -29,6 +29,14 @@ SCALES = {
                            projection_dim=32),
                  vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=8),
                  vision=None),   # devtools.tiny_vision's config: the twin of HDBDev_TinyClipVision
+    # "tiny" with a VAE that ComfyUI's own VAE class can load (32 channels, 32 norm groups): the twin
+    # of devtools.tiny_models.comfy_twin, for tests that run the same weights through both stacks.
+    "twin": dict(unet=dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                           attention_head_dim=2, norm_num_groups=32),
+                 text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           projection_dim=32),
+                 vae=dict(block_out_channels=(32, 32, 32, 32), norm_num_groups=32),
+                 vision=None),
     # for benchmarks: wider, three levels, 4-layer text encoder.
     "mid": dict(unet=dict(block_out_channels=(128, 256, 256), layers_per_block=1, cross_attention_dim=256,
                           attention_head_dim=4, norm_num_groups=32),

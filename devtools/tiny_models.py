@@ -113,3 +113,31 @@ def comfy_vae(seed: int = 0):
 
 def comfy_checkpoint(scale: str = "tiny", seed: int = 0, v_prediction: bool = False):
     return comfy_model(scale, seed, v_prediction), comfy_clip(scale, seed), comfy_vae(seed)
+
+
+def comfy_twin(unet, vae, text_encoder, v_prediction: bool = False):
+    """ComfyUI (MODEL, CLIP, VAE) holding the weights of diffusers/transformers models of the "twin" scale.
+
+    The UNet's keys go through ComfyUI's own diffusers->LDM table, the text encoder's match
+    ComfyUI's CLIP-L layout as they are, and the VAE's are converted by ComfyUI's VAE class,
+    so both stacks compute the same functions (tests compare them to float tolerance).
+    """
+    import comfy.sd
+    import comfy.utils
+
+    model = comfy_model("tiny", v_prediction=v_prediction)
+    to_ldm = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    sd = unet.state_dict()
+    missing, unexpected = model.model.diffusion_model.load_state_dict({to_ldm[k]: v for k, v in sd.items()},
+                                                                     strict=False)
+    if unexpected or [k for k in missing if "label_emb" not in k]:
+        raise RuntimeError(f"UNet twin mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    clip = comfy_clip("tiny")
+    missing, unexpected = clip.cond_stage_model.clip_l.transformer.load_state_dict(text_encoder.state_dict(),
+                                                                                    strict=False)
+    if unexpected or [k for k in missing if k not in ("text_projection.weight", "text_model.embeddings.position_ids")]:
+        raise RuntimeError(f"CLIP twin mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 32,
+                'ch_mult': [1, 1, 1, 1], 'num_res_blocks': 1, 'attn_resolutions': [], 'dropout': 0.0}
+    comfy_vae_ = comfy.sd.VAE(sd=dict(vae.state_dict()), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    return model, clip, comfy_vae_

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+from hdb_core import defaults
+
 from .comfy_runtime import REPO
 
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
@@ -50,7 +52,7 @@ def _personalise(with_hypernet: bool) -> dict:
         "6": {"class_type": "HDB_FastFinetune",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["3", 0],
                          **({"init_lidb": ["5", 0]} if with_hypernet else {}),
-                         **({} if with_hypernet else {"steps": 400})}},
+                         **({} if with_hypernet else {"steps": defaults.ZERO_START_STEPS})}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "hyperdreambooth_loss"},
               "title": "Loss curve"},
         "8": {"class_type": "HDB_SaveLiDB", "inputs": {"lidb": ["6", 0], "filename_prefix": "identity"}},
@@ -64,7 +66,7 @@ def _personalise(with_hypernet: bool) -> dict:
         g["5"] = {"class_type": "HDB_PredictLiDBWeights",
                   "inputs": {"hypernet": ["11", 0], "clip_vision": ["4", 0], "image": ["3", 0]}}
     g.update(_sampling(["10", 0], ["10", 1], ["1", 2],
-                       "a portrait photo of sks person as a rock star, stage lights", "hyperdreambooth"))
+                       f"{defaults.TRIGGER} as a rock star, portrait photo, stage lights", "hyperdreambooth"))
     return g
 
 
@@ -79,7 +81,7 @@ def _reuse() -> dict:
               "title": "Style LoRA"},
     }
     g.update(_sampling(["4", 0], ["4", 1], ["1", 2],
-                       "an oil painting of sks person, in the style of the LoRA", "hyperdreambooth_reuse"))
+                       f"an oil painting of {defaults.TRIGGER}, in the style of the LoRA", "hyperdreambooth_reuse"))
     return g
 
 

@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 
-from .errors import HDBError
+from hdb_core import defaults
+from hdb_core.errors import HDBError
 
 log = logging.getLogger("hdb")
 
@@ -31,7 +32,8 @@ def _base_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser, face_check: str = "detect") -> None:
-    p.add_argument("--resolution", type=int, default=512, help="training image size in pixels (512 for SD1.5)")
+    p.add_argument("--resolution", type=int, default=defaults.RESOLUTION,
+                   help="training image size in pixels (512 for SD1.5)")
     p.add_argument("--face-check", choices=("none", "detect", "crop"), default=face_check,
                    help="skip images without a detectable face (detect), also crop to the face (crop), or trust "
                         "the data (none)")
@@ -39,14 +41,20 @@ def _data_args(p: argparse.ArgumentParser, face_check: str = "detect") -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trigger", default="sks", help="the identifier token V of the prompt")
-    p.add_argument("--prompt", default="a {trigger} face", help="training prompt; {trigger} is replaced")
+    _trigger_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (runs are reproducible)")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="dtype of the frozen UNet/text encoder (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def _trigger_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trigger", default=defaults.TRIGGER,
+                   help="the identity phrase with its rare token (the paper's 'a [V] face'); prompt with it later")
+    p.add_argument("--prompt", default="{trigger}",
+                   help="training prompt; {trigger} is replaced by the trigger phrase")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(p)
     _data_args(p)
     _run_args(p)
-    p.add_argument("--steps", type=int, default=300, help="optimisation steps per identity")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--steps", type=int, default=defaults.STAGE0_STEPS, help="optimisation steps per identity")
+    p.add_argument("--lr", type=float, default=defaults.STAGE0_LR, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="identities trained together per process")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints within a batch")
     p.add_argument("--a", type=int, default=100, help="LiDB down-projection dimension a (paper: 100)")
@@ -79,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     _base_args(p)
     _data_args(p)
     _run_args(p)
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (cosine decay after warm-up)")
+    p.add_argument("--steps", type=int, default=defaults.STAGE1_STEPS)
+    p.add_argument("--lr", type=float, default=defaults.STAGE1_LR,
+                   help="AdamW peak learning rate (cosine decay after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=4, help="photos per process per step")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion reconstruction loss")
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, nargs="+", help="one or more photos of the same person")
     p.add_argument("--output", required=True, help="LiDB file to write")
     p.add_argument("--lora", default=None, help="also write a kohya LoRA file here")
-    p.add_argument("--trigger", default="sks")
+    p.add_argument("--trigger", default=None, help="identity phrase stored in the LiDB (default: the hypernetwork's)")
     p.add_argument("--iterations", type=int, default=None, help="refinement passes (default: the file's)")
     p.add_argument("--face-check", choices=("none", "detect", "crop"), default="crop")
     p.add_argument("--cpu", action="store_true")
@@ -110,13 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="start LiDB (e.g. from `hdb predict`); default: zero residual")
     p.add_argument("--lora", default=None, help="also write a kohya LoRA file here")
     _base_args(p)
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=defaults.RESOLUTION)
     p.add_argument("--face-check", choices=("none", "detect", "crop"), default="crop")
-    p.add_argument("--trigger", default="sks")
-    p.add_argument("--prompt", default="a {trigger} face")
-    p.add_argument("--steps", type=int, default=40, help="paper: 40")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=4, help="relaxed rank")
+    p.add_argument("--trigger", default=None,
+                   help=f"identity phrase (default: the --init LiDB's trigger, else '{defaults.TRIGGER}')")
+    p.add_argument("--prompt", default="{trigger}", help="training prompt; {trigger} is replaced")
+    p.add_argument("--steps", type=int, default=defaults.FINETUNE_STEPS,
+                   help=f"paper: {defaults.FINETUNE_STEPS} from a prediction; about {defaults.ZERO_START_STEPS} "
+                        f"without --init")
+    p.add_argument("--lr", type=float, default=defaults.FINETUNE_LR)
+    p.add_argument("--rank", type=int, default=defaults.RELAXED_RANK, help="relaxed rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_preoptimize(args) -> int:
-    from .preoptimize import PreoptimizeSettings, loss_curve, preoptimize
+    from hdb_core.training.runtime import loss_curve, state_dir
+    from hdb_core.training.stage0 import PreoptimizeSettings, loss_log_path, preoptimize
 
     settings = PreoptimizeSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,
@@ -143,17 +156,18 @@ def cmd_preoptimize(args) -> int:
     process = _process(args.cpu)
     summary = preoptimize(args.data, args.base_model, args.output, settings, base_config=args.base_config,
                           process=process, progress=not args.no_progress)
-    png = os.path.join(args.output, "logs", f"stage0_loss_rank{process.index}.png")
-    save_loss_png(loss_curve(args.output, process.index), "stage 0: mean loss per step", png)
+    csv_path = loss_log_path(args.output, process.index)
+    save_loss_png(loss_curve(csv_path), "stage 0: mean loss per step", csv_path[: -len(".csv")] + ".png")
     print(f"rank {process.index}: {summary['trained']} LiDBs trained, {summary['already_done']} already done, "
-          f"{summary['skipped']}; loss log in {os.path.join(args.output, 'logs')}")
+          f"{summary['skipped']}; loss log in {state_dir(args.output)}")
     return 0
 
 
 def cmd_train_hypernet(args) -> int:
     from accelerate import Accelerator
 
-    from .train_hypernet import HypernetSettings, loss_curve, train_hypernet
+    from hdb_core.training.runtime import loss_curve
+    from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
     settings = HypernetSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
@@ -173,7 +187,7 @@ def cmd_train_hypernet(args) -> int:
     summary = train_hypernet(args.data, args.lidbs, args.base_model, encoder, args.output, settings,
                              base_config=args.base_config, accelerator=accelerator, progress=not args.no_progress)
     if accelerator.is_main_process:
-        save_loss_png(loss_curve(args.output), "stage 1: loss per step",
+        save_loss_png(loss_curve(os.path.join(summary["state_dir"], "loss.csv")), "stage 1: loss per step",
                       os.path.join(summary["state_dir"], "loss.png"))
         print(f"hypernetwork written to {args.output} ({summary['identities']} identities, {settings.steps} steps); "
               f"loss log in {summary['state_dir']}")
@@ -183,7 +197,7 @@ def cmd_train_hypernet(args) -> int:
 def _load_photos(paths: list[str], size: int, face_check: str):
     import torch
 
-    from . import data
+    from hdb_core.training import data
 
     images = []
     for p in paths:
@@ -200,10 +214,10 @@ def _load_photos(paths: list[str], size: int, face_check: str):
 def cmd_predict(args) -> int:
     import torch
 
-    from .file_format import save_lidb
-    from .hypernet_file import load_hypernet
-    from .image_encoder import ClipImageEncoder
-    from .lora_format import save_kohya
+    from hdb_core.lidb.file import save_lidb
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.lora_export import save_kohya
 
     device = _device(args.cpu)
     net = load_hypernet(args.hypernet, device=device)
@@ -213,9 +227,9 @@ def cmd_predict(args) -> int:
     encoder = ClipImageEncoder.from_pretrained(args.image_encoder, device=device)
     net.encoder.check(encoder.spec, "image encoder")
     images = _load_photos(args.image, 512, args.face_check)
+    trigger = args.trigger or net.info.get("trigger") or defaults.TRIGGER
     with torch.no_grad():
-        lidb = net.predict_lidb(encoder.encode(images), args.iterations, trigger=args.trigger,
-                                base_model=net.base_model)
+        lidb = net.predict_lidb(encoder.encode(images), args.iterations, trigger=trigger, base_model=net.base_model)
     save_lidb(lidb, args.output)
     if args.lora:
         save_kohya(lidb, args.lora)
@@ -225,13 +239,13 @@ def cmd_predict(args) -> int:
 
 def cmd_finetune(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from .base_model import encode_latents, load_base_model, tokenize
-    from .data import to_model_range
-    from .diffusers_lidb import LiDBInjector, check_layers_match
-    from .file_format import load_lidb, save_lidb
-    from .finetune import FinetuneSettings, finetune, zero_start
-    from .lora_format import save_kohya
+    from hdb_core.lidb.file import load_lidb, save_lidb
+    from hdb_core.lidb.lora_export import save_kohya
+    from hdb_core.lidb.targets import check_layers_match
+    from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
+    from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 
     device = _device(args.cpu)
     base = load_base_model(args.base_model, args.base_config).to(device)
@@ -240,22 +254,19 @@ def cmd_finetune(args) -> int:
         check_layers_match(start.layers, base.layers(True), f"The start LiDB '{args.init}'")
     else:
         start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed))
+    trigger = args.trigger or start.info.get("trigger") or defaults.TRIGGER
+    log.info("training with the trigger phrase %r", trigger)
     images = _load_photos(args.image, args.resolution, args.face_check)
-    pixels = to_model_range(images if args.no_flip else torch.cat([images, images.flip(2)]))
-    latents = encode_latents(base, pixels, device)
-    te = any(s.component != "unet" for s in start.layers)
-    injector = LiDBInjector(base.modules(te), start.layers, start.config, device)
-    input_ids = tokenize(base, [args.prompt.format(trigger=args.trigger)], device)
-    loss_fn = finetune_loss(base, injector, latents, input_ids)
-
-    from tqdm.auto import tqdm
-
+    latents = photo_latents(base, images, device, mirror=not args.no_flip)
+    input_ids = tokenize(base, [args.prompt.format(trigger=trigger)], device)
+    injector = base.injector(start.layers, f"The start LiDB '{args.init}'" if args.init else "This LiDB")
     settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, relaxed_rank=args.rank, seed=args.seed,
                                 device=device)
     with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
+        loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip)
         result = finetune(start, loss_fn, settings, progress=lambda s, n, loss: (bar.update(1),
                                                                                  bar.set_postfix(loss=f"{loss:.4f}")),
-                          source="finetuned", trigger=args.trigger, base_model=base.name)
+                          source="finetuned", trigger=trigger, base_model=base.name)
     save_lidb(result.lidb, args.output)
     if args.lora:
         save_kohya(result.lidb, args.lora)
@@ -266,8 +277,8 @@ def cmd_finetune(args) -> int:
 def cmd_export_lora(args) -> int:
     import torch
 
-    from .file_format import load_lidb
-    from .lora_format import save_kohya
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.lidb.lora_export import save_kohya
 
     lidb = load_lidb(args.lidb)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -277,36 +288,8 @@ def cmd_export_lora(args) -> int:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def finetune_loss(base, injector, latents, input_ids):
-    """The diffusion loss `hdb finetune` optimises, as a `hdb_core.finetune` loss function.
-
-    Each step draws one of `latents` [K, 4, h, w] (the photos, mirrored copies
-    included when flipping), one noise and one timestep from the loop's generator,
-    and puts that step's LoRA factors into the model through `injector`. Public
-    so experiments (bench/evidence) optimise exactly what the command does.
-    """
-    import torch
-
-    from .base_model import training_target
-
-    T = base.noise_scheduler.config.num_train_timesteps
-    device = latents.device
-
-    def loss_fn(step, factors, g):
-        injector.set_factors(factors)
-        k = int(torch.randint(latents.shape[0], (1,), generator=g))
-        x = latents[k:k + 1]
-        noise = torch.randn(x.shape, generator=g).to(device)
-        t = torch.randint(T, (1,), generator=g).to(device)
-        context = base.text_encoder(input_ids)[0]
-        pred = base.unet(base.noise_scheduler.add_noise(x, noise, t), t, context).sample
-        return (pred.float() - training_target(base, x, noise, t).float()).pow(2).mean()
-
-    return loss_fn
-
-
 def _process(cpu: bool):
-    from .preoptimize import ProcessInfo
+    from hdb_core.training.runtime import ProcessInfo
 
     return ProcessInfo.from_accelerate(cpu)
 
@@ -323,8 +306,8 @@ def save_loss_png(losses: list[float], title: str, path: str) -> str | None:
         return None
     from PIL import Image
 
-    from .atomic import write_atomic
-    from .loss_plot import loss_curve_image
+    from hdb_core.atomic import write_atomic
+    from hdb_core.plots import loss_curve_image
 
     arr = (loss_curve_image(losses, title)[0].clamp(0, 1) * 255).round().byte().numpy()
     return write_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import HDBError
+from hdb_core.errors import HDBError
 
 # Frontal-face cascades tried in order; the second catches some faces the first misses.
 CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml")
@@ -121,6 +121,14 @@ def crop_square(image: torch.Tensor, left: int, top: int, side: int) -> torch.Te
         chw = F.pad(chw, (pad_l, pad_r, pad_t, pad_b), mode="replicate")
         crop = chw[0].permute(1, 2, 0)
     return crop
+
+
+def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[H, W, C] -> [size, size, C]: the centred square, resized as `resize_square` does."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize_square(image[top:top + side, left:left + side], size)
 
 
 def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:

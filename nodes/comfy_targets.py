@@ -1,9 +1,17 @@
-"""Map a loaded ComfyUI MODEL / CLIP to canonical LiDB layer names.
+"""Map a loaded ComfyUI MODEL / CLIP to canonical LiDB layer names, modules and weight patches.
 
 Canonical names are diffusers paths; ComfyUI's UNet uses LDM paths. The mapping
 comes from ComfyUI's own conversion table (comfy.utils.unet_to_diffusers), the
 same one its LoRA loader uses, so a layer is named identically by ApplyLiDB,
 by the LoRA export and by ComfyUI when it loads that export.
+
+ComfyUI internals this file relies on (check them on a ComfyUI upgrade):
+* `comfy.utils.unet_to_diffusers(unet_config)` ({diffusers key: LDM key});
+* `model.model.diffusion_model`, `model.model.model_config.unet_config`;
+* `clip.cond_stage_model.clip_l/clip_g/clip_h.transformer.<HF CLIP text model paths>`;
+* ModelPatcher weight keys `diffusion_model.<path>.weight` and `<clip path>.weight`;
+* `comfy.weight_adapter.LoRAAdapter(loaded_keys, (up, down, alpha, mid, dora_scale, reshape))`,
+  which ModelPatcher.add_patches applies as strength * (alpha / rank) * up @ down.
 """
 from __future__ import annotations
 
@@ -11,9 +19,11 @@ from dataclasses import dataclass
 
 import comfy.utils
 
-from ..hdb_core.errors import HDBError
-from ..hdb_core.lidb import LiDB
-from ..hdb_core.targets import LayerSpec, describe, find_attention_projections
+import torch
+
+from hdb_core.errors import HDBError
+from hdb_core.lidb.targets import TE, TE1, TE2, UNET, LayerSpec, describe, find_attention_projections
+from hdb_core.lidb.weights import LiDB
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ def unet_targets(model) -> dict[str, Target]:
         diffusers_key = to_diffusers.get(path + ".weight")
         if diffusers_key is None:
             continue
-        name = "unet." + diffusers_key[: -len(".weight")]
+        name = f"{UNET}.{diffusers_key[: -len('.weight')]}"
         out[name] = Target(LayerSpec(name, lin.in_features, lin.out_features), f"diffusion_model.{path}.weight")
     return out
 
@@ -45,9 +55,9 @@ def clip_targets(clip) -> dict[str, Target]:
     cond = clip.cond_stage_model
     present = [n for n in _TE_ENCODERS if hasattr(cond, n)]
     if set(present) == {"clip_l", "clip_g"}:
-        prefix = {"clip_l": "te1", "clip_g": "te2"}
+        prefix = {"clip_l": TE1, "clip_g": TE2}
     else:
-        prefix = {n: "te" for n in present}
+        prefix = {n: TE for n in present}
     out = {}
     for path, lin in find_attention_projections(cond):
         encoder, _, rest = path.partition(".")
@@ -83,13 +93,15 @@ def lora_patches(lidb: LiDB, targets: dict[str, Target], components: set[str]) -
     return patches
 
 
-def model_description(model=None, clip=None) -> str:
-    specs = []
-    if model is not None:
-        specs += [t.spec for t in unet_targets(model).values()]
-    if clip is not None:
-        specs += [t.spec for t in clip_targets(clip).values()]
-    return describe(specs)
+def target_modules(root: torch.nn.Module, targets: dict[str, Target], strip: str = "") -> dict[str, torch.nn.Module]:
+    """Canonical name -> the Linear module, from ModelPatcher keys like 'diffusion_model.x.to_q.weight'."""
+    out = {}
+    for name, t in targets.items():
+        path = t.key[: -len(".weight")]
+        if strip and path.startswith(strip):
+            path = path[len(strip):]
+        out[name] = root.get_submodule(path)
+    return out
 
 
 def require_targets(targets: dict[str, Target], what: str) -> None:

@@ -5,7 +5,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..hdb_core.face_detect import face_crop
+from hdb_core.face_detect import face_crop
 from .types import CATEGORY
 
 

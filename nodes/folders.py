@@ -11,7 +11,7 @@ import re
 
 import folder_paths
 
-from ..hdb_core.errors import HDBError
+from hdb_core.errors import HDBError
 
 LIDB_FOLDER = "lidb"
 HYPERNET_FOLDER = "hyperdreambooth"

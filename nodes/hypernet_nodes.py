@@ -13,9 +13,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..hdb_core.errors import HDBError
-from ..hdb_core.hypernet_file import load_hypernet
-from ..hdb_core.image_encoder import EncoderSpec, check_images
+from hdb_core.errors import HDBError
+from hdb_core.hypernet.file import load_hypernet
+from hdb_core.hypernet.image_encoder import EncoderSpec, check_images
 from .folders import HYPERNET_FOLDER, resolve_model_file
 from .types import CATEGORY, HYPERNET, LIDB
 

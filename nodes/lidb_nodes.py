@@ -7,9 +7,12 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..hdb_core.file_format import load_lidb, save_lidb
-from ..hdb_core.lora_format import save_kohya
+from hdb_core.lidb.file import load_lidb, save_lidb
+from hdb_core.lidb.lora_export import save_kohya
+from hdb_core.lidb.targets import UNET
+from hdb_core.lidb.weights import aux_for_layers
 from . import comfy_targets as ct
+from .comfy_runtime import progress_bar
 from .folders import LIDB_FOLDER, LORA_SUBFOLDER, lidb_output_dir, numbered_save_path, resolve_model_file
 from .types import CATEGORY, LIDB
 
@@ -38,10 +41,11 @@ class ApplyLiDB(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lidb, strength_model=1.0, strength_clip=1.0) -> io.NodeOutput:
-        unet_parts = {"unet"}
+        unet_parts = {UNET}
         te_parts = {s.component for s in lidb.layers} - unet_parts
         new_model, new_clip = model, clip
-        if strength_model != 0 and any(s.component == "unet" for s in lidb.layers):
+        aux_for_layers(lidb.config, lidb.layers, progress_bar())   # first use of an architecture: a few seconds
+        if strength_model != 0 and any(s.component == UNET for s in lidb.layers):
             targets = ct.unet_targets(model)
             ct.require_targets(targets, "model")
             ct.check_compatible(lidb, targets, unet_parts, "model")
@@ -88,7 +92,14 @@ class LoadLiDB(io.ComfyNode):
     @classmethod
     def execute(cls, lidb_name) -> io.NodeOutput:
         path = resolve_model_file(LIDB_FOLDER, lidb_name, "LiDB")
-        return io.NodeOutput(load_lidb(path))
+        lidb = load_lidb(path, progress=progress_bar())
+        return io.NodeOutput(lidb, ui={"text": [describe_for_ui(lidb)]})
+
+
+def describe_for_ui(lidb) -> str:
+    """The line under Load LiDB: the phrase to prompt with, and what the file holds."""
+    trigger = lidb.info.get("trigger") or "(none stored)"
+    return f"trigger: {trigger} | rank {lidb.config.rank}, {len(lidb.layers)} layers, {lidb.info.get('source', '?')}"
 
 
 class SaveLiDB(io.ComfyNode):
@@ -98,7 +109,7 @@ class SaveLiDB(io.ComfyNode):
             node_id="HDB_SaveLiDB",
             display_name="Save LiDB (HyperDreamBooth)",
             category=CATEGORY,
-            description="Save an identity as a ~100 KB LiDB file under output/lidb (listed by Load LiDB).",
+            description="Save an identity as a LiDB file (about 120 KB at rank 1) under output/lidb (listed by Load LiDB).",
             is_output_node=True,
             inputs=[
                 LIDB.Input("lidb", tooltip="The identity weights to save."),
@@ -114,7 +125,7 @@ class SaveLiDB(io.ComfyNode):
         path, rel = numbered_save_path(lidb_output_dir(), filename_prefix)
         save_lidb(lidb, path)
         log.info("HyperDreamBooth: saved LiDB to %s (%d bytes)", path, os.path.getsize(path))
-        return io.NodeOutput(ui={"text": [f"lidb/{rel}"]})
+        return io.NodeOutput(ui={"text": [rel]})     # the name Load LiDB lists it under
 
 
 class ExportLoRA(io.ComfyNode):

@@ -16,6 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+pytest_plugins = ("tests.pipeline_fixtures",)   # the tiny diffusers model fixtures
+
 # One intra-op thread: tests use tiny models (overhead-bound) and some start worker processes,
 # which would oversubscribe the two cores of a CI machine.
 torch.set_num_threads(1)
@@ -27,12 +29,6 @@ def comfy(tmp_path_factory):
     from devtools import comfy_runtime
 
     return comfy_runtime.boot(str(tmp_path_factory.mktemp("comfy_base")))
-
-
-@pytest.fixture(scope="session")
-def hdb(comfy):
-    """The pack's own hdb_core (the copy ComfyUI imported), for isinstance-safe access."""
-    return comfy["pack"].hdb_core
 
 
 @pytest.fixture(scope="session")

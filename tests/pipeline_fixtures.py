@@ -70,6 +70,6 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def base(tiny_model):
     """The loaded tiny base model (CPU, fp32); tests must not change its weights."""
-    from hdb_core.base_model import load_base_model
+    from hdb_core.training.base_model import load_base_model
 
     return load_base_model(tiny_model).to("cpu")

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from hdb_core import cli  # noqa: E402
-from hdb_core.train_hypernet import HypernetSettings, train_hypernet  # noqa: E402
+from hdb_core.training.stage1 import HypernetSettings, train_hypernet  # noqa: E402
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hdb_core.errors import HDBError
-from hdb_core.file_format import load_lidb, lidb_to_safetensors, save_lidb
+from hdb_core.lidb.file import load_lidb, lidb_to_safetensors, save_lidb
 from test_lidb_core import random_lidb
 
 

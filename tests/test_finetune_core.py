@@ -1,4 +1,4 @@
-"""hdb_core.finetune and hdb_core.loss_plot: the UI-free finetune loop, on plain torch."""
+"""hdb_core.training.finetune and hdb_core.plots: the UI-free finetune loop, on plain torch."""
 from __future__ import annotations
 
 import math
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from hdb_core.errors import HDBError
-from hdb_core.finetune import FinetuneSettings, TrainableLiDB, finetune, relaxed_start, zero_start
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.loss_plot import loss_curve_image, running_mean
-from hdb_core.targets import LayerSpec
+from hdb_core.training.finetune import FinetuneSettings, TrainableLiDB, finetune, relaxed_start, zero_start
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.plots import loss_curve_image, running_mean
+from hdb_core.lidb.targets import LayerSpec
 
 LAYERS = [LayerSpec("unet.down.attn1.to_q", 160, 120), LayerSpec("unet.mid.attn2.to_k", 96, 64),
           LayerSpec("te.text_model.encoder.layers.0.self_attn.q_proj", 48, 48)]

@@ -10,6 +10,10 @@ import os
 import pytest
 import torch
 
+import hdb_core
+import hdb_core.training.injector
+import hdb_core.training.objective
+
 from devtools import comfy_runtime, tiny_models
 
 RES = 64
@@ -20,6 +24,11 @@ TRIGGER = "a ohwx face"
 @pytest.fixture(scope="module")
 def tr(comfy):
     return comfy["pack"].nodes.comfy_training
+
+
+@pytest.fixture(scope="module")
+def pack_nodes(comfy):
+    return comfy["pack"].nodes
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +94,10 @@ def from_zero(comfy, node, ckpt, photo, tr):
     return lidb, curve, bare
 
 
-def test_from_zero_loss_falls_and_result_is_a_rank_r_lidb(comfy, hdb, ckpt, photo, tr, from_zero):
+def test_from_zero_loss_falls_and_result_is_a_rank_r_lidb(comfy, ckpt, photo, tr, from_zero):
     model, clip, vae = ckpt
     lidb, curve, bare = from_zero
-    assert isinstance(lidb, hdb.lidb.LiDB) and lidb.config.rank == 4 and lidb.is_finite()
+    assert isinstance(lidb, hdb_core.LiDB) and lidb.config.rank == 4 and lidb.is_finite()
     assert {s.component for s in lidb.layers} == {"unet", "te"} and len(lidb.layers) == 64
     assert lidb.info["trigger"] == TRIGGER and lidb.info["source"] == "trained" and lidb.info["base_model"] == "SD15"
     assert curve.shape == (1, 360, 640, 3) and 0 <= curve.min() and curve.max() <= 1
@@ -122,8 +131,7 @@ def test_base_weights_and_outputs_untouched_and_same_seed_is_identical(comfy, no
     assert_clean(model, clip, before, hash_weights)
 
 
-def test_model_loaded_outside_inference_mode_trains_without_touching_grads(comfy, node, tiny_sd, photo,
-                                                                         hash_weights):
+def test_model_loaded_outside_inference_mode_trains_without_touching_grads(comfy, node, tiny_sd, photo, hash_weights):
     model, clip, vae = tiny_sd
     before = snapshot(model, clip, hash_weights)
     lidb, _ = finetune(node, model, clip, vae, photo, steps=3, gradient_checkpointing=True)
@@ -166,7 +174,7 @@ def test_cancel_mid_run_leaves_the_model_clean_and_the_next_run_works(comfy, nod
     assert lidb.is_finite()
 
 
-def test_native_objective_for_eps_and_v_prediction_models(comfy, tr):
+def test_native_objective_for_eps_and_v_prediction_models(comfy, pack_nodes):
     """The loss equals the MSE of the raw UNet output against eps (eps models) or v (v models)."""
     import comfy.model_management as mm
 
@@ -176,15 +184,15 @@ def test_native_objective_for_eps_and_v_prediction_models(comfy, tr):
         g = torch.Generator().manual_seed(0)
         latents, cond = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
         mm.load_models_gpu([model])
-        paths = tr.LowRankPaths({})
-        loss = tr.DiffusionLoss(model, latents, paths, None, (cond, None), RES, torch.device("cpu"))
+        injector = hdb_core.training.injector.LowRankInjector({})
+        loss = pack_nodes.comfy_objective.DiffusionLoss(model, torch.stack([latents, latents], 1), injector, None,
+                                                        (cond, None), RES, False, torch.device("cpu"))
         with torch.no_grad():
             got = loss(0, {}, torch.Generator().manual_seed(5))
-            # Redraw the same noise and timestep, and compute the textbook target by hand.
-            g2 = torch.Generator().manual_seed(5)
-            noise = torch.randn(latents.shape, generator=g2)
-            pct = tr._PERCENT_EDGE + (1 - 2 * tr._PERCENT_EDGE) * torch.rand((), generator=g2).item()
-            sigma = torch.tensor([ms.percent_to_sigma(pct)])
+            # Redraw the same photo, timestep and noise, and compute the textbook target by hand.
+            d = hdb_core.training.objective.draw(torch.Generator().manual_seed(5), 1, False, 1000, (4, 8, 8))
+            noise = d.noise[None]
+            sigma = ms.sigmas[d.timestep].reshape(1)
             x = latents + sigma * noise
             raw = base.diffusion_model(x / (sigma ** 2 + 1).sqrt(), ms.timestep(sigma).float(), context=cond)
             target = (noise - sigma * latents) / (sigma ** 2 + 1).sqrt() if v_pred else noise
@@ -192,7 +200,8 @@ def test_native_objective_for_eps_and_v_prediction_models(comfy, tr):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_grayscale_and_rgba_photos_are_converted(comfy, node, ckpt, photo, tr):
+def test_grayscale_and_rgba_photos_are_converted(comfy, node, ckpt, photo, pack_nodes):
+    tr = pack_nodes.photo_input
     gray = photo.mean(-1, keepdim=True)
     rgba = torch.cat([photo, torch.zeros_like(photo[..., :1])], dim=-1)
     out_gray, out_rgba = tr.prepare_pixels(gray, RES), tr.prepare_pixels(rgba, RES)
@@ -203,7 +212,8 @@ def test_grayscale_and_rgba_photos_are_converted(comfy, node, ckpt, photo, tr):
     assert finetune(node, model, clip, vae, gray, steps=1)[0].is_finite()
 
 
-def test_photo_is_resized_and_centre_cropped(tr):
+def test_photo_is_resized_and_centre_cropped(pack_nodes):
+    tr = pack_nodes.photo_input
     wide = torch.zeros(1, 100, 300, 3)
     wide[:, :, 100:200] = 1.0            # a white centre square in a black frame
     out = tr.prepare_pixels(wide, RES)
@@ -211,11 +221,10 @@ def test_photo_is_resized_and_centre_cropped(tr):
 
 
 def other_arch_lidb(comfy):
-    hdb = comfy["pack"].hdb_core
     ct = comfy["pack"].nodes.comfy_targets
     mid = tiny_models.comfy_model("mid", device="meta")
     specs = [t.spec for t in ct.unet_targets(mid).values()]
-    return hdb.lidb.LiDB.zeros(specs, hdb.lidb.LiDBConfig())
+    return hdb_core.LiDB.zeros(specs, hdb_core.LiDBConfig())
 
 
 def no_attention_model():
@@ -241,7 +250,7 @@ def no_attention_model():
     ("no attention", "has no attention projections"),
     ("rank below init", "set relaxed_rank to 4 or higher"),
 ])
-def test_bad_inputs_give_one_clear_sentence(comfy, hdb, node, ckpt, photo, from_zero, case, expect):
+def test_bad_inputs_give_one_clear_sentence(comfy, node, ckpt, photo, from_zero, case, expect):
     model, clip, vae = ckpt
     kw = dict(image=photo)
     if case == "empty":
@@ -260,17 +269,17 @@ def test_bad_inputs_give_one_clear_sentence(comfy, hdb, node, ckpt, photo, from_
         model = no_attention_model()
     elif case == "rank below init":
         kw.update(init_lidb=from_zero[0], relaxed_rank=2)
-    with pytest.raises(hdb.errors.HDBError) as err:
+    with pytest.raises(hdb_core.HDBError) as err:
         finetune(node, model, clip, vae, **kw)
     message = str(err.value)
     assert expect in message and message.endswith(".") and message.count(". ") == 0, message
 
 
-def test_training_precision_choice(tr):
+def test_training_precision_choice(pack_nodes):
     cuda = torch.device("cuda")
-    assert tr.training_precision(torch.device("cpu"), torch.float32) == (None, False)
-    assert tr.training_precision(cuda, torch.float16) == (torch.float16, True)
-    assert tr.training_precision(cuda, torch.bfloat16) == (torch.bfloat16, False)
+    assert pack_nodes.comfy_runtime.training_precision(torch.device("cpu"), torch.float32) == (None, False)
+    assert pack_nodes.comfy_runtime.training_precision(cuda, torch.float16) == (torch.float16, True)
+    assert pack_nodes.comfy_runtime.training_precision(cuda, torch.bfloat16) == (torch.bfloat16, False)
 
 
 def graph(image_name: str, prefix: str) -> dict:
@@ -295,7 +304,7 @@ def graph(image_name: str, prefix: str) -> dict:
     }
 
 
-def test_graph_checkpoint_finetune_apply_sample_save_runs_in_the_executor(comfy, hdb, photo):
+def test_graph_checkpoint_finetune_apply_sample_save_runs_in_the_executor(comfy, photo):
     from PIL import Image
 
     folder = comfy["folder_paths"].get_input_directory()
@@ -303,7 +312,7 @@ def test_graph_checkpoint_finetune_apply_sample_save_runs_in_the_executor(comfy,
     result = comfy_runtime.run_prompt(graph("hdb_face.png", "finetuned"))
     assert result.success, result.error
     lidb = result.node_output("3")[0]
-    assert isinstance(lidb, hdb.lidb.LiDB) and lidb.config.rank == 2 and lidb.info["source"] == "trained"
+    assert isinstance(lidb, hdb_core.LiDB) and lidb.config.rank == 2 and lidb.info["source"] == "trained"
     assert result.node_output("9")[0].shape == (1, 64, 64, 3)
     saved = result.outputs["10"]["images"][0]
     assert os.path.isfile(os.path.join(comfy["folder_paths"].get_output_directory(), saved["subfolder"],

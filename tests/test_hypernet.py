@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hdb_core.errors import HDBError
-from hdb_core.file_format import save_lidb
-from hdb_core.hypernet import HyperNetConfig, HyperNetwork
-from hdb_core.hypernet_file import FORMAT_VERSION, load_hypernet, read_hypernet_metadata, save_hypernet
-from hdb_core.image_encoder import EncoderSpec
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.targets import LayerSpec
+from hdb_core.lidb.file import save_lidb
+from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+from hdb_core.hypernet.file import FORMAT_VERSION, load_hypernet, read_hypernet_metadata, save_hypernet
+from hdb_core.hypernet.image_encoder import EncoderSpec
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.lidb.targets import LayerSpec
+from hdb_core.lidb.batch import stack_train
+from hdb_core.training.stage1 import weight_loss
 
 SMALL = HyperNetConfig(width=32, depth=1, heads=2, iterations=3)
 ENC = EncoderSpec(hidden_size=16, num_tokens=5, image_size=28, name="tiny encoder")
@@ -77,7 +79,7 @@ def test_head_groups_follow_layer_dims():
     lidb = net.predict_lidb(features())
     _check_lidb_covers(lidb, TOY_LAYERS, LiDBConfig())
     # Grouped and per-name outputs are the same numbers.
-    grouped = net.forward_grouped(features())
+    grouped = net.heads_from(net.weight_features(features()))
     a, _ = net(features())
     assert torch.equal(grouped["32x32"][0][0, 1], a["te.l.0.self_attn.q_proj"][0])
 
@@ -96,7 +98,7 @@ def test_each_pass_adds_a_delta_that_changes_the_prediction():
     f = features()
     with torch.no_grad():
         thetas = [net.weight_features(f, k) for k in range(5)]
-        preds = [net.forward_grouped(f, k) for k in range(5)]
+        preds = [net.heads_from(net.weight_features(f, k)) for k in range(5)]
     for k in range(1, 5):
         step = thetas[k] - thetas[k - 1]
         assert step.abs().max() > 1e-4, f"pass {k} added nothing"
@@ -120,14 +122,12 @@ def test_a_few_steps_on_a_toy_set_drive_the_weight_loss_down():
         {s.name: torch.randn(*LiDBConfig().layer_dims(s)[:1], 1, generator=g) * 0.1 for s in TOY_LAYERS},
         {s.name: torch.randn(1, LiDBConfig().layer_dims(s)[1], generator=g) * 0.1 for s in TOY_LAYERS})
         for _ in range(6)]
-    stacked = net.stack_targets(targets)
+    a_t, b_t = stack_train(targets)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
 
     def loss_fn():
-        pred = net.forward_grouped(images)
-        total = sum(((pa - ta) ** 2).sum() + ((pb - tb) ** 2).sum()
-                    for (pa, pb), (ta, tb) in ((pred[k], stacked[k]) for k in pred))
-        return total / len(targets)
+        a_hat, b_hat = net(images)
+        return weight_loss(a_hat, b_hat, a_t, b_t, [s.name for s in TOY_LAYERS]).mean()
 
     losses = []
     for _ in range(30):
@@ -139,8 +139,8 @@ def test_a_few_steps_on_a_toy_set_drive_the_weight_loss_down():
     assert all(p.grad is not None for p in net.parameters())
     assert losses[-1] < 0.2 * losses[0], losses[::5]
     # Better than the best image-blind answer (every target's mean), so it uses the photo.
-    blind = sum(((ta - ta.mean(0)) ** 2).sum() + ((tb - tb.mean(0)) ** 2).sum()
-                for ta, tb in stacked.values()).item() / len(targets)
+    blind = sum(((a_t[n] - a_t[n].mean(0)) ** 2).sum() + ((b_t[n] - b_t[n].mean(0)) ** 2).sum()
+                for n in a_t).item() / len(targets)
     assert losses[-1] < 0.5 * blind, (losses[-1], blind)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hdb_core.errors import HDBError
-from hdb_core.image_encoder import VIT_H_14, ClipImageEncoder, EncoderSpec, preprocess, spec_from_hf_config
+from hdb_core.hypernet.image_encoder import VIT_H_14, ClipImageEncoder, EncoderSpec, preprocess, spec_from_hf_config
 
 
 

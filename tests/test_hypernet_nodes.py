@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import hdb_core
+from hdb_core.lidb.weights import clear_aux_cache
+
 from devtools.comfy_runtime import call_node, run_prompt
 
 TINY_ENCODER = dict(hidden_size=32, num_tokens=17, image_size=56, name="tiny CLIP vision (dev)")
@@ -32,20 +35,20 @@ def tiny_layers(comfy, tiny_sd):
     return [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
 
 
-def write_hypernet(hdb, path, layers, seed=0, iterations=3, hidden_size=32, base_model="SD1.5 (tiny dev)"):
+def write_hypernet(path, layers, seed=0, iterations=3, hidden_size=32, base_model="SD1.5 (tiny dev)"):
     torch.manual_seed(seed)
-    encoder = hdb.image_encoder.EncoderSpec(**{**TINY_ENCODER, "hidden_size": hidden_size})
+    encoder = hdb_core.EncoderSpec(**{**TINY_ENCODER, "hidden_size": hidden_size})
     with torch.inference_mode(False):
-        net = hdb.hypernet.HyperNetwork(hdb.hypernet.HyperNetConfig(width=32, depth=1, heads=2, iterations=iterations),
-                                        layers, hdb.lidb.LiDBConfig(), encoder)
+        net = hdb_core.HyperNetwork(hdb_core.HyperNetConfig(width=32, depth=1, heads=2, iterations=iterations),
+                                    layers, hdb_core.LiDBConfig(), encoder)
         net.base_model = base_model
-        hdb.hypernet_file.save_hypernet(net, path, {"trigger": "sks"})
+        hdb_core.save_hypernet(net, path, {"trigger": "sks"})
     return path
 
 
 @pytest.fixture(scope="module")
-def tiny_hypernet(comfy, hdb, tiny_sd, hypernet_dir):
-    write_hypernet(hdb, os.path.join(hypernet_dir, "tiny_sd15.safetensors"), tiny_layers(comfy, tiny_sd))
+def tiny_hypernet(comfy, tiny_sd, hypernet_dir):
+    write_hypernet(os.path.join(hypernet_dir, "tiny_sd15.safetensors"), tiny_layers(comfy, tiny_sd))
     return "tiny_sd15.safetensors"
 
 
@@ -75,7 +78,7 @@ def predict(node, hypernet_name, clip_vision, image, iterations=0):
     return hn, lidb
 
 
-def test_graph_predict_apply_sample(comfy, vision_nodes, tiny_hypernet, face_png, tiny_sd, hdb):
+def test_graph_predict_apply_sample(comfy, vision_nodes, tiny_hypernet, face_png, tiny_sd):
     prompt = {
         "ckpt": {"class_type": "HDBDev_TinyCheckpoint", "inputs": {"scale": "tiny", "seed": 0, "v_prediction": False}},
         "vision": {"class_type": "HDBDev_TinyClipVision", "inputs": {"seed": 0}},
@@ -100,7 +103,7 @@ def test_graph_predict_apply_sample(comfy, vision_nodes, tiny_hypernet, face_png
     result = run_prompt(prompt)
     assert result.success, result.error
     (lidb,) = result.node_output("pred")
-    assert isinstance(lidb, hdb.lidb.LiDB) and lidb.info["source"] == "predicted"
+    assert isinstance(lidb, hdb_core.LiDB) and lidb.info["source"] == "predicted"
     assert lidb.info["base_model"] == "SD1.5 (tiny dev)" and lidb.info["trigger"] == "sks"
     assert {s.name for s in lidb.layers} == {s.name for s in tiny_layers(comfy, tiny_sd)}
     assert not lidb.a_train[lidb.layers[0].name].is_inference()  # usable as a training start
@@ -155,7 +158,7 @@ def _requires_fast_finetune(comfy):
         pytest.skip("HDB_FastFinetune is not registered yet")
 
 
-def test_predicted_lidb_starts_fast_finetune(comfy, vision_nodes, tiny_hypernet, face_png, hdb):
+def test_predicted_lidb_starts_fast_finetune(comfy, vision_nodes, tiny_hypernet, face_png):
     _requires_fast_finetune(comfy)
     result = run_prompt(finetune_prompt(tiny_hypernet, face_png))
     assert result.success, result.error
@@ -167,17 +170,20 @@ def test_predicted_lidb_starts_fast_finetune(comfy, vision_nodes, tiny_hypernet,
     assert not torch.equal(tuned.delta(name), pred.delta(name))
 
 
-def test_apply_then_finetune_in_one_session(comfy, node, vision_nodes, tiny_hypernet, tiny_sd, hdb):
+def test_apply_then_finetune_in_one_session(comfy, node, vision_nodes, tiny_hypernet, tiny_sd):
     """Aux bases cached under inference mode (by ApplyLiDB) must still serve a later finetune's backward."""
     _requires_fast_finetune(comfy)
-    hdb.lidb._cached_aux.cache_clear()
+    clear_aux_cache()
     (clip_vision,) = call_node(vision_nodes, seed=0)
     _, lidb = predict(node, tiny_hypernet, clip_vision, face_tensor())
     model, clip, vae = tiny_sd
     call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb, strength_model=1.0, strength_clip=1.0)
-    call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=face_tensor(), init_lidb=lidb,
-              trigger="sks face", steps=1, learning_rate=1e-3, relaxed_rank=2, train_text_encoder=True,
-              resolution=64, seed=0)
+    tuned, _ = call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=face_tensor(),
+                         init_lidb=lidb, trigger="sks face", steps=1, learning_rate=1e-3, relaxed_rank=2,
+                         train_text_encoder=True, resolution=64, seed=0)
+    assert tuned.is_finite() and tuned.info["trigger"] == "sks face"
+    assert any(not torch.allclose(tuned.delta(s.name), lidb.delta(s.name)) for s in lidb.layers), \
+        "the finetune step changed nothing"
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -189,7 +195,7 @@ def _one_sentence(msg: str) -> bool:
 def test_empty_folder_says_what_file_goes_where(comfy, node, tmp_path, monkeypatch):
     import folder_paths
 
-    hdb_errors = comfy["pack"].hdb_core.errors
+    hdb_errors = hdb_core.errors
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "hyperdreambooth",
                         ([str(tmp_path)], {".safetensors"}))
     with pytest.raises(hdb_errors.HDBError) as e:
@@ -198,46 +204,46 @@ def test_empty_folder_says_what_file_goes_where(comfy, node, tmp_path, monkeypat
     assert "hypernetwork" in msg and str(tmp_path) in msg and ".safetensors" in msg and _one_sentence(msg)
 
 
-def test_lidb_file_in_hypernet_folder_is_explained(comfy, node, hdb, hypernet_dir, tiny_sd):
+def test_lidb_file_in_hypernet_folder_is_explained(comfy, node, hypernet_dir, tiny_sd):
     path = os.path.join(hypernet_dir, "an_identity.safetensors")
     with torch.inference_mode(False):
-        hdb.file_format.save_lidb(hdb.lidb.LiDB.zeros(tiny_layers(comfy, tiny_sd), hdb.lidb.LiDBConfig()), path)
-    with pytest.raises(hdb.errors.HDBError, match="is a LiDB") as e:
+        hdb_core.save_lidb(hdb_core.LiDB.zeros(tiny_layers(comfy, tiny_sd), hdb_core.LiDBConfig()), path)
+    with pytest.raises(hdb_core.HDBError, match="is a LiDB") as e:
         call_node(node("HDB_LoadHyperNet"), hypernet_name="an_identity.safetensors")
     assert _one_sentence(str(e.value))
 
 
-def test_clip_vision_of_another_size_is_refused(comfy, node, hdb, tiny_hypernet):
+def test_clip_vision_of_another_size_is_refused(comfy, node, tiny_hypernet):
     from devtools import tiny_vision
 
     wide = tiny_vision.comfy_clip_vision(seed=0, hidden_size=48, intermediate_size=96)
-    with pytest.raises(hdb.errors.HDBError) as e:
+    with pytest.raises(hdb_core.HDBError) as e:
         predict(node, tiny_hypernet, wide, face_tensor())
     msg = str(e.value)
     assert "hidden size 48" in msg and "hidden size 32" in msg and "Load CLIP Vision" in msg and _one_sentence(msg)
 
 
-def test_not_a_clip_vision_is_refused(comfy, node, hdb, tiny_hypernet, tiny_sd):
-    with pytest.raises(hdb.errors.HDBError, match="not a CLIP vision model"):
+def test_not_a_clip_vision_is_refused(comfy, node, tiny_hypernet, tiny_sd):
+    with pytest.raises(hdb_core.HDBError, match="not a CLIP vision model"):
         predict(node, tiny_hypernet, tiny_sd[2], face_tensor())
 
 
-def test_empty_image_batch_is_refused(comfy, node, hdb, vision_nodes, tiny_hypernet):
+def test_empty_image_batch_is_refused(comfy, node, vision_nodes, tiny_hypernet):
     (clip_vision,) = call_node(vision_nodes, seed=0)
-    with pytest.raises(hdb.errors.HDBError, match="empty") as e:
+    with pytest.raises(hdb_core.HDBError, match="empty") as e:
         predict(node, tiny_hypernet, clip_vision, torch.zeros(0, 64, 64, 3))
     assert _one_sentence(str(e.value))
 
 
-def test_sdxl_hypernet_with_sd15_model_is_explained(comfy, node, hdb, vision_nodes, hypernet_dir, tiny_sd):
+def test_sdxl_hypernet_with_sd15_model_is_explained(comfy, node, vision_nodes, hypernet_dir, tiny_sd):
     from devtools.arch_targets import sdxl_targets
 
-    layers = [hdb.targets.LayerSpec(s.name, s.in_features, s.out_features) for s in sdxl_targets()]
-    write_hypernet(hdb, os.path.join(hypernet_dir, "sdxl.safetensors"), layers, base_model="SDXL 1.0")
+    layers = [hdb_core.LayerSpec(s.name, s.in_features, s.out_features) for s in sdxl_targets()]
+    write_hypernet(os.path.join(hypernet_dir, "sdxl.safetensors"), layers, base_model="SDXL 1.0")
     (clip_vision,) = call_node(vision_nodes, seed=0)
     _, lidb = predict(node, "sdxl.safetensors", clip_vision, face_tensor())
     model, clip, _ = tiny_sd
-    with pytest.raises(hdb.errors.HDBError) as e:
+    with pytest.raises(hdb_core.HDBError) as e:
         call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb, strength_model=1.0, strength_clip=1.0)
     msg = str(e.value)
     assert "SDXL UNet" in msg and "SDXL 1.0" in msg and "connected model has" in msg and _one_sentence(msg)

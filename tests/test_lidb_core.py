@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from hdb_core.file_format import save_lidb
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.targets import LayerSpec, describe, kohya_name, specs_from_module
+from hdb_core.lidb.file import save_lidb
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.lidb.targets import LayerSpec, describe, kohya_name, specs_from_module
 
 LAYERS = (LayerSpec("unet.x.attn1.to_q", 320, 320), LayerSpec("unet.x.attn2.to_k", 768, 320),
           LayerSpec("te.text_model.encoder.layers.0.self_attn.out_proj", 768, 768))

@@ -5,16 +5,17 @@ import os
 import pytest
 import torch
 
+import hdb_core
+
 from devtools import comfy_runtime, tiny_models
 
 
 def tiny_lidb(comfy, model, clip, seed=0, rank=1, scale=0.05):
     """A random LiDB for the connected model's architecture (pack classes, so nodes accept it)."""
-    hdb = comfy["pack"].hdb_core
     ct = comfy["pack"].nodes.comfy_targets
     specs = [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
     g = torch.Generator().manual_seed(seed)
-    lidb = hdb.lidb.LiDB.zeros(specs, hdb.lidb.LiDBConfig(rank=rank, seed=11), trigger="a sks face", source="random")
+    lidb = hdb_core.LiDB.zeros(specs, hdb_core.LiDBConfig(rank=rank, seed=11), trigger="a sks face", source="random")
     return lidb.with_tensors({k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.a_train.items()},
                              {k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.b_train.items()})
 
@@ -136,14 +137,13 @@ def _graph(lidb_name, strength=1.0, prefix="ok"):
 @pytest.fixture(scope="module")
 def lidb_files(comfy, tiny_sd):
     """A good LiDB, a corrupt one and one for another architecture, in models/lidb."""
-    hdb = comfy["pack"].hdb_core
     folder = os.path.join(comfy["folder_paths"].models_dir, "lidb")
     os.makedirs(folder, exist_ok=True)
     model, clip, _ = tiny_sd
-    hdb.file_format.save_lidb(tiny_lidb(comfy, model, clip), os.path.join(folder, "good.safetensors"))
+    hdb_core.save_lidb(tiny_lidb(comfy, model, clip), os.path.join(folder, "good.safetensors"))
     mid_model = tiny_models.comfy_model("mid")
     other = tiny_lidb(comfy, mid_model, tiny_models.comfy_clip("mid"))
-    hdb.file_format.save_lidb(other.with_info(base_model="mid test model"), os.path.join(folder, "mid.safetensors"))
+    hdb_core.save_lidb(other.with_info(base_model="mid test model"), os.path.join(folder, "mid.safetensors"))
     data = open(os.path.join(folder, "good.safetensors"), "rb").read()
     open(os.path.join(folder, "corrupt.safetensors"), "wb").write(data[:300])
     return folder
@@ -177,12 +177,11 @@ def test_bad_lidb_inputs_fail_the_node_and_comfyui_keeps_serving(comfy, lidb_fil
     ("a/../../b", "'..'"),
 ])
 def test_save_and_export_refuse_prefixes_that_escape(comfy, node, tiny_sd, tmp_path, prefix, expect):
-    hdb = comfy["pack"].hdb_core
     lidb = tiny_lidb(comfy, *tiny_sd[:2])
     out = comfy["folder_paths"].get_output_directory()
     before = sorted(os.walk(os.path.dirname(out)))
     for node_id in ("HDB_SaveLiDB", "HDB_ExportLoRA"):
-        with pytest.raises(hdb.errors.HDBError, match=expect):
+        with pytest.raises(hdb_core.HDBError, match=expect):
             comfy_runtime.call_node(node(node_id), lidb=lidb, filename_prefix=prefix)
     assert sorted(os.walk(os.path.dirname(out))) == before
 

@@ -3,9 +3,9 @@ import os
 
 import torch
 
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.lora_format import save_kohya
-from hdb_core.targets import specs_from_module
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.lidb.lora_export import save_kohya
+from hdb_core.lidb.targets import specs_from_module
 
 COMFY = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(os.path.dirname(__file__)), ".comfyui")
 

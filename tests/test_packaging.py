@@ -64,7 +64,7 @@ def test_pyproject_metadata(pyproject):
         [str(Requirement(d)) for d in _requirement_lines()], "keep pyproject dependencies == requirements.txt"
     assert comfy["PublisherId"] and comfy["DisplayName"] == "HyperDreamBooth"
     assert comfy["Icon"].startswith("https://") and comfy["requires-comfyui"] == ">=0.3.75"
-    assert pyproject["tool"]["setuptools"]["packages"] == ["hdb_core"]
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["hdb_core", "hdb_core.*"]
     assert project["license"] == "GPL-3.0-only" and "GNU GENERAL PUBLIC LICENSE" in _read("LICENSE")
     assert "Version 3, 29 June 2007" in _read("LICENSE")
     # The icon the registry shows is a file of this repository.
@@ -101,9 +101,11 @@ def test_wheel_holds_only_the_core(tmp_path):
     assert out.returncode == 0, out.stderr
     import zipfile
 
-    (wheel,) = tmp_path.glob("comfyui_hyperdreambooth-0.1.0-*.whl")
+    import hdb_core
+
+    (wheel,) = tmp_path.glob(f"comfyui_hyperdreambooth-{hdb_core.__version__}-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "hdb_core/lidb.py" in names and "hdb_core/face_detect.py" in names
+    assert {"hdb_core/lidb/weights.py", "hdb_core/training/objective.py", "hdb_core/face_detect.py"} <= set(names)
     assert not [n for n in names if n.startswith(("nodes/", "devtools/", "tests/"))]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert re.search(r"^hdb = hdb_core\.cli:main$", entry, re.M)

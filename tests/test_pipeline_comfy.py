@@ -6,13 +6,15 @@ import os
 
 import torch
 
+import hdb_core
+
 from devtools.comfy_runtime import run_prompt
-from hdb_core import cli
+from hdb_core import cli, defaults
 
-from tests.pipeline_fixtures import FAST, FAST_NET, make_faces, tiny_model  # noqa: F401
+from tests.pipeline_fixtures import FAST, FAST_NET, make_faces
 
 
-def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, hdb, tiny_model, tmp_path):
+def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp_path):
     from devtools import tiny_vision
     import folder_paths
 
@@ -55,7 +57,7 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, hdb, tiny_model
     result = run_prompt(prompt)
     assert result.success, result.error
     (lidb,) = result.node_output("pred")
-    trained = hdb.hypernet_file.load_hypernet(out)
-    assert lidb.layers == trained.layers and lidb.info["trigger"] == "sks" and lidb.info["base_model"] == "model"
+    trained = hdb_core.load_hypernet(out)
+    assert lidb.layers == trained.layers and lidb.info["trigger"] == defaults.TRIGGER and lidb.info["base_model"] == "model"
     assert lidb.is_finite() and any(t.abs().sum() > 0 for t in lidb.b_train.values())
     assert torch.isfinite(result.node_output("ks")[0]["samples"]).all()

@@ -1,5 +1,5 @@
-"""Training-pipeline building blocks on real diffusers/transformers models: per-sample LiDB injection,
-dataset scanning, offline base-model loading, checkpoints."""
+"""Training-pipeline building blocks on real diffusers/transformers models: dataset scanning,
+offline base-model loading, checkpoints."""
 from __future__ import annotations
 
 import os
@@ -7,118 +7,13 @@ import os
 import pytest
 import torch
 
-from hdb_core import data
-from hdb_core.base_model import load_base_model
-from hdb_core.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
+from hdb_core.training import data
+from hdb_core.training.base_model import load_base_model
+from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
                                  save_checkpoint)
-from hdb_core.diffusers_lidb import LiDBInjector, stack_train
 from hdb_core.errors import HDBError
-from hdb_core.lidb import LiDB, LiDBConfig
 
-from tests.pipeline_fixtures import base, make_faces, tiny_model  # noqa: F401  (fixtures)
-
-
-def random_lidbs(layers, n, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        lidb = LiDB.zeros(layers, LiDBConfig())
-        a = {k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.a_train.items()}
-        b = {k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.b_train.items()}
-        out.append(lidb.with_tensors(a, b))
-    return out
-
-
-def unet_inputs(batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500, 900, 250][:batch]),
-            torch.randn(batch, 77, 32, generator=g))
-
-
-def test_batched_residuals_equal_each_sample_alone(base):
-    layers = base.layers(text_encoder=False)
-    lidbs = random_lidbs(layers, 3)
-    x, t, ctx = unet_inputs(3)
-    with torch.no_grad(), LiDBInjector(base.modules(False), layers, LiDBConfig()) as inj:
-        inj.set_lidb(lidbs)
-        batched = base.unet(x, t, ctx).sample
-        alone = []
-        for i in range(3):
-            inj.set_lidb(lidbs[i])
-            alone.append(base.unet(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]).sample)
-        inj.clear()
-        plain = base.unet(x, t, ctx).sample
-    alone = torch.cat(alone)
-    assert torch.allclose(batched, alone, atol=1e-5, rtol=1e-4)
-    assert (batched - plain).abs().max() > 1e-3  # the residuals really change the output
-
-
-def test_residual_matches_a_merged_weight(base):
-    """x @ (W + up @ down)^T: the wrapper adds exactly the LiDB's dW, text encoder included."""
-    layers = base.layers()
-    (lidb,) = random_lidbs(layers, 1, seed=3)
-    ids = base.tokenizer(["a sks face"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        with LiDBInjector(base.modules(), layers, LiDBConfig()) as inj:
-            inj.set_lidb(lidb)
-            wrapped = base.text_encoder(ids)[0]
-        saved = {}
-        for path, lin in base.text_encoder.named_modules():
-            name = f"te.{path}"
-            if name in lidb.spec_by_name:
-                saved[path] = lin.weight.clone()
-                lin.weight += lidb.delta(name)
-        try:
-            merged = base.text_encoder(ids)[0]
-        finally:
-            for path, lin in base.text_encoder.named_modules():
-                if path in saved:
-                    lin.weight.copy_(saved[path])
-    assert torch.allclose(wrapped, merged, atol=1e-5, rtol=1e-4)
-
-
-def test_one_lidb_broadcasts_and_tiles_over_cfg_batches(base):
-    layers = base.layers(text_encoder=False)
-    lidbs = random_lidbs(layers, 2, seed=1)
-    x, t, ctx = unet_inputs(4)
-    with torch.no_grad(), LiDBInjector(base.modules(False), layers, LiDBConfig()) as inj:
-        inj.set_lidb(lidbs[0])
-        one = base.unet(x, t, ctx).sample
-        inj.set_lidb([lidbs[0]] * 4)
-        four = base.unet(x, t, ctx).sample
-        inj.set_lidb(lidbs)                      # [uncond a, uncond b, cond a, cond b]
-        tiled = base.unet(x, t, ctx).sample
-        inj.set_lidb(lidbs + lidbs)
-        explicit = base.unet(x, t, ctx).sample
-        inj.set_lidb(random_lidbs(layers, 3))
-        with pytest.raises(HDBError, match="cannot use 3 per-sample LiDBs"):
-            base.unet(x, t, ctx)
-    assert torch.allclose(one, four, atol=1e-6) and torch.allclose(tiled, explicit, atol=1e-6)
-
-
-def test_wrapping_leaves_the_model_untouched_and_gradients_reach_the_train_matrices(base, hash_weights):
-    layers = base.layers()
-    before = hash_weights(base.unet), hash_weights(base.text_encoder)
-    a, b = stack_train(random_lidbs(layers, 2))
-    a = {k: v.requires_grad_(True) for k, v in a.items()}
-    b = {k: v.requires_grad_(True) for k, v in b.items()}
-    x, t, _ = unet_inputs(2)
-    ids = base.tokenizer(["a sks face"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    inj = LiDBInjector(base.modules(), layers, LiDBConfig())
-    with inj:
-        inj.set_train(a, b)
-        out = base.unet(x, t, base.text_encoder(ids)[0]).sample
-        out.pow(2).mean().backward()
-    assert all("forward" not in vars(m) for m in base.unet.modules())  # wrappers removed
-    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in (*a.values(), *b.values()))
-    assert (hash_weights(base.unet), hash_weights(base.text_encoder)) == before
-    assert not any(p.requires_grad for p in base.unet.parameters())
-
-
-def test_injector_refuses_lidbs_of_another_model(base):
-    other = [s for s in base.layers()][:-1] + [type(base.layers()[0])("unet.mid_block.nothing.to_q", 32, 32)]
-    with pytest.raises(HDBError, match="base model"):
-        LiDBInjector(base.modules(), other, LiDBConfig())
+from tests.pipeline_fixtures import make_faces
 
 
 # -- dataset ------------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from hdb_core import cli
 
-from tests.pipeline_fixtures import (FAST, FAST_NET, PYTHON, REPO, hdb, make_faces,  # noqa: F401
-                                     tiny_model)
+from tests.pipeline_fixtures import FAST, FAST_NET, PYTHON, REPO, hdb, make_faces
 
 
 def test_two_processes_shard_stage0_and_keep_hypernet_replicas_identical(tiny_model, tmp_path):
@@ -28,10 +27,10 @@ def test_two_processes_shard_stage0_and_keep_hypernet_replicas_identical(tiny_mo
                            faces, tiny_model, str(work)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    shards = [json.load(open(work / "lidbs" / ".hdb" / f"shard-{k}-of-2.json"))["identities"] for k in range(2)]
+    shards = [json.load(open(work / "lidbs.state" / f"shard-{k}-of-2.json"))["identities"] for k in range(2)]
     assert sorted(shards[0] + shards[1]) == [f"id{k:02d}" for k in range(5)]      # every identity ...
     assert not set(shards[0]) & set(shards[1])                                   # ... exactly once
-    summaries = [json.load(open(work / "lidbs" / ".hdb" / f"summary-rank{k}.json")) for k in range(2)]
+    summaries = [json.load(open(work / "lidbs.state" / f"summary-rank{k}.json")) for k in range(2)]
     assert [s["trained"] for s in summaries] == [len(shards[0]), len(shards[1])]
 
     hashes = [json.load(open(work / f"hashes-{k}.json")) for k in range(2)]
@@ -79,7 +78,7 @@ def test_stage1_killed_with_sigkill_resumes_to_the_straight_result(tiny_model, t
     assert not os.path.exists(killed)
     logged = int(_rows(log)[-1]["step"])
     ckpt = load_file(str(tmp_path / "killed.state" / "checkpoint.safetensors"))
-    from hdb_core.checkpoint import load_checkpoint
+    from hdb_core.training.checkpoint import load_checkpoint
 
     _, state = load_checkpoint(str(tmp_path / "killed.state" / "checkpoint.safetensors"))
     assert ckpt and state["step"] % every == 0 and 0 <= logged - state["step"] <= every  # lost <= 1 interval

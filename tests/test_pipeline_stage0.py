@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
-from hdb_core import cli
-from hdb_core.file_format import load_lidb, save_lidb
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.preoptimize import PreoptimizeSettings, ProcessInfo, preoptimize, shard
+from hdb_core import cli, defaults
+from hdb_core.lidb.file import load_lidb, save_lidb
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.training.runtime import ProcessInfo, shard, state_dir
+from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 
-from tests.pipeline_fixtures import FAST, base, make_faces, tiny_model  # noqa: F401  (fixtures)
+from tests.pipeline_fixtures import FAST, make_faces
 
 
 def settings(**kw) -> PreoptimizeSettings:
@@ -42,14 +43,14 @@ def test_batched_stage0_equals_one_identity_at_a_time(faces, base, tmp_path):
     deltas = {}
     for ident in ("id00", "id01", "id02"):
         a, b = load_lidb(str(one / f"{ident}.safetensors")), load_lidb(str(batched / f"{ident}.safetensors"))
-        assert a.info["source"] == "trained" and a.info["trigger"] == "sks" and a.info["base_model"] == "model"
+        assert a.info["source"] == "trained" and a.info["trigger"] == defaults.TRIGGER and a.info["base_model"] == "model"
         da, db = flat_delta(a), flat_delta(b)
         # Adam's first steps are ~lr*sign(g), which amplifies float noise where a gradient is ~0; the
         # LiDB as a whole agrees to well under 1%, while identities differ from each other by O(1).
         assert (da - db).norm() / da.norm() < 5e-3
         deltas[ident] = da
     assert (deltas["id00"] - deltas["id01"]).norm() / deltas["id00"].norm() > 0.1
-    rows = open(one / "logs" / "stage0_loss_rank0.csv").read().splitlines()
+    rows = open(tmp_path / "one.state" / "stage0_loss_rank0.csv").read().splitlines()
     assert rows[0] == "chunk,step,loss" and len(rows) == 1 + 3 * 3
 
 
@@ -71,18 +72,18 @@ def test_finished_identities_are_skipped_and_an_interrupted_chunk_resumes(faces,
                     on_step=stop_in_second_chunk)
     assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors")) == ["id00.safetensors",
                                                                                  "id01.safetensors"]
-    assert os.path.exists(out / ".hdb" / "stage0-rank0.safetensors")   # step-2 checkpoint of chunk 2
+    assert os.path.exists(state_dir(str(out)) + "/stage0-rank0.safetensors")   # step-2 checkpoint of chunk 2
 
     steps_seen = []
     summary = preoptimize(faces, base, str(out), settings(steps=4, batch_size=2), progress=False,
                           on_step=lambda info: steps_seen.append(info["step"]))
     assert summary["already_done"] == 2 and summary["trained"] == 1
     assert steps_seen == [3, 4]                    # resumed after its last checkpoint, nothing redone
-    assert not os.path.exists(out / ".hdb" / "stage0-rank0.safetensors")
+    assert not os.path.exists(state_dir(str(out)) + "/stage0-rank0.safetensors")
     for ident in ("id00", "id01", "id02"):
         a, b = load_lidb(str(straight / f"{ident}.safetensors")), load_lidb(str(out / f"{ident}.safetensors"))
         assert torch.allclose(flat_delta(a), flat_delta(b), atol=1e-7, rtol=1e-5)
-    chunk2 = [r for r in open(out / "logs" / "stage0_loss_rank0.csv").read().splitlines()[1:]
+    chunk2 = [r for r in open(state_dir(str(out)) + "/stage0_loss_rank0.csv").read().splitlines()[1:]
               if r.split(",")[1] in "1234"]
     assert len(chunk2) == 8                       # 2 chunks x 4 steps: the redone step 3 is not logged twice
 
@@ -104,7 +105,7 @@ def test_unusable_images_are_skipped_counted_and_summarised(base, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "faces" / "tiny.png")
     summary = preoptimize(faces, base, str(tmp_path / "out"), settings(steps=1, batch_size=4), progress=False)
     assert summary["trained"] == 2 and summary["skip_counts"] == {"unreadable": 1, "too small": 1}
-    saved = json.load(open(tmp_path / "out" / ".hdb" / "summary-rank0.json"))
+    saved = json.load(open(tmp_path / "out.state" / "summary-rank0.json"))
     assert saved["skip_counts"] == summary["skip_counts"]
 
 
@@ -145,7 +146,7 @@ def test_bad_inputs_fail_before_any_training(capsys, tmp_path, tiny_model, faces
 def test_output_folder_of_another_model_is_refused(capsys, tmp_path, tiny_model, faces, base):
     out = tmp_path / "out"
     os.makedirs(out)
-    from hdb_core.targets import LayerSpec
+    from hdb_core.lidb.targets import LayerSpec
 
     # Another model: the same names but a cross-attention width of 64 (as if made for a different SD).
     layers = [LayerSpec(s.name, 64 if s.name.endswith(("attn2.to_k", "attn2.to_v")) else s.in_features,
@@ -154,4 +155,4 @@ def test_output_folder_of_another_model_is_refused(capsys, tmp_path, tiny_model,
     rc, err = run_cli(capsys, "preoptimize", "--data", faces, "--base-model", tiny_model, "--output", str(out),
                       "--steps", "1", *FAST)
     assert rc == 2 and len(err) == 1 and "was made for" in err[0] and "use the base model" in err[0]
-    assert sorted(os.listdir(out)) == [".hdb", "id00.safetensors"]
+    assert sorted(os.listdir(out)) == ["id00.safetensors"]   # run state lives in out.state/

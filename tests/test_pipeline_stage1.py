@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hdb_core import cli
-from hdb_core.data import Skips
-from hdb_core.file_format import load_lidb, save_lidb
-from hdb_core.hypernet_file import load_hypernet
-from hdb_core.image_encoder import ClipImageEncoder
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.preoptimize import PreoptimizeSettings, preoptimize
-from hdb_core.train_hypernet import HypernetSettings, Objective, find_pairs, new_hypernet, train_hypernet
+from hdb_core import cli, defaults
+from hdb_core.training.data import Skips
+from hdb_core.lidb.file import load_lidb, save_lidb
+from hdb_core.hypernet.file import load_hypernet
+from hdb_core.hypernet.image_encoder import ClipImageEncoder
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
+from hdb_core.training.stage1 import HypernetSettings, Objective, find_pairs, new_hypernet, train_hypernet
 
-from tests.pipeline_fixtures import FAST, FAST_NET, base, make_faces, tiny_model  # noqa: F401
+from tests.pipeline_fixtures import FAST, FAST_NET, make_faces
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_train_hypernet_cli_writes_file_log_and_plot(hypernet_file, stage0):
     net = load_hypernet(hypernet_file)
     lidb = load_lidb(os.path.join(stage0[1], "id00.safetensors"))
     assert net.layers == lidb.layers and net.lidb_config == lidb.config
-    assert net.info["trigger"] == "sks" and net.info["identities"] == "4" and net.base_model == "model"
+    assert net.info["trigger"] == defaults.TRIGGER and net.info["identities"] == "4" and net.base_model == "model"
     state = hypernet_file[: -len(".safetensors")] + ".state"
     assert os.path.getsize(os.path.join(state, "loss.png")) > 1000
     assert len(open(os.path.join(state, "loss.csv")).read().splitlines()) == 4
@@ -120,7 +120,7 @@ def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_pa
 
     other = tmp_path / "other"
     os.makedirs(other)
-    from hdb_core.targets import LayerSpec
+    from hdb_core.lidb.targets import LayerSpec
 
     wider = [LayerSpec(s.name, 64 if s.name.endswith(("attn2.to_k", "attn2.to_v")) else s.in_features, s.out_features)
              for s in base.layers()]

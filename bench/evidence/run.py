@@ -1,8 +1,8 @@
 """The experiment: stage 0 + stage 1 with the `hdb` pipeline, then one-photo personalisation of held-out identities.
 
-Every start is finetuned with `hdb_core.finetune.finetune` (the loop behind
+Every start is finetuned with `hdb_core.training.finetune.finetune` (the loop behind
 `hdb finetune` and HDB_FastFinetune) on the identity's single input photo, with
-the diffusion loss of `hdb finetune --no-flip` (`hdb_core.cli.finetune_loss`). Intermediate
+the diffusion loss of `hdb finetune --no-flip` (`hdb_core.training.finetune.diffusers_loss_fn`). Intermediate
 points of a run are the weights the loop hands to the loss at that step: with a
 constant learning rate they are exactly what a shorter run would return.
 """
@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hdb_core import data
-from hdb_core.cli import finetune_loss
-from hdb_core.base_model import encode_latents, load_base_model, tokenize, training_target
-from hdb_core.diffusers_lidb import LiDBInjector
-from hdb_core.file_format import load_lidb
-from hdb_core.finetune import FinetuneSettings, finetune, zero_start
-from hdb_core.hypernet_file import load_hypernet
-from hdb_core.image_encoder import ClipImageEncoder
-from hdb_core.preoptimize import PreoptimizeSettings, preoptimize
-from hdb_core.seeding import generator
-from hdb_core.train_hypernet import HypernetSettings, train_hypernet
+from hdb_core.training import data
+from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
+from hdb_core.training.finetune import diffusers_loss_fn
+from hdb_core.training.injector import LowRankInjector
+from hdb_core.lidb.file import load_lidb
+from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
+from hdb_core.hypernet.file import load_hypernet
+from hdb_core.hypernet.image_encoder import ClipImageEncoder
+from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
+from hdb_core.training.seeding import generator
+from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
 from . import world as W
 
@@ -72,7 +72,7 @@ def quick() -> Settings:
 class Evaluator:
     """The three quality measures of a LiDB (as LoRA factors) for one held-out identity; lower is better."""
 
-    def __init__(self, base, injector: LiDBInjector, teacher, photos: torch.Tensor, sample_seeds: list[str],
+    def __init__(self, base, injector: LowRankInjector, teacher, photos: torch.Tensor, sample_seeds: list[str],
                  world: W.WorldSpec, latent_scale: float, draws: int, ident: str):
         self.base, self.injector, self.world, self.scale = base, injector, world, latent_scale
         self.names = [s.name for s in teacher.layers]
@@ -112,9 +112,7 @@ class Evaluator:
         else:
             self.injector.set_factors(factors)
         context = self.base.text_encoder(self.ids)[0]
-        noisy = self.base.noise_scheduler.add_noise(x, self.noise, self.t)
-        pred = self.base.unet(noisy, self.t, context).sample
-        loss = float((pred - training_target(self.base, x, self.noise, self.t)).pow(2).mean())
+        loss = float(self.base.loss(x, self.noise, self.t, context).mean())
         self.injector.clear()
         return loss
 
@@ -128,7 +126,8 @@ def finetune_curve(base, injector, start, photo_latent, input_ids, steps: int, p
     """Finetune `start` on one photo latent for `steps` steps; metrics and LoRA factors at every step in `points`."""
     curve: dict[int, dict[str, float]] = {}
     snapshots: dict[int, dict] = {}
-    command_loss = finetune_loss(base, injector, photo_latent, input_ids)
+    command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
+                                     mirror=False)
 
     def loss_fn(step, factors, g):
         if step in points:
@@ -180,7 +179,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     net = load_hypernet(hypernet_path)
     encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
     layers = base.layers(True)
-    injector = LiDBInjector(base.modules(True), layers, net.lidb_config, "cpu")
+    injector = base.injector(layers)
     input_ids = tokenize(base, [W.PROMPT], "cpu")
     s = settings
     curves: dict[str, dict[int, dict[str, list[float]]]] = {}

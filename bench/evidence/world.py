@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hdb_core.base_model import BaseModel, load_base_model, tokenize
-from hdb_core.diffusers_lidb import LiDBInjector
-from hdb_core.lidb import LiDB, LiDBConfig
-from hdb_core.seeding import generator
+from hdb_core.training.base_model import BaseModel, load_base_model, tokenize
+from hdb_core.lidb.batch import lidb_factors
+from hdb_core.training.injector import LowRankInjector
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.training.seeding import generator
 
 PROMPT = "a sks face"
 IMAGE_SIZE = 64
@@ -174,7 +175,7 @@ def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> l
 
 
 @torch.no_grad()
-def sample(base: BaseModel, injector: LiDBInjector, weights, seeds: list[str], spec: WorldSpec,
+def sample(base: BaseModel, injector: LowRankInjector, weights, seeds: list[str], spec: WorldSpec,
            scale: float = 1.0) -> torch.Tensor:
     """Latents [N, 4, 8, 8] sampled with DDIM (no guidance) from base + residual per seed.
 
@@ -200,7 +201,7 @@ def sample(base: BaseModel, injector: LiDBInjector, weights, seeds: list[str], s
     elif isinstance(weights, dict):
         injector.set_factors(weights)
     else:
-        injector.set_lidb(weights)
+        injector.set_factors(lidb_factors(weights))
     context = base.text_encoder(tokenize(base, [PROMPT] * len(seeds), "cpu"))[0]
     for t in sched.timesteps:
         eps = base.unet(x, t, context).sample
@@ -252,7 +253,7 @@ def _write_png(path: str, pixels: torch.Tensor) -> None:
 
 def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     """Write base model, image encoder, photos and teachers under `root`; returns the world's manifest."""
-    from hdb_core.file_format import save_lidb
+    from hdb_core.lidb.file import save_lidb
 
     manifest_path = os.path.join(root, "world.json")
     if os.path.exists(manifest_path):
@@ -271,7 +272,7 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     train_ids, held_ids = spec.ids()
     names = train_ids + held_ids
     teach = teachers(layers, config, spec, names)
-    injector = LiDBInjector(base.modules(True), layers, config, "cpu")
+    injector = base.injector(layers)
     seeds = [f"{n}/photo{k}" for n in names for k in range(spec.photos)]
     lat = []
     with injector:
@@ -297,7 +298,7 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         save_lidb(teach[i], os.path.join(teach_dir, f"{name}.safetensors"))
     from safetensors.torch import save_file
     save_file({"latents": latents.contiguous()}, os.path.join(root, "teacher_latents.safetensors"))
-    from hdb_core.base_model import encode_latents
+    from hdb_core.training.base_model import encode_latents
 
     with torch.no_grad():
         seen = torch.cat([encode_latents(base, to_png_range(images[i:i + 64]), "cpu")

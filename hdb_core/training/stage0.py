@@ -15,45 +15,48 @@ Within a chunk a checkpoint is written every `checkpoint_every` steps.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from . import data
-from .base_model import BaseModel, encode_latents, load_base_model, tokenize, training_target
-from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from .diffusers_lidb import LiDBInjector, check_layers_match, stack_train, unstack_train
-from .errors import HDBError
-from .file_format import load_lidb, save_lidb
-from .lidb import LiDB, LiDBConfig
-from .seeding import generator
+from hdb_core.training import data
+from hdb_core import defaults
+from hdb_core.errors import HDBError
+from hdb_core.lidb.file import load_lidb, save_lidb
+from hdb_core.lidb.targets import check_layers_match
+from hdb_core.lidb.batch import stack_train, train_factors, unstack_train
+from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers
+from hdb_core.training.base_model import BaseModel, load_base_model, photo_latents, tokenize
+from hdb_core.training.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
+from hdb_core.training.injector import LowRankInjector
+from hdb_core.training.objective import draw, pick_latents
+from hdb_core.training.runtime import DTYPES, LossLog, ProcessInfo, resolve_dtype, shard, state_dir, write_json
+from hdb_core.training.seeding import generator
 
 log = logging.getLogger("hdb")
-STATE_DIR = ".hdb"
 
 
 @dataclass
 class PreoptimizeSettings:
-    trigger: str = "sks"
-    prompt: str = "a {trigger} face"
-    steps: int = 300
-    learning_rate: float = 1e-3
+    trigger: str = defaults.TRIGGER
+    prompt: str = "{trigger}"
+    steps: int = defaults.STAGE0_STEPS
+    learning_rate: float = defaults.STAGE0_LR
     batch_size: int = 8
-    resolution: int = 512
+    resolution: int = defaults.RESOLUTION
     seed: int = 0
     a: int = 100
     b: int = 50
     rank: int = 1
     lidb_seed: int = 0
     text_encoder: bool = True
-    flip: bool = True
+    flip: bool = defaults.MIRROR
     face_check: str = "detect"
     min_size: int = 128
     checkpoint_every: int = 50
@@ -71,7 +74,7 @@ class PreoptimizeSettings:
         if self.checkpoint_every < 1:
             raise HDBError(f"checkpoint interval is {self.checkpoint_every}; use 1 or more steps.")
         if "{trigger}" not in self.prompt:
-            raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; use e.g. 'a {{trigger}} face'.")
+            raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; use e.g. 'a photo of {{trigger}}'.")
         if self.face_check not in data.FACE_CHECKS:
             raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
         if self.dtype not in DTYPES:
@@ -83,46 +86,6 @@ class PreoptimizeSettings:
         for k in ("batch_size", "checkpoint_every", "min_size"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
-
-@dataclass
-class ProcessInfo:
-    """Which slice of the work this process owns (from accelerate, or 0 of 1)."""
-
-    index: int = 0
-    count: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
-    @classmethod
-    def from_accelerate(cls, cpu: bool = False) -> "ProcessInfo":
-        from accelerate import PartialState
-
-        state = PartialState(cpu=bool(cpu))
-        return cls(state.process_index, state.num_processes, state.device)
-
-
-def shard(items: list, info: ProcessInfo) -> list:
-    """Process k of n takes items k, k+n, ...: every item exactly once across processes."""
-    return items[info.index::info.count]
-
-
-def state_dir(output: str) -> str:
-    return os.path.join(output, STATE_DIR)
 
 
 def lidb_path(output: str, ident: str) -> str:
@@ -140,39 +103,6 @@ def check_existing_outputs(output: str, layers, config: LiDBConfig) -> None:
                                f"('{name}': a={existing.config.a}, b={existing.config.b}, rank={existing.config.rank}, "
                                f"seed={existing.config.seed}, {len(existing.layers)} layers); use a new output folder.")
             return
-
-
-class LossLog:
-    """Append-only CSV of training losses, flushed every row (it survives a kill)."""
-
-    def __init__(self, path: str, header: list[str]):
-        self.path, self.header = path, header
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not os.path.exists(path):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(header)
-
-    def rows(self) -> list[dict]:
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    def keep(self, predicate: Callable[[dict], bool]) -> None:
-        """Drop rows a resumed run will redo (rows logged after the checkpoint it resumes from)."""
-        from .atomic import write_atomic
-
-        rows = [r for r in self.rows() if predicate(r)]
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, self.header)
-                w.writeheader()
-                w.writerows(rows)
-        write_atomic(self.path, write)
-
-    def append(self, *values) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(values)
-            f.flush()
 
 
 def common_start(layers, config: LiDBConfig, seed: int) -> LiDB:
@@ -195,39 +125,20 @@ def draw_batch(ids, latents, num_timesteps: int, seed: int, step: int, flip: boo
     """(latents, noise, timesteps) for one step; every identity draws from its own generator."""
     lat, noise, ts = [], [], []
     for ident, lat_i in zip(ids, latents):
-        g = generator(seed, ident, "step", step)
-        k = int(torch.randint(lat_i.shape[0], (1,), generator=g))
-        f = int(torch.randint(2, (1,), generator=g)) if flip else 0
-        t = int(torch.randint(num_timesteps, (1,), generator=g))
-        x = lat_i[k, f]
-        lat.append(x)
-        noise.append(torch.randn(x.shape, generator=g))
-        ts.append(t)
+        d = draw(generator(seed, ident, "step", step), lat_i.shape[0], flip, num_timesteps, lat_i.shape[2:])
+        lat.append(pick_latents(lat_i, d))
+        noise.append(d.noise)
+        ts.append(d.timestep)
     return torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
 
 
-def diffusion_loss(base: BaseModel, injector: LiDBInjector, a, b, input_ids, latents, noise, timesteps,
+def diffusion_loss(base: BaseModel, injector: LowRankInjector, factors, input_ids, latents, noise, timesteps,
                    dtype: torch.dtype, text_encoder: bool) -> torch.Tensor:
-    """Per-sample MSE [N] of the UNet (with each sample's LiDB) on noised latents."""
-    device = latents.device
-    injector.set_train(a, b)
-    if text_encoder:
+    """Per-sample loss [N] of the UNet with each sample's LiDB factors, on noised latents."""
+    injector.set_factors(factors)
+    with torch.enable_grad() if text_encoder else torch.no_grad():
         context = base.text_encoder(input_ids)[0]
-    else:
-        with torch.no_grad():
-            context = base.text_encoder(input_ids)[0]
-    noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = base.unet(noisy.to(dtype), timesteps.to(device), context.to(dtype)).sample
-    target = training_target(base, latents, noise, timesteps)
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-
-
-def _encode_identity(base: BaseModel, images: torch.Tensor, device, flip: bool) -> torch.Tensor:
-    """[K, 2, 4, h, w] latents of the identity's images (index 1: mirrored, when flipping is on)."""
-    pixels = data.to_model_range(images)
-    lat = encode_latents(base, pixels, device)
-    lat_flip = encode_latents(base, pixels.flip(-1), device) if flip else lat
-    return torch.stack([lat, lat_flip], dim=1).cpu()
+    return base.loss(latents, noise, timesteps, context, dtype)
 
 
 def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, settings: PreoptimizeSettings,
@@ -246,19 +157,20 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     base.to(device, dtype)
     layers = base.layers(settings.text_encoder)
     config = LiDBConfig(settings.a, settings.b, settings.rank, settings.lidb_seed)
-    os.makedirs(state_dir(output), exist_ok=True)
+    state = state_dir(output)
+    os.makedirs(output, exist_ok=True)
+    os.makedirs(state, exist_ok=True)
     check_existing_outputs(output, layers, config)
 
     mine = shard(identities, process)
-    _write_json(os.path.join(state_dir(output), f"shard-{process.index}-of-{process.count}.json"),
+    write_json(os.path.join(state, f"shard-{process.index}-of-{process.count}.json"),
                 {"identities": [i.id for i in mine]})
     todo = [i for i in mine if not os.path.exists(lidb_path(output, i.id))]
     already = len(mine) - len(todo)
     by_id = {i.id: i for i in todo}
 
-    ckpt_path = os.path.join(state_dir(output), f"stage0-rank{process.index}.safetensors")
-    loss_log = LossLog(os.path.join(output, "logs", f"stage0_loss_rank{process.index}.csv"),
-                       ["chunk", "step", "loss"])
+    ckpt_path = os.path.join(state, f"stage0-rank{process.index}.safetensors")
+    loss_log = LossLog(loss_log_path(output, process.index), ["chunk", "step", "loss"])
     chunks = [[i.id for i in todo[k:k + settings.batch_size]] for k in range(0, len(todo), settings.batch_size)]
     resume = _resumable(ckpt_path, settings, by_id)
     if resume is not None:
@@ -270,8 +182,8 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
         log.info("resuming chunk %s from step %d", resume[1]["chunk"], start_step)
 
     prompt = settings.prompt.format(trigger=settings.trigger)
-    injector = LiDBInjector(base.modules(settings.text_encoder), layers, config, device)
-    num_timesteps = base.noise_scheduler.config.num_train_timesteps
+    injector = base.injector(layers)
+    aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, layers).items()}
     trained = 0
     bar = tqdm(total=len(chunks) * settings.steps, disable=not progress, position=process.index,
                desc=f"stage 0 [{process.index + 1}/{process.count}]", unit="step", dynamic_ncols=True)
@@ -283,7 +195,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 images = data.load_identity(by_id[ident], settings.resolution, settings.face_check, skips)
                 if images is not None:
                     ids.append(ident)
-                    latents.append(_encode_identity(base, images, device, settings.flip))
+                    latents.append(photo_latents(base, images, device, settings.flip).cpu())
             if not ids:
                 bar.update(settings.steps)
                 continue
@@ -305,9 +217,9 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 resume = None
             input_ids = tokenize(base, [prompt] * len(ids), device)
             for step in range(step0, settings.steps):
-                lat, noise, ts = draw_batch(ids, latents, num_timesteps, settings.seed, step, settings.flip)
-                per_sample = diffusion_loss(base, injector, a, b, input_ids, lat.to(device), noise.to(device),
-                                            ts.to(device), dtype, settings.text_encoder)
+                lat, noise, ts = draw_batch(ids, latents, base.num_timesteps, settings.seed, step, settings.flip)
+                per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
+                                            noise.to(device), ts.to(device), dtype, settings.text_encoder)
                 optimizer.zero_grad(set_to_none=True)
                 per_sample.sum().backward()
                 optimizer.step()
@@ -333,7 +245,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     summary = {"rank": process.index, "identities": len(mine), "trained": trained, "already_done": already,
                "skipped": skips.summary(), "skip_counts": skips.counts(),
                "skipped_files": [[p, r] for p, r in skips.items]}
-    _write_json(os.path.join(state_dir(output), f"summary-rank{process.index}.json"), summary)
+    write_json(os.path.join(state, f"summary-rank{process.index}.json"), summary)
     log.info("stage 0 rank %d: %d trained, %d already done, %s", process.index, trained, already, skips.summary())
     return summary
 
@@ -361,22 +273,5 @@ def _resumable(path: str, settings: PreoptimizeSettings, todo: dict):
     return tensors, st
 
 
-def _write_json(path: str, obj) -> None:
-    from .atomic import write_atomic
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    write_atomic(path, write)
-
-
-def loss_curve(output: str, rank: int = 0) -> list[float]:
-    """Mean stage-0 loss per step index over the chunks this rank trained (for the PNG)."""
-    path = os.path.join(output, "logs", f"stage0_loss_rank{rank}.csv")
-    if not os.path.exists(path):
-        return []
-    sums: dict[int, list[float]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            sums.setdefault(int(row["step"]), []).append(float(row["loss"]))
-    return [sum(v) / len(v) for _, v in sorted(sums.items())]
+def loss_log_path(output: str, rank: int = 0) -> str:
+    return os.path.join(state_dir(output), f"stage0_loss_rank{rank}.csv")

@@ -3,7 +3,7 @@
     loss = alpha * ||eps_theta_hat(x_t, t, c) - eps||^2  +  beta * ||theta_hat - theta||^2
 
 The first term is the diffusion loss of the base model with the *predicted*
-LiDB applied (per sample, batched by `LiDBInjector`); the second pulls the
+LiDB applied (per sample, through `training.injector`); the second pulls the
 prediction towards the identity's pre-optimised LiDB. The diffusion term is a
 mean over latent pixels (independent of resolution); the weight term is the
 squared L2 norm summed over every number of the LiDB, as in the paper, so its
@@ -25,40 +25,44 @@ from typing import Callable
 
 import torch
 
-from . import data
-from .base_model import BaseModel, encode_latents, load_base_model, tokenize, training_target
-from .checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, prefixed, save_checkpoint
-from .diffusers_lidb import LiDBInjector, check_layers_match
-from .errors import HDBError
-from .file_format import load_lidb
-from .hypernet import HyperNetConfig, HyperNetwork
-from .hypernet_file import save_hypernet
-from .lidb import LiDB
-from .preoptimize import LossLog, resolve_dtype, DTYPES
-from .seeding import generator
+from hdb_core import defaults
+from hdb_core.errors import HDBError
+from hdb_core.hypernet.file import save_hypernet
+from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+from hdb_core.lidb.file import load_lidb
+from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
+from hdb_core.lidb.batch import stack_train, train_factors
+from hdb_core.lidb.weights import LiDB, aux_for_layers
+from hdb_core.training import data
+from hdb_core.training.base_model import BaseModel, load_base_model, photo_latents, tokenize
+from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
+                                          save_checkpoint)
+from hdb_core.training.objective import draw
+from hdb_core.training.runtime import DTYPES, LossLog, resolve_dtype, state_dir
+from hdb_core.training.seeding import generator
 
 log = logging.getLogger("hdb")
 
 
 @dataclass
 class HypernetSettings:
-    trigger: str = "sks"
-    prompt: str = "a {trigger} face"
-    steps: int = 10000
+    trigger: str = defaults.TRIGGER
+    prompt: str = "{trigger}"
+    steps: int = defaults.STAGE1_STEPS
     batch_size: int = 4            # per process
-    learning_rate: float = 1e-4
+    learning_rate: float = defaults.STAGE1_LR
     warmup_steps: int = 500
     weight_decay: float = 0.0
     alpha: float = 1.0             # diffusion reconstruction weight
     beta: float = 0.1              # weight-space L2 weight (on the summed squared error)
     grad_clip: float = 1.0
-    resolution: int = 512
+    resolution: int = defaults.RESOLUTION
     width: int = 512
     depth: int = 2
     heads: int = 8
     iterations: int = 4
     seed: int = 0
-    flip: bool = True
+    flip: bool = defaults.MIRROR
     face_check: str = "detect"
     min_size: int = 128
     checkpoint_every: int = 500
@@ -115,7 +119,7 @@ def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, ski
             continue
         lidb = load_lidb(path)
         if layers is None:
-            te = any(s.component != "unet" for s in lidb.layers)
+            te = any(s.component in TEXT_ENCODERS for s in lidb.layers)
             check_layers_match(lidb.layers, base.layers(te), f"The stage-0 LiDBs in '{lidb_dir}'")
             if tuple(lidb.layers) != tuple(base.layers(te)):
                 raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' cover {len(lidb.layers)} layers but the base "
@@ -176,23 +180,19 @@ class _Samples:
                 raise HDBError(f"The photo of identity '{p.id}' ({p.image}) cannot be used ({e}); remove that "
                                f"identity or its LiDB and start again.") from None
             self.images[i] = img
-            pixels = data.to_model_range(torch.stack([img, img.flip(1)]))
-            self.latents[i] = encode_latents(self.base, pixels, self.device).cpu()
+            self.latents[i] = photo_latents(self.base, img[None], self.device, self.s.flip)[0].cpu()
         return self.images[i]
 
     def batch(self, indices: list[int], positions: list[int], step: int):
         imgs, lat, noise, ts = [], [], [], []
-        T = self.base.noise_scheduler.config.num_train_timesteps
         for i, pos in zip(indices, positions):
-            g = generator(self.s.seed, "stage1", step, pos)
-            f = int(torch.randint(2, (1,), generator=g)) if self.s.flip else 0
-            t = int(torch.randint(T, (1,), generator=g))
             img = self.image(i)
-            imgs.append(img.flip(1) if f else img)
-            x = self.latents[i][f]
-            lat.append(x)
-            noise.append(torch.randn(x.shape, generator=g))
-            ts.append(t)
+            d = draw(generator(self.s.seed, "stage1", step, pos), 1, self.s.flip, self.base.num_timesteps,
+                     self.latents[i].shape[1:])
+            imgs.append(img.flip(1) if d.mirrored else img)
+            lat.append(self.latents[i][1 if d.mirrored else 0])
+            noise.append(d.noise)
+            ts.append(d.timestep)
         return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
 
 
@@ -214,8 +214,8 @@ class Objective:
         self.pairs, self.base, self.encoder, self.s, self.device, self.dtype = pairs, base, encoder, settings, device, dtype
         self.layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
         self.names = [l.name for l in self.layers]
-        te = any(l.component != "unet" for l in self.layers)
-        self.injector = LiDBInjector(base.modules(te), self.layers, config, device)
+        self.injector = base.injector(self.layers, "The stage-0 LiDBs")
+        self.aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, self.layers).items()}
         self.samples = _Samples(pairs, base, encoder, settings, device, skips or data.Skips())
         prompt = settings.prompt.format(trigger=settings.trigger)
         self.input_ids = tokenize(base, [prompt] * settings.batch_size, device)
@@ -237,17 +237,12 @@ class Objective:
         mine = idx[lo:hi]
         images, lat, noise, ts = self.samples.batch(mine, positions[lo:hi], step)
         a_hat, b_hat = net(self.encoder.encode(images))
-        a_t = {n: torch.stack([self.pairs[i].lidb.a_train[n] for i in mine]).to(device) for n in self.names}
-        b_t = {n: torch.stack([self.pairs[i].lidb.b_train[n] for i in mine]).to(device) for n in self.names}
+        a_t, b_t = stack_train([self.pairs[i].lidb for i in mine], device)
         w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
         if s.alpha > 0:
-            self.injector.set_train(a_hat, b_hat)
+            self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
             context = base.text_encoder(self.input_ids)[0]
-            lat, noise, ts = lat.to(device), noise.to(device), ts.to(device)
-            noisy = base.noise_scheduler.add_noise(lat, noise, ts)
-            pred = base.unet(noisy.to(self.dtype), ts, context.to(self.dtype)).sample
-            target = training_target(base, lat, noise, ts)
-            d_loss = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+            d_loss = base.loss(lat.to(device), noise.to(device), ts.to(device), context, self.dtype)
         else:
             d_loss = torch.zeros_like(w_loss)
         return s.alpha * d_loss.mean() + s.beta * w_loss.mean(), d_loss, w_loss
@@ -264,7 +259,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .image_encoder import ClipImageEncoder
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
 
     settings.validate()
     if not output.endswith(".safetensors"):
@@ -287,15 +282,15 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
 
     net = new_hypernet(settings, layers, config, image_encoder.spec, base.name)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    state_dir = output[: -len(".safetensors")] + ".state"
-    ckpt_path = os.path.join(state_dir, "checkpoint.safetensors")
+    state = state_dir(output)
+    ckpt_path = os.path.join(state, "checkpoint.safetensors")
     start = 0
     found = load_checkpoint(ckpt_path)
     if found is not None:
         tensors, st = found
         if st["settings"] != settings.resume_key():
             changed = sorted(k for k in st["settings"] if st["settings"][k] != settings.resume_key().get(k))
-            raise HDBError(f"The checkpoint in '{state_dir}' was written with other settings ({', '.join(changed)}); "
+            raise HDBError(f"The checkpoint in '{state}' was written with other settings ({', '.join(changed)}); "
                            f"use the same settings to resume, or delete that folder to start again.")
         net.load_state_dict(prefixed(tensors, "net"))
         load_optimizer_state(optimizer, tensors, st["optimizer"])
@@ -307,7 +302,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
 
     loss_log = None
     if accelerator.is_main_process:
-        loss_log = LossLog(os.path.join(state_dir, "loss.csv"), ["step", "loss", "diffusion", "weight", "lr"])
+        loss_log = LossLog(os.path.join(state, "loss.csv"), ["step", "loss", "diffusion", "weight", "lr"])
         loss_log.keep(lambda r: int(r["step"]) <= start)
     objective = Objective(pairs, base, image_encoder, settings, device, dtype, skips)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -344,7 +339,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     bar.close()
     accelerator.wait_for_everyone()
     summary = {"steps": settings.steps, "identities": len(pairs), "skipped": skips.summary(),
-               "output": output, "state_dir": state_dir}
+               "output": output, "state_dir": state}
     if accelerator.is_main_process:
         raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(pairs)), "steps": str(settings.steps),
                     "alpha": str(settings.alpha), "beta": str(settings.beta), "trigger": settings.trigger,
@@ -360,13 +355,3 @@ def _checkpoint(accelerator, path, raw, optimizer, step, settings) -> None:
         tensors.update({f"net.{k}": v for k, v in raw.state_dict().items()})
         save_checkpoint(path, tensors, {"step": step, "optimizer": opt_meta, "settings": settings.resume_key()})
     accelerator.wait_for_everyone()
-
-
-def loss_curve(output: str) -> list[float]:
-    path = output[: -len(".safetensors")] + ".state/loss.csv"
-    if not os.path.exists(path):
-        return []
-    import csv
-
-    with open(path, newline="") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]

@@ -10,19 +10,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from .atomic import write_atomic
-from .lidb import LiDB
-from .targets import kohya_name
-
-BASE_MODEL_VERSION = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}
-
-
-def _base_model_version(lidb: LiDB) -> str:
-    arch = lidb.describe()
-    for family, tag in BASE_MODEL_VERSION.items():
-        if family in arch:
-            return tag
-    return "unknown"
+from hdb_core.atomic import write_atomic
+from hdb_core.lidb.weights import LiDB
+from hdb_core.lidb.targets import TEXT_ENCODERS, kohya_name, unet_family
 
 
 def to_kohya(lidb: LiDB, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -35,12 +25,13 @@ def to_kohya(lidb: LiDB, dtype: torch.dtype = torch.float32) -> tuple[dict[str, 
         tensors[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
         tensors[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-    has_te = any(s.component != "unet" for s in lidb.layers)
+    has_te = any(s.component in TEXT_ENCODERS for s in lidb.layers)
+    family = unet_family(lidb.layers)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(rank),
-        "ss_base_model_version": _base_model_version(lidb),
+        "ss_base_model_version": family[1] if family else "unknown",
         "ss_network_args": "{}",
         "ss_training_comment": (f"Exported from a HyperDreamBooth LiDB ({lidb.info.get('source') or 'unknown'}); "
                                 f"trigger: {lidb.info.get('trigger') or '-'}"),

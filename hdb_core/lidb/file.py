@@ -17,12 +17,12 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from . import aux_bases
-from .atomic import write_atomic
-from .errors import HDBError
-from .lidb import LiDB, LiDBConfig
-from .safetensors_io import check_version, file_error, read
-from .targets import LayerSpec, describe
+from hdb_core.lidb import aux_bases
+from hdb_core.atomic import write_atomic
+from hdb_core.errors import HDBError
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.storage import check_version, file_error, read
+from hdb_core.lidb.targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.lidb"
 FORMAT_VERSION = 1
@@ -83,13 +83,17 @@ def _check_is_lidb(path: str):
     return check
 
 
-def load_lidb(path: str) -> LiDB:
-    """Read and validate a LiDB file; every problem becomes a one-sentence HDBError."""
+def load_lidb(path: str, progress=None) -> LiDB:
+    """Read and validate a LiDB file; every problem becomes a one-sentence HDBError.
+
+    `progress(done, total)` follows the aux bases' first build for this architecture.
+    """
     meta, tensors = read(path, _check_is_lidb(path), "LiDB files in ComfyUI/models/lidb/", "save or download it again")
-    return lidb_from_safetensors(tensors, meta, path)
+    return lidb_from_safetensors(tensors, meta, path, progress)
 
 
-def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str = "LiDB") -> LiDB:
+def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str = "LiDB",
+                          progress=None) -> LiDB:
     check_version(path, meta, "LiDB", FORMAT_VERSION)
     try:
         layers = tuple(LayerSpec(str(n), int(i), int(o)) for n, i, o in json.loads(meta["layers"]))
@@ -123,7 +127,7 @@ def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
         raise _fail(path, "contains NaN or Inf values; it came from a diverged run, make it again "
                           "(for finetuning: lower the learning rate).")
     stored = meta.get("aux_checksum", "")
-    actual = lidb.aux_checksum()
+    actual = lidb.aux_checksum(progress)
     if stored != actual:
         raise _fail(path, f"cannot be reproduced here: its aux-basis checksum {stored!r} differs from the "
                           f"regenerated {actual!r}; the file is damaged or was edited, make it again.")

@@ -19,14 +19,14 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from . import aux_bases
-from .atomic import write_atomic
-from .errors import HDBError
-from .hypernet import HyperNetConfig, HyperNetwork
-from .image_encoder import EncoderSpec
-from .lidb import LiDBConfig
-from .safetensors_io import check_version, file_error, read
-from .targets import LayerSpec, describe
+from hdb_core.lidb import aux_bases
+from hdb_core.atomic import write_atomic
+from hdb_core.errors import HDBError
+from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+from hdb_core.hypernet.image_encoder import EncoderSpec
+from hdb_core.lidb.weights import LiDBConfig
+from hdb_core.storage import check_version, file_error, read
+from hdb_core.lidb.targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.hypernet"
 FORMAT_VERSION = 1

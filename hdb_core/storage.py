@@ -11,8 +11,8 @@ from typing import Callable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import aux_bases
-from .errors import HDBError
+from hdb_core.lidb import aux_bases
+from hdb_core.errors import HDBError
 
 
 def file_error(path: str, why: str) -> HDBError:

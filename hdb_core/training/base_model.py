@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusers_lidb import model_layers
-from .errors import HDBError
-from .targets import LayerSpec
+from hdb_core.errors import HDBError
+from hdb_core.training.data import to_model_range
+from hdb_core.lidb.targets import TE, TEXT_ENCODERS, UNET, LayerSpec, check_layers_match, discover
+from hdb_core.training.injector import LowRankInjector
+from hdb_core.training.objective import diffusers_loss
 
 REQUIRED = {
     "unet": ("config.json",),
@@ -38,14 +40,26 @@ class BaseModel:
     name: str
 
     def modules(self, text_encoder: bool = True) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "te": self.text_encoder} if text_encoder else {"unet": self.unet}
+        return {UNET: self.unet, TE: self.text_encoder} if text_encoder else {UNET: self.unet}
 
     def layers(self, text_encoder: bool = True) -> list[LayerSpec]:
-        return model_layers(self.modules(text_encoder))
+        return [spec for spec, _ in discover(self.modules(text_encoder)).values()]
+
+    def injector(self, layers: list[LayerSpec] | tuple[LayerSpec, ...], what: str = "This LiDB") -> LowRankInjector:
+        """An injector over `layers` of this model, after checking the model has every one of them."""
+        found = discover(self.modules(any(s.component in TEXT_ENCODERS for s in layers)))
+        check_layers_match(layers, [spec for spec, _ in found.values()], what)
+        return LowRankInjector({s.name: found[s.name][1] for s in layers})
 
     @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+    def num_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-sample denoising loss [B] of the UNet (with whatever residuals are injected)."""
+        return diffusers_loss(self.unet, self.noise_scheduler, latents, noise, timesteps.to(latents.device),
+                              context, dtype)
 
     @property
     def vae_scale(self) -> float:
@@ -151,11 +165,12 @@ def tokenize(base: BaseModel, prompts: list[str], device) -> torch.Tensor:
     return tok.input_ids.to(device)
 
 
-def training_target(base: BaseModel, latents, noise, timesteps):
-    """What the UNet must predict for these noised latents: eps, or v for v-prediction models."""
-    if base.prediction_type == "epsilon":
-        return noise
-    if base.prediction_type == "v_prediction":
-        return base.noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise HDBError(f"Prediction type {base.prediction_type!r} of the base model is not supported; use an "
-                   f"epsilon or v-prediction SD model.")
+def photo_latents(base: BaseModel, images: torch.Tensor, device, mirror: bool) -> torch.Tensor:
+    """[K, 2, C, h, w] latents of photos [K, H, W, 3] in 0..1; index 1 holds the mirrored photo.
+
+    Without mirroring index 1 repeats index 0, so `objective.draw` can index either way.
+    """
+    pixels = to_model_range(images)
+    latents = encode_latents(base, pixels, device)
+    mirrored = encode_latents(base, pixels.flip(-1), device) if mirror else latents
+    return torch.stack([latents, mirrored], dim=1)

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HDBError
-from .image_encoder import VIT_H_14, EncoderSpec
-from .lidb import LiDB, LiDBConfig
-from .targets import LayerSpec
+from hdb_core.errors import HDBError
+from hdb_core.hypernet.image_encoder import VIT_H_14, EncoderSpec
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.lidb.targets import LayerSpec
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,8 @@ class HyperNetwork(nn.Module):
     """Predicts the LiDB train matrices of `layers` from CLIP vision features.
 
     `forward(features [B, T, hidden], iterations)` returns the A/B dicts
-    (differentiable, batched over B); `forward_grouped` the same numbers stacked
-    per (a_l, b_l) group for vectorised losses; `predict_lidb` one LiDB from
-    one or several photos of one person.
+    (differentiable, batched over B); `predict_lidb` one LiDB from one or several
+    photos of one person.
     """
 
     def __init__(self, config: HyperNetConfig, layers: Iterable[LayerSpec], lidb_config: LiDBConfig,
@@ -210,14 +209,10 @@ class HyperNetwork(nn.Module):
             out[key] = (a, b)
         return out
 
-    def forward_grouped(self, features: torch.Tensor, iterations: int | None = None):
-        """Predictions stacked per group; pair with `stack_targets` for a vectorised weight loss."""
-        return self.heads_from(self.weight_features(features, iterations))
-
     def forward(self, features: torch.Tensor, iterations: int | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(a_train {name: [B, a_l, r]}, b_train {name: [B, r, b_l]}) for a batch of B photos."""
-        return self.ungroup(self.forward_grouped(features, iterations))
+        return self.ungroup(self.heads_from(self.weight_features(features, iterations)))
 
     def ungroup(self, grouped) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         a_train, b_train = {}, {}
@@ -226,19 +221,6 @@ class HyperNetwork(nn.Module):
                 name = self.layers[i].name
                 a_train[name], b_train[name] = a[:, j], b[:, j]
         return a_train, b_train
-
-    def stack_targets(self, lidbs: Iterable[LiDB], device=None, dtype=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Target LiDBs in the layout of `forward_grouped` (for the weight-L2 term of training)."""
-        lidbs = list(lidbs)
-        for lidb in lidbs:
-            self.check_lidb_compatible(lidb)
-        out = {}
-        for key, idx in self.group_layers.items():
-            names = [self.layers[i].name for i in idx]
-            a = torch.stack([torch.stack([l.a_train[n] for n in names]) for l in lidbs])
-            b = torch.stack([torch.stack([l.b_train[n] for n in names]) for l in lidbs])
-            out[key] = (a.to(device=device, dtype=dtype or torch.float32), b.to(device=device, dtype=dtype or torch.float32))
-        return out
 
     def check_lidb_compatible(self, lidb: LiDB) -> None:
         if tuple(lidb.layers) != self.layers or lidb.config != self.lidb_config:

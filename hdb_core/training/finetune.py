@@ -18,9 +18,11 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .errors import HDBError
-from .lidb import LiDB, LiDBConfig, down_up_from
-from .targets import LayerSpec
+from hdb_core import defaults
+from hdb_core.errors import HDBError
+from hdb_core.lidb.targets import LayerSpec
+from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers, down_up_from
+from hdb_core.training.objective import draw, pick_latents
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[int, Factors, torch.Generator], torch.Tensor]
@@ -28,9 +30,9 @@ LossFn = Callable[[int, Factors, torch.Generator], torch.Tensor]
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    steps: int = 40
-    learning_rate: float = 1e-3
-    relaxed_rank: int = 4
+    steps: int = defaults.FINETUNE_STEPS
+    learning_rate: float = defaults.FINETUNE_LR
+    relaxed_rank: int = defaults.RELAXED_RANK
     seed: int = 0
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None   # None: full precision (CPU default)
@@ -71,13 +73,14 @@ class TrainableLiDB(torch.nn.Module):
         self.a_train = torch.nn.ParameterList()
         self.b_train = torch.nn.ParameterList()
         self._aux: list[tuple[torch.Tensor, torch.Tensor]] = []
+        aux = aux_for_layers(lidb.config, lidb.layers)
         for spec in lidb.layers:
             learn = trainable is None or spec.component in trainable
             self.a_train.append(torch.nn.Parameter(lidb.a_train[spec.name].detach().float().to(device).clone(),
                                                    requires_grad=learn))
             self.b_train.append(torch.nn.Parameter(lidb.b_train[spec.name].detach().float().to(device).clone(),
                                                    requires_grad=learn))
-            a_aux, b_aux = lidb.aux(spec.name)
+            a_aux, b_aux = aux[spec.name]
             self._aux.append((a_aux.to(device), b_aux.to(device)))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -142,3 +145,24 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
         raise HDBError(f"The finetuned weights became non-finite; lower learning_rate "
                        f"(now {settings.learning_rate:g}) and run again.")
     return FinetuneResult(weights.to_lidb(**info), losses)
+
+
+def diffusers_loss_fn(base, injector, latents: torch.Tensor, input_ids: torch.Tensor, mirror: bool) -> LossFn:
+    """The loss `hdb finetune` optimises on a diffusers `BaseModel`, as a `finetune` loss function.
+
+    Each step draws (through `objective.draw`) one of the photos' latents [K, 2, C, h, w],
+    its mirror or not, a timestep and noise from the loop's generator, hands this step's
+    factors to `injector` and returns the model's denoising loss. Public so that
+    experiments (bench/evidence) optimise exactly what the command does.
+    """
+    device = latents.device
+
+    def loss_fn(step, factors, generator):
+        injector.set_factors(factors)
+        d = draw(generator, latents.shape[0], mirror, base.num_timesteps, latents.shape[2:])
+        x0 = pick_latents(latents, d)[None]
+        context = base.text_encoder(input_ids)[0]
+        t = torch.tensor([d.timestep], device=device)
+        return base.loss(x0, d.noise[None].to(device), t, context).mean()
+
+    return loss_fn

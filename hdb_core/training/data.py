@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import HDBError
+from hdb_core import face_detect
+from hdb_core.errors import HDBError
 
 log = logging.getLogger("hdb")
 
@@ -120,18 +121,6 @@ def load_rgb(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
-def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[H, W, 3] -> [size, size, 3]: centre crop to a square, antialiased bicubic resize."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    sq = image[top:top + side, left:left + side].permute(2, 0, 1).unsqueeze(0)
-    if side != size:
-        sq = torch.nn.functional.interpolate(sq, size=(size, size), mode="bicubic", antialias=True,
-                                             align_corners=False)
-    return sq[0].permute(1, 2, 0).clamp(0, 1)
-
-
 def prepare_image(path: str, size: int, face_check: str = "detect") -> torch.Tensor:
     """One training image [size, size, 3] in 0..1; raises ValueError(reason) when it must be skipped."""
     from PIL import UnidentifiedImageError
@@ -143,15 +132,13 @@ def prepare_image(path: str, size: int, face_check: str = "detect") -> torch.Ten
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"unreadable ({type(e).__name__})") from None
     if face_check != "none":
-        from . import face_detect
-
         faces = face_detect.detect_faces(image)
         if not faces:
             raise ValueError("no face found")
         if face_check == "crop":
             left, top, side = face_detect.square_around(faces[0], 0.5)
             return face_detect.resize_square(face_detect.crop_square(image, left, top, side), size)
-    return center_square(image, size)
+    return face_detect.center_square(image, size)
 
 
 def load_identity(identity: Identity, size: int, face_check: str, skips: Skips) -> torch.Tensor | None:

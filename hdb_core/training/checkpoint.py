@@ -1,6 +1,6 @@
 """Training checkpoints that survive SIGKILL: one safetensors file, written atomically.
 
-Tensors (weights, optimizer moments, RNG states) are stored as safetensors
+Tensors (weights, optimizer moments) are stored as safetensors
 tensors; everything else (step, settings, optimizer hyperparameters) as JSON in
 the file's metadata. No pickle anywhere, so a checkpoint is as safe to open as
 a model file. Because the whole checkpoint is one file renamed into place, a
@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import write_atomic
-from .errors import HDBError
+from hdb_core.atomic import write_atomic
+from hdb_core.errors import HDBError
 
 FORMAT = "hyperdreambooth.checkpoint"
 VERSION = 1
@@ -84,18 +84,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             g["betas"] = tuple(g["betas"])
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    """torch's global CPU (and CUDA) RNG states, for completeness; the trainers seed per step."""
-    out = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["rng.cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -1,0 +1,25 @@
+"""The one table of user-facing defaults.
+
+HDB_FastFinetune's input defaults, the `hdb` command's argparse defaults, the example
+workflows and the docs all read these names; tests/test_defaults.py fails if any of them
+drifts. Where a value comes from a measurement, the comment names the command.
+"""
+from __future__ import annotations
+
+# The identity phrase: a rare token in the paper's prompt "a [V] face". "ohwx" rather than the
+# older "sks", which SD models associate with a rifle. Prompts use the same phrase.
+TRIGGER = "a ohwx face"
+
+# Fast finetuning (HyperDreamBooth stage 2).
+FINETUNE_STEPS = 40              # the paper's value, from a hypernetwork prediction
+ZERO_START_STEPS = 300           # advised without a prediction (bench/finetune_defaults.py)
+FINETUNE_LR = 3e-3               # bench/finetune_defaults.py, see docs/finetune.md
+RELAXED_RANK = 4                 # bench/finetune_defaults.py; rank 1 keeps the ~120 KB file
+MIRROR = True                    # also train on the mirrored photo (stage 0 and 1 do the same)
+RESOLUTION = 512                 # SD1.x; SDXL users set 1024
+
+# Stage 0 (one LiDB per training identity) and stage 1 (the hypernetwork).
+STAGE0_STEPS = 300
+STAGE0_LR = 1e-3
+STAGE1_STEPS = 10000
+STAGE1_LR = 1e-4

@@ -1,0 +1,1 @@
+"""The hypernetwork: model, file, image encoder."""

@@ -1,0 +1,97 @@
+"""One objective: the ComfyUI path (through model_sampling) and the diffusers path compute the same
+loss on the same weights, and the node and the `hdb finetune` command make the same LiDB."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from hdb_core import cli, load_lidb
+from hdb_core.lidb.batch import lidb_factors
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.training.base_model import BaseModel
+from hdb_core.training.injector import LowRankInjector
+from hdb_core.training.objective import diffusers_loss
+
+from devtools import comfy_runtime, tiny_diffusers, tiny_models
+
+TIMESTEPS = (3, 250, 600, 999)
+
+
+@pytest.fixture(scope="module")
+def twin(comfy):
+    """The same tiny weights as diffusers/transformers models and as ComfyUI MODEL/CLIP/VAE."""
+    unet, vae, te, tok, sched, _ = tiny_diffusers.build("twin", seed=3)
+    return (unet, vae, te, tok, sched), tiny_models.comfy_twin(unet, vae, te)
+
+
+def _random_lidb(layers, seed):
+    g = torch.Generator().manual_seed(seed)
+    lidb = LiDB.zeros(layers, LiDBConfig())
+    return lidb.with_tensors({k: torch.randn(v.shape, generator=g) * 0.3 for k, v in lidb.a_train.items()},
+                             {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in lidb.b_train.items()})
+
+
+@pytest.mark.parametrize("v_prediction", [False, True])
+def test_comfy_objective_equals_diffusers_objective(comfy, twin, v_prediction):
+    (unet, vae, te, tok, sched), _ = twin
+    if v_prediction:
+        sched = DDPMScheduler.from_config(sched.config, prediction_type="v_prediction")
+    model, clip, _ = tiny_models.comfy_twin(unet, vae, te, v_prediction=v_prediction)
+    nodes = comfy["pack"].nodes
+    objective, ct = nodes.comfy_objective, nodes.comfy_targets
+    base = BaseModel(unet, vae, te, tok, sched, "twin")
+    lidb = _random_lidb(base.layers(text_encoder=False), seed=1)      # residuals on both sides, same names
+    unet_t = ct.unet_targets(model)
+    assert sorted(unet_t) == sorted(s.name for s in lidb.layers)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    ids = tok(["a ohwx face"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad(), base.injector(lidb.layers) as d_inj, \
+            LowRankInjector(ct.target_modules(model.model, unet_t)) as c_inj:
+        d_inj.set_factors(lidb_factors(lidb))
+        c_inj.set_factors(lidb_factors(lidb))
+        context = te(ids)[0]
+        conds = objective.conditioning(model.model, context, None, x0, 64, torch.device("cpu"))
+        for t in TIMESTEPS:
+            want = diffusers_loss(unet, sched, x0, noise, torch.tensor([t]), context)
+            got = objective.model_loss(model, x0, noise, t, conds)
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_node_and_cli_make_the_same_lidb(comfy, node, twin, tmp_path):
+    """Same photo, same defaults, same seed: HDB_FastFinetune and `hdb finetune` agree to float tolerance."""
+    (unet, vae, te, tok, sched), (model, clip, comfy_vae) = twin
+    folder = str(tmp_path / "twin")
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
+    g = torch.Generator().manual_seed(7)
+    pixels = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")
+    photo = (pixels[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    png = str(tmp_path / "face.png")
+    Image.fromarray(photo).save(png)
+
+    steps = ["--steps", "3"]
+    out = str(tmp_path / "cli.safetensors")
+    assert cli.main(["finetune", "--image", png, "--output", out, "--base-model", folder, "--face-check", "none",
+                     "--resolution", "64", "--no-progress", "--cpu", *steps]) == 0
+    from_cli = load_lidb(out)
+
+    image = torch.from_numpy(photo).float().div(255)[None]           # what Load Image gives the node
+    from_node, _ = comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=comfy_vae,
+                                           image=image, resolution=64, steps=3)
+    assert from_node.info["trigger"] == from_cli.info["trigger"]
+    assert sorted(s.name for s in from_node.layers) == sorted(s.name for s in from_cli.layers)
+    moved = 0.0
+    for spec in from_cli.layers:
+        for mine, theirs in ((from_node.a_train, from_cli.a_train), (from_node.b_train, from_cli.b_train)):
+            torch.testing.assert_close(mine[spec.name], theirs[spec.name], rtol=1e-3, atol=2e-5)
+        moved += float(from_cli.b_train[spec.name].abs().sum())
+    assert moved > 0, "three steps must move the LiDB away from its zero start"
+    assert os.path.getsize(out) > 0
