@@ -73,7 +73,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
             mm.load_models_gpu([model], force_full_load=True)
             ms = model.model.model_sampling
             with autograd.trainable_through(model.model):
-                for i in range(steps):
+                for _ in range(steps):
                     noise = torch.randn(lat.shape, generator=g)
                     sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])
                     xt = ms.noise_scaling(sigma, noise, lat).requires_grad_(True)
@@ -96,7 +96,8 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
             existing_lora=["[None]"])
     per_step = [b - a for a, b in zip(stamps, stamps[1:])][-(steps - 1):]
     return {"steps_s": per_step, "peak_mb": rss_mb(),
-            "loaded_mb": loaded, "unet_params_m": sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6}
+            "loaded_mb": loaded,
+            "unet_params_m": sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6}
 
 
 def main() -> None:

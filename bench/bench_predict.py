@@ -63,7 +63,7 @@ def measure(arch: str, layers, repeats: int, threads: list[int]) -> None:
         torch.set_num_threads(th)
         for n in (1, 4):
             feats = torch.randn(n, VIT_H_14.num_tokens, VIT_H_14.hidden_size)
-            t, cpu = median_time(lambda: net.predict_lidb(feats), repeats)
+            t, cpu = median_time(lambda feats=feats: net.predict_lidb(feats), repeats)
             print(f"  {th} thread{'s' if th > 1 else ''}, {n} photo{'s' if n > 1 else ''}: wall {t * 1000:.0f} ms "
                   f"median of {repeats} ({t / GOAL_S:.2f}x the {GOAL_S:.0f} s goal), CPU time {cpu * 1000:.0f} ms")
 

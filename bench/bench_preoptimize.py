@@ -108,7 +108,8 @@ def main(argv=None) -> None:
         from devtools.tiny_diffusers import build
 
         unet, vae, te, tok, sched, _ = build(args.scale, seed=0)
-        base, name = BaseModel(unet, vae, te, tok, sched, f"random-{args.scale}"), f"random '{args.scale}' SD-architecture"
+        base, name = (BaseModel(unet, vae, te, tok, sched, f"random-{args.scale}"),
+                      f"random '{args.scale}' SD-architecture")
     n_params = sum(p.numel() for p in base.unet.parameters())
     work = tempfile.mkdtemp(prefix="hdb_bench_")
     try:
@@ -134,7 +135,8 @@ def main(argv=None) -> None:
         print(f"\nstage-0 throughput: {name} UNet ({n_params / 1e6:.1f}M params), {args.resolution}px, "
               f"{args.steps} steps/identity, {args.identities} identities, device {args.device}, "
               f"{torch.get_num_threads()} CPU threads")
-        print(f"{'batch':>5} | {'wall s':>8} | {'s/step':>7} | {'identities/hour':>15} | {'vs batch ' + str(results[0][0]):>10}")
+        print(f"{'batch':>5} | {'wall s':>8} | {'s/step':>7} | {'identities/hour':>15} | "
+              f"{'vs batch ' + str(results[0][0]):>10}")
         for bs, wall, iph in results:
             steps_run = args.steps * -(-args.identities // bs)
             print(f"{bs:>5} | {wall:8.2f} | {wall / steps_run:7.3f} | {iph:15.1f} | {iph / results[0][2]:9.2f}x")

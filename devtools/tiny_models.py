@@ -53,7 +53,7 @@ def init_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> N
             b = getattr(m, "bias", None)
             if b is not None and b.device.type != "meta":
                 b.zero_()
-    for name, p in module.named_parameters(recurse=True):
+    for _name, p in module.named_parameters(recurse=True):
         if p.device.type != "meta" and not torch.isfinite(p).all():
             p.zero_()
 

@@ -88,7 +88,8 @@ def _reuse() -> dict:
 GRAPHS = {
     "1_photo_to_identity_with_hypernet": ("One photo -> hypernet prediction -> fast finetune -> images, LiDB, LoRA",
                                           lambda: _personalise(True)),
-    "2_photo_to_identity_no_hypernet": ("One photo -> finetune from zero (Lightweight DreamBooth) -> images, LiDB, LoRA",
+    "2_photo_to_identity_no_hypernet": ("One photo -> finetune from zero (Lightweight DreamBooth) "
+                                        "-> images, LiDB, LoRA",
                                         lambda: _personalise(False)),
     "3_reuse_identity_with_style_lora": ("A saved identity (LiDB) combined with any style LoRA",
                                          _reuse),
@@ -153,7 +154,7 @@ def to_ui(api: dict, mappings: dict) -> dict:
     out_links: dict[tuple[str, int], list[int]] = {}
     order = sorted(api, key=lambda k: (depth[k], int(k)))
     for nid in order:
-        for name, v in api[nid]["inputs"].items():
+        for _name, v in api[nid]["inputs"].items():
             if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
                 link_id = len(links) + 1
                 src_cls = mappings[api[v[0]]["class_type"]]

@@ -33,7 +33,8 @@ def read(path: str, check_meta: Callable[[Mapping[str, str]], None], folder_hint
     except FileNotFoundError:
         raise file_error(path, f"does not exist; put {folder_hint}.") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise file_error(path, f"is not a readable safetensors file (truncated or corrupt: {e}); {redo_hint}.") from None
+        raise file_error(path, f"is not a readable safetensors file (truncated or corrupt: {e}); "
+                               f"{redo_hint}.") from None
     return meta, data
 
 

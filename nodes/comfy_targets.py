@@ -107,4 +107,5 @@ def target_modules(root: torch.nn.Module, targets: dict[str, Target], strip: str
 def require_targets(targets: dict[str, Target], what: str) -> None:
     if not targets:
         raise HDBError(f"The connected {what} has no attention projections this pack can adapt; "
-                       f"HyperDreamBooth supports UNet-based Stable Diffusion (SD1.x, SD2.x, SDXL) and CLIP text encoders.")
+                       f"HyperDreamBooth supports UNet-based Stable Diffusion (SD1.x, SD2.x, SDXL) "
+                       f"and CLIP text encoders.")

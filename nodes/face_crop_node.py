@@ -1,11 +1,10 @@
 """HDB_FaceCrop: frame any photo the way HyperDreamBooth expects (square, face centred)."""
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
 from hdb_core.face_detect import face_crop
+from .comfy_runtime import check_interrupt, progress_bar
 from .types import CATEGORY
 
 
@@ -31,11 +30,12 @@ class FaceCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, margin=0.5, size=512) -> io.NodeOutput:
-        bar = comfy.utils.ProgressBar(image.shape[0])
+        progress, done = progress_bar(), [0]
 
         def step():
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update(1)
+            check_interrupt()
+            done[0] += 1
+            progress(done[0], image.shape[0])
 
         return io.NodeOutput(face_crop(image, margin=margin, size=size, on_image=step))
 

@@ -3,6 +3,10 @@
 Paths already registered (by extra_model_paths.yaml or another pack) are kept;
 only the default folder is added, and the extension set is fixed to
 .safetensors so the combo lists never offer files we would refuse to load.
+
+ComfyUI API this file relies on (the model-folder registry every custom node uses):
+`folder_paths.folder_names_and_paths` ({name: ([paths], {extensions})}), `models_dir`,
+`get_output_directory()`, `get_folder_paths()`, `get_filename_list()`, `get_full_path()`.
 """
 from __future__ import annotations
 

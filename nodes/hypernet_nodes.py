@@ -6,16 +6,13 @@ offloads it when memory is needed, like any other model.
 """
 from __future__ import annotations
 
-import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from hdb_core.errors import HDBError
-from hdb_core.hypernet.file import load_hypernet
-from hdb_core.hypernet.image_encoder import EncoderSpec, check_images
+from hdb_core.hypernet.image_encoder import check_images
+from .comfy_runtime import check_interrupt, progress_bar
+from .comfy_vision import connected_encoder_spec, image_features, load_for_prediction, load_managed_hypernet
 from .folders import HYPERNET_FOLDER, resolve_model_file
 from .types import CATEGORY, HYPERNET, LIDB
 
@@ -39,25 +36,7 @@ class LoadHyperNet(io.ComfyNode):
     @classmethod
     def execute(cls, hypernet_name) -> io.NodeOutput:
         path = resolve_model_file(HYPERNET_FOLDER, hypernet_name, "hypernetwork")
-        offload = mm.unet_offload_device()
-        with torch.inference_mode(False):  # ordinary tensors, so a training node may use the network too
-            net = load_hypernet(path, device=offload)
-        net.requires_grad_(False)
-        return io.NodeOutput(comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(),
-                                                              offload_device=offload))
-
-
-def connected_encoder_spec(clip_vision) -> EncoderSpec:
-    """What the connected CLIP_VISION feeds the hypernetwork (read from ComfyUI's ClipVisionModel)."""
-    try:
-        pos = clip_vision.model.vision_model.embeddings.position_embedding.weight
-        size, mean, std = clip_vision.image_size, clip_vision.image_mean, clip_vision.image_std
-    except AttributeError:
-        raise HDBError("The connected clip_vision is not a CLIP vision model (ViT); load a CLIP vision model "
-                       "such as CLIP-ViT-H-14 with Load CLIP Vision.") from None
-    return EncoderSpec(hidden_size=pos.shape[1], num_tokens=pos.shape[0], image_size=int(size),
-                       image_mean=tuple(mean), image_std=tuple(std), hidden_state="penultimate",
-                       name="the connected CLIP vision model")
+        return io.NodeOutput(load_managed_hypernet(path))
 
 
 class PredictLiDBWeights(io.ComfyNode):
@@ -88,11 +67,11 @@ class PredictLiDBWeights(io.ComfyNode):
         check_images(image)
         spec = connected_encoder_spec(clip_vision)
         net.encoder.check(spec)
-        bar = comfy.utils.ProgressBar(2)
-        features = clip_vision.encode_image(image, crop=net.encoder.crop)["penultimate_hidden_states"]
-        bar.update(1)
-        mm.throw_exception_if_processing_interrupted()
-        mm.load_models_gpu([hypernet], force_full_load=True)
+        progress = progress_bar()
+        features = image_features(clip_vision, image, net.encoder.crop)
+        progress(1, 2)
+        check_interrupt()
+        load_for_prediction(hypernet)
         info = {"base_model": net.base_model}
         if net.info.get("trigger"):
             info["trigger"] = net.info["trigger"]
@@ -100,7 +79,7 @@ class PredictLiDBWeights(io.ComfyNode):
         with torch.inference_mode(False), torch.no_grad():
             lidb = net.predict_lidb(features.float().clone(),
                                     iterations if iterations > 0 else None, **info)
-        bar.update(1)
+        progress(2, 2)
         return io.NodeOutput(lidb)
 
 

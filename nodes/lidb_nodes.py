@@ -30,7 +30,8 @@ class ApplyLiDB(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (the base the LiDB was made for)."),
                 io.Clip.Input("clip", tooltip="The CLIP text encoder of the same base model."),
-                LIDB.Input("lidb", tooltip="The identity weights (from Load LiDB, Predict LiDB Weights or Fast Finetune)."),
+                LIDB.Input("lidb", tooltip="The identity weights (from Load LiDB, Predict LiDB Weights "
+                                           "or Fast Finetune)."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How strongly the identity changes the UNet; 0 leaves it untouched."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -109,7 +110,8 @@ class SaveLiDB(io.ComfyNode):
             node_id="HDB_SaveLiDB",
             display_name="Save LiDB (HyperDreamBooth)",
             category=CATEGORY,
-            description="Save an identity as a LiDB file (about 120 KB at rank 1) under output/lidb (listed by Load LiDB).",
+            description="Save an identity as a LiDB file (about 120 KB at rank 1) under output/lidb "
+                        "(listed by Load LiDB).",
             is_output_node=True,
             inputs=[
                 LIDB.Input("lidb", tooltip="The identity weights to save."),

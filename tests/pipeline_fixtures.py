@@ -27,7 +27,7 @@ def make_faces(root: str, n: int, size: tuple[int, int] = (80, 72), per_folder: 
 
     os.makedirs(root, exist_ok=True)
     for k in range(start, start + n):
-        def draw(j: int) -> Image.Image:
+        def draw(j: int, k: int = k) -> Image.Image:
             im = Image.new("RGB", size, ((53 * k) % 256, (97 * k + 40 * j) % 256, (151 * k + 90) % 256))
             d = ImageDraw.Draw(im)
             w, h = size

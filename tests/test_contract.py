@@ -41,7 +41,7 @@ def test_node_keeps_its_public_contract(comfy, node_id):
         assert name in have, f"{node_id} lost input {name}"
         assert have[name][1] == kind, f"{node_id}.{name} is {have[name][1]}, expected {kind}"
         assert have[name][0] == ("optional" if (node_id, name) in OPTIONAL else "required")
-    for name, (section, kind, opts) in have.items():
+    for name, (section, _kind, opts) in have.items():
         assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         if name not in wanted and section == "required":
             assert "default" in opts, f"{node_id}.{name} was added without a default"

@@ -39,7 +39,8 @@ def reachable_target(rank: int = 2, seed: int = 5) -> dict[str, torch.Tensor]:
     """dW of another LiDB: reachable by the factorisation, so the loss can go to zero."""
     other = relaxed_start(rank1_init(seed), rank, torch.Generator().manual_seed(seed))
     for s in LAYERS:
-        other.b_train[s.name] = torch.randn(other.b_train[s.name].shape, generator=torch.Generator().manual_seed(1)) * 0.1
+        other.b_train[s.name] = torch.randn(other.b_train[s.name].shape,
+                                            generator=torch.Generator().manual_seed(1)) * 0.1
     return {s.name: other.delta(s.name) for s in LAYERS}
 
 
@@ -105,8 +106,10 @@ def test_same_seed_same_result_and_different_seed_differs():
             up.sum() for _, up in factors.values()))
 
     start = zero_start(LAYERS, 2, torch.Generator().manual_seed(0))
-    run = lambda seed: finetune(start, noisy_loss, FinetuneSettings(steps=4, learning_rate=1e-2, relaxed_rank=2,
-                                                                    seed=seed)).lidb
+    def run(seed):
+        return finetune(start, noisy_loss, FinetuneSettings(steps=4, learning_rate=1e-2, relaxed_rank=2,
+                                                            seed=seed)).lidb
+
     a, b, c = run(7), run(7), run(8)
     assert all(torch.equal(a.b_train[n], b.b_train[n]) for n in a.b_train)
     assert any(not torch.equal(a.b_train[n], c.b_train[n]) for n in a.b_train)

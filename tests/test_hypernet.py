@@ -24,9 +24,10 @@ ENC = EncoderSpec(hidden_size=16, num_tokens=5, image_size=28, name="tiny encode
 TOY_LAYERS = (LayerSpec("unet.a.attn1.to_q", 32, 32), LayerSpec("unet.a.attn2.to_k", 24, 32),
               LayerSpec("unet.b.attn1.to_out.0", 128, 160), LayerSpec("te.l.0.self_attn.q_proj", 32, 32))
 
+DEFAULT_LIDB_CONFIG = LiDBConfig()
 
 
-def toy_net(seed=0, config=SMALL, layers=TOY_LAYERS, lidb_config=LiDBConfig()) -> HyperNetwork:
+def toy_net(seed=0, config=SMALL, layers=TOY_LAYERS, lidb_config=DEFAULT_LIDB_CONFIG) -> HyperNetwork:
     torch.manual_seed(seed)
     return HyperNetwork(config, layers, lidb_config, ENC)
 

@@ -44,7 +44,7 @@ def test_comfy_and_transformers_paths_give_the_same_features(encoders, comfy):
     # The comparison is not trivially passing: the last layer's tokens are different numbers.
     assert not torch.allclose(ours, comfy_out["last_hidden_state"].float(), atol=1e-3)
     # Both sides describe themselves the same way, so a hypernetwork file accepts both.
-    hf_spec, comfy_spec = hf.spec, comfy["pack"].nodes.hypernet_nodes.connected_encoder_spec(clip_vision)
+    hf_spec, comfy_spec = hf.spec, comfy["pack"].nodes.comfy_vision.connected_encoder_spec(clip_vision)
     assert hf_spec.mismatch(comfy_spec) is None and comfy_spec.mismatch(hf_spec) is None
     assert (hf_spec.hidden_size, hf_spec.num_tokens, hf_spec.image_size) == (32, 17, 56)
 

@@ -148,7 +148,8 @@ def finetune_prompt(hypernet_name, face_png):
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["img", 0],
             "init_lidb": ["pred", 0], "trigger": "sks face", "steps": 2, "learning_rate": 1e-3, "relaxed_rank": 2,
             "train_text_encoder": True, "resolution": 64, "seed": 0}},
-        "save": {"class_type": "HDB_SaveLiDB", "inputs": {"lidb": ["ft", 0], "filename_prefix": "hdb_test/predicted_ft"}},
+        "save": {"class_type": "HDB_SaveLiDB",
+                 "inputs": {"lidb": ["ft", 0], "filename_prefix": "hdb_test/predicted_ft"}},
     }
     return prompt
 

@@ -188,7 +188,8 @@ def test_save_and_export_refuse_prefixes_that_escape(comfy, node, tiny_sd, tmp_p
 
 def test_empty_lidb_folder_error_says_where_files_go(comfy, node, monkeypatch):
     fp = comfy["folder_paths"]
-    monkeypatch.setitem(fp.folder_names_and_paths, "lidb", ([str(os.path.join(comfy["base"], "empty_lidb"))], {".safetensors"}))
+    monkeypatch.setitem(fp.folder_names_and_paths, "lidb",
+                        ([str(os.path.join(comfy["base"], "empty_lidb"))], {".safetensors"}))
     fp.filename_list_cache.pop("lidb", None)
     with pytest.raises(ValueError, match="No LiDB files found: put a .safetensors LiDB file in .*empty_lidb"):
         comfy_runtime.call_node(node("HDB_LoadLiDB"), lidb_name="")

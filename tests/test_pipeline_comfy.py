@@ -58,6 +58,7 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp
     assert result.success, result.error
     (lidb,) = result.node_output("pred")
     trained = hdb_core.load_hypernet(out)
-    assert lidb.layers == trained.layers and lidb.info["trigger"] == defaults.TRIGGER and lidb.info["base_model"] == "model"
+    assert (lidb.layers == trained.layers and lidb.info["trigger"] == defaults.TRIGGER
+            and lidb.info["base_model"] == "model")
     assert lidb.is_finite() and any(t.abs().sum() > 0 for t in lidb.b_train.values())
     assert torch.isfinite(result.node_output("ks")[0]["samples"]).all()

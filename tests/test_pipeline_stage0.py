@@ -43,7 +43,8 @@ def test_batched_stage0_equals_one_identity_at_a_time(faces, base, tmp_path):
     deltas = {}
     for ident in ("id00", "id01", "id02"):
         a, b = load_lidb(str(one / f"{ident}.safetensors")), load_lidb(str(batched / f"{ident}.safetensors"))
-        assert a.info["source"] == "trained" and a.info["trigger"] == defaults.TRIGGER and a.info["base_model"] == "model"
+        assert (a.info["source"] == "trained" and a.info["trigger"] == defaults.TRIGGER
+                and a.info["base_model"] == "model")
         da, db = flat_delta(a), flat_delta(b)
         # Adam's first steps are ~lr*sign(g), which amplifies float noise where a gradient is ~0; the
         # LiDB as a whole agrees to well under 1%, while identities differ from each other by O(1).

@@ -95,7 +95,8 @@ def test_predict_finetune_export_from_the_command_line(hypernet_file, stage0, ti
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
 
-    assert cli.main(["finetune", "--base-model", tiny_model, "--image", photo, "--init", str(tmp_path / "p.safetensors"),
+    assert cli.main(["finetune", "--base-model", tiny_model, "--image", photo,
+                     "--init", str(tmp_path / "p.safetensors"),
                      "--output", str(tmp_path / "f.safetensors"), "--steps", "2", "--resolution", "64",
                      "--face-check", "none", "--no-progress"]) == 0
     tuned = load_lidb(str(tmp_path / "f.safetensors"))

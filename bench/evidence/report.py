@@ -31,7 +31,8 @@ def rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]]]]:
 
 def table(result: dict, s: Settings) -> str:
     n = len(result["manifest"]["held_out"])
-    head = f"| start (held-out identities: {n}, one photo each) | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |"
+    head = (f"| start (held-out identities: {n}, one photo each) | "
+            + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |")
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
     for name, m in rows(result, s):
         cells = [f"{a:.4f} ± {b:.4f}" for a, b in (stats(m[k]) for k in METRICS)]
@@ -115,7 +116,8 @@ def ordering_text(result: dict, s: Settings) -> str:
             wins = sum(d > 0 for d in o[key])
             parts.append(f"{label}: {m:+.4f} ± {sd:.4f} ({wins}/{len(o[key])} identities better)")
         ratio = (f"{o['ratio']:.1f}x (zero start needs {o['zero_steps_to_match']} steps)" if o["ratio"] is not None
-                 else f"> {o['ratio_lower_bound']:.0f}x (zero start never matches within {max(result['curves']['zero'])} steps)")
+                 else f"> {o['ratio_lower_bound']:.0f}x (zero start never matches "
+                      f"within {max(result['curves']['zero'])} steps)")
         out.append(f"{METRIC_NAMES[metric]} — full method (hypernet+{s.hyper_steps}) better than " + "; ".join(parts)
                    + f"; steps-to-equal-quality ratio {ratio}")
     return "\n".join(out)

@@ -223,7 +223,7 @@ def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int
     opt = torch.optim.Adam(enc_params, lr=2e-3)
     g = generator(seed, "vae")
     err = float("nan")
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(latents.shape[0], (32,), generator=g)
         z = latents[idx] + 0.3 * torch.randn(32, 4, 8, 8, generator=g)
         with torch.no_grad():

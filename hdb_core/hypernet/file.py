@@ -97,9 +97,11 @@ def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNetwork
         encoder = EncoderSpec.from_dict(json.loads(meta["encoder"]))
         info = json.loads(meta.get("info", "{}"))
     except (KeyError, ValueError, TypeError) as e:
-        raise _fail(path, f"has damaged hypernetwork metadata ({type(e).__name__}: {e}); download or save it again.") from None
+        raise _fail(path, f"has damaged hypernetwork metadata ({type(e).__name__}: {e}); "
+                          f"download or save it again.") from None
     if not layers or lidb_config.rank < 1 or lidb_config.a < 1 or lidb_config.b < 1:
-        raise _fail(path, "has damaged hypernetwork metadata (empty layer list or zero rank); download or save it again.")
+        raise _fail(path, "has damaged hypernetwork metadata (empty layer list or zero rank); "
+                          "download or save it again.")
     with torch.device("meta"):
         net = HyperNetwork(config, layers, lidb_config, encoder)
     expected = net.state_dict()

@@ -139,7 +139,8 @@ class ClipImageEncoder:
             model = CLIPVisionModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise HDBError(f"Could not load a CLIP vision model from '{path}' ({e}); give a local folder with "
-                           f"config.json and model.safetensors, such as laion/CLIP-ViT-H-14-laion2B-s32B-b79K.") from None
+                           f"config.json and model.safetensors, such as "
+                           f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K.") from None
         return cls(model.to(device))
 
     @property

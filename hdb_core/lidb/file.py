@@ -111,7 +111,8 @@ def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
         cursor[key] = idx + 1
         at, bt = tensors.get(f"a_train.{key}"), tensors.get(f"b_train.{key}")
         if at is None or bt is None or at.dim() != 3 or bt.dim() != 3 or idx >= at.shape[0] or idx >= bt.shape[0]:
-            raise _fail(path, f"is missing the train matrices of layer {spec.name}; the file is damaged, save it again.")
+            raise _fail(path, f"is missing the train matrices of layer {spec.name}; "
+                              f"the file is damaged, save it again.")
         a_train[spec.name], b_train[spec.name] = at[idx].float(), bt[idx].float()
     expected = {f"{p}.{k}" for k in cursor for p in ("a_train", "b_train")}
     sizes_ok = all(tensors[f"a_train.{k}"].shape[0] == n and tensors[f"b_train.{k}"].shape[0] == n

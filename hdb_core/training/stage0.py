@@ -74,7 +74,8 @@ class PreoptimizeSettings:
         if self.checkpoint_every < 1:
             raise HDBError(f"checkpoint interval is {self.checkpoint_every}; use 1 or more steps.")
         if "{trigger}" not in self.prompt:
-            raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; use e.g. 'a photo of {{trigger}}'.")
+            raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; "
+                           f"use e.g. 'a photo of {{trigger}}'.")
         if self.face_check not in data.FACE_CHECKS:
             raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
         if self.dtype not in DTYPES:

@@ -167,7 +167,8 @@ class _Samples:
     """Loads photos, caches their latents, and draws the per-sample noise of a step."""
 
     def __init__(self, pairs, base, encoder, settings, device, skips):
-        self.pairs, self.base, self.encoder, self.s, self.device, self.skips = pairs, base, encoder, settings, device, skips
+        self.pairs, self.base, self.encoder = pairs, base, encoder
+        self.s, self.device, self.skips = settings, device, skips
         self.images: dict[int, torch.Tensor] = {}
         self.latents: dict[int, torch.Tensor] = {}
 
@@ -211,7 +212,8 @@ class Objective:
     """
 
     def __init__(self, pairs, base: BaseModel, encoder, settings: HypernetSettings, device, dtype, skips=None):
-        self.pairs, self.base, self.encoder, self.s, self.device, self.dtype = pairs, base, encoder, settings, device, dtype
+        self.pairs, self.base, self.encoder = pairs, base, encoder
+        self.s, self.device, self.dtype = settings, device, dtype
         self.layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
         self.names = [l.name for l in self.layers]
         self.injector = base.injector(self.layers, "The stage-0 LiDBs")
