@@ -17,8 +17,6 @@ import shutil
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(REPO, ".comfyui", "comfy", "sd1_tokenizer")
 
 SCALES = {
     # latent 8x8 for 64 px images; every UNet level has cross-attention. Same shapes as
@@ -71,7 +69,11 @@ def build(scale: str = "tiny", seed: int = 0):
     else:
         vision = s["vision"]
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
-    tokenizer = CLIPTokenizer(os.path.join(TOKENIZER_DIR, "vocab.json"), os.path.join(TOKENIZER_DIR, "merges.txt"),
+    from .comfy_runtime import comfy_path
+
+    # The real SD1 tokenizer files that ComfyUI ships, from wherever ComfyUI is (COMFYUI_PATH or .comfyui/).
+    tokenizer_dir = os.path.join(comfy_path(), "comfy", "sd1_tokenizer")
+    tokenizer = CLIPTokenizer(os.path.join(tokenizer_dir, "vocab.json"), os.path.join(tokenizer_dir, "merges.txt"),
                               model_max_length=77)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type="epsilon",

@@ -11,7 +11,8 @@ tests/test_objective.py checks that this equals the diffusers loss on shared wei
 ComfyUI internals this file relies on (check them on a ComfyUI upgrade):
 * `model.model.model_sampling`: `.sigmas` (one per training timestep), `noise_scaling`,
   `calculate_denoised` (to read c_out);
-* `model.model.apply_model(x, sigma, transformer_options=..., **conds)` returning denoised x0;
+* `model.model.apply_model(x, sigma, transformer_options=..., **conds)` returning denoised x0
+  (sampling-time patches live in `model.model_options["transformer_options"]`; training leaves them out);
 * `model.model.extra_conds(...)` and each cond's `.process_cond(batch_size, device, area).cond`
   (what the sampler does to turn CLIP output into model kwargs);
 * `model.model.latent_format.latent_channels`, `process_latent_in`; `vae.encode(pixels)`;
@@ -69,13 +70,18 @@ def sigma_at(model_sampling, timestep: int) -> torch.Tensor:
 
 
 def model_loss(patcher, x0: torch.Tensor, noise: torch.Tensor, timestep: int, conds: dict) -> torch.Tensor:
-    """Per-sample loss [1] of the patched model on x0 [1, C, h, w] at one timestep."""
+    """Per-sample loss [1] of the patched model on x0 [1, C, h, w] at one timestep.
+
+    Training sees the model's weights and weight patches (LoRAs, merges) but none of the
+    sampling-time tricks in its transformer_options (FreeU, ToMe, HyperTile, Deep Shrink,
+    attention patches): they change how an image is sampled, not who is in it; some work
+    in place, which autograd cannot pass, and ToMe merges tokens at random.
+    """
     base = patcher.model
     ms = base.model_sampling
     sigma = sigma_at(ms, timestep).to(x0.device)
     xt = ms.noise_scaling(sigma, noise.to(x0), x0)
-    options = dict(patcher.model_options.get("transformer_options", {}))
-    options.update(sigmas=sigma, cond_or_uncond=[0])
+    options = {"sigmas": sigma, "cond_or_uncond": [0]}
     denoised = base.apply_model(xt, sigma, transformer_options=options, **conds)
     c_out = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
     return per_sample_mse((denoised.float() - x0.float()) / c_out.float(), torch.zeros_like(x0, dtype=torch.float32))

@@ -33,7 +33,9 @@ class FastFinetune(io.ComfyNode):
             display_name="Fast Finetune LiDB (HyperDreamBooth)",
             category=CATEGORY,
             description="Finetune a LiDB identity on the photo with the model's own diffusion loss: from a "
-                        "hypernetwork prediction (about 40 steps) or from zero without one (a few hundred steps).",
+                        "hypernetwork prediction (about 40 steps) or from zero without one (a few hundred steps). "
+                        "Trains through the model's weights and weight patches (LoRAs); sampling-time patches "
+                        "such as FreeU, ToMe, HyperTile or Deep Shrink are left out while training.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.x, SD2.x or SDXL); "
                                                 "it is not changed."),

@@ -56,3 +56,11 @@ def weights_hash(module: torch.nn.Module) -> str:
 @pytest.fixture
 def hash_weights():
     return weights_hash
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One closing line naming what was skipped for want of a browser, and the command that enables it."""
+    browser = [r for r in terminalreporter.stats.get("skipped", []) if "install_browser" in str(r.longrepr)]
+    if browser:
+        terminalreporter.write_line(f"{len(browser)} browser tests skipped (no Chromium here): run "
+                                    f"scripts/install_browser.sh, then scripts/test.sh again, to run them.")

@@ -3,11 +3,12 @@ import os
 
 import torch
 
+from devtools.comfy_runtime import comfy_path
+
 from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.lidb.lora_export import save_kohya
 from hdb_core.lidb.targets import specs_from_module
 
-COMFY = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(os.path.dirname(__file__)), ".comfyui")
 
 
 def tiny_pipeline():
@@ -22,7 +23,7 @@ def tiny_pipeline():
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                       num_hidden_layers=2, projection_dim=32))
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
-    tok_dir = os.path.join(COMFY, "comfy", "sd1_tokenizer")
+    tok_dir = os.path.join(comfy_path(), "comfy", "sd1_tokenizer")
     tok = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"))
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
