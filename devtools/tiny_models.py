@@ -98,6 +98,31 @@ def comfy_clip(scale: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.fl
     return clip
 
 
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3,
+                 projection_dim=32)
+
+
+def comfy_clip_of(family: str, seed: int = 0):
+    """A tiny ComfyUI CLIP of another family's real classes: 'sd2' (OpenCLIP-H, penultimate layer)
+    or 'sdxl' (CLIP-L + OpenCLIP-bigG), 3 layers each so the penultimate rule shows."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import sd2_clip
+
+    if family == "sd2":
+        target = ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+        options = {"clip_h_model_config": dict(TINY_TEXT)}
+    elif family == "sdxl":
+        target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        options = {"clip_l_model_config": dict(TINY_TEXT), "clip_g_model_config": dict(TINY_TEXT)}
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    clip = comfy.sd.CLIP(target=target, model_options={**options, "dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed + 1)
+    return clip
+
+
 def comfy_vae(seed: int = 0):
     """A small KL autoencoder with SD's 8x downscale and 4 latent channels."""
     import comfy.sd

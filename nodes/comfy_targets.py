@@ -8,13 +8,16 @@ by the LoRA export and by ComfyUI when it loads that export.
 ComfyUI internals this file relies on (check them on a ComfyUI upgrade):
 * `comfy.utils.unet_to_diffusers(unet_config)` ({diffusers key: LDM key});
 * `model.model.diffusion_model`, `model.model.model_config.unet_config`;
-* `clip.cond_stage_model.clip_l/clip_g/clip_h.transformer.<HF CLIP text model paths>`;
+* `clip.cond_stage_model.clip_l/clip_g/clip_h.transformer.<HF CLIP text model paths>`, each encoder's
+  `options_default` ((layer, layer_idx, ...): which hidden state it returns) and `num_layers`,
+  and `clip.layer_idx` (Set CLIP Last Layer);
 * ModelPatcher weight keys `diffusion_model.<path>.weight` and `<clip path>.weight`;
 * `comfy.weight_adapter.LoRAAdapter(loaded_keys, (up, down, alpha, mid, dora_scale, reshape))`,
   which ModelPatcher.add_patches applies as strength * (alpha / rank) * up @ down.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import comfy.utils
@@ -50,14 +53,18 @@ def unet_targets(model) -> dict[str, Target]:
 _TE_ENCODERS = ("clip_l", "clip_g", "clip_h")
 
 
+def _encoder_components(cond) -> dict[str, str]:
+    """{ComfyUI encoder attribute: canonical component} of a CLIP's cond_stage_model."""
+    present = [n for n in _TE_ENCODERS if hasattr(cond, n)]
+    if set(present) == {"clip_l", "clip_g"}:
+        return {"clip_l": TE1, "clip_g": TE2}
+    return {n: TE for n in present}
+
+
 def clip_targets(clip) -> dict[str, Target]:
     """Canonical name -> Target for every self-attention projection of a ComfyUI CLIP."""
     cond = clip.cond_stage_model
-    present = [n for n in _TE_ENCODERS if hasattr(cond, n)]
-    if set(present) == {"clip_l", "clip_g"}:
-        prefix = {"clip_l": TE1, "clip_g": TE2}
-    else:
-        prefix = {n: TE for n in present}
+    prefix = _encoder_components(cond)
     out = {}
     for path, lin in find_attention_projections(cond):
         encoder, _, rest = path.partition(".")
@@ -66,6 +73,36 @@ def clip_targets(clip) -> dict[str, Target]:
         name = f"{prefix[encoder]}.{rest[len('transformer.'):]}"
         out[name] = Target(LayerSpec(name, lin.in_features, lin.out_features), f"{path}.weight")
     return out
+
+
+# Encoders whose pooled output (computed after the last layer) conditions the diffusion model:
+# SDXL's OpenCLIP-bigG feeds the UNet's size/pooled embedding.
+_POOLED_FEEDS_MODEL = {TE2}
+_LAYER_NUMBER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def unused_clip_layers(clip) -> set[str]:
+    """Canonical names of text-encoder layers whose output the connected CLIP never uses.
+
+    An encoder read at an intermediate layer (SD2's penultimate layer, SDXL's CLIP-L, or any
+    CLIP after Set CLIP Last Layer) never uses the layers after it, unless its pooled output
+    (which passes every layer) conditions the model. Training such layers gets no gradient.
+    """
+    cond = clip.cond_stage_model
+    unused = set()
+    for encoder, component in _encoder_components(cond).items():
+        module = getattr(cond, encoder)
+        if component in _POOLED_FEEDS_MODEL:
+            continue
+        layer, index = ("hidden", clip.layer_idx) if clip.layer_idx is not None else module.options_default[:2]
+        if layer != "hidden" or index is None or abs(index) > module.num_layers:
+            continue                                     # the last layer's output is used: all layers count
+        last_used = index % module.num_layers
+        for name in clip_targets(clip):
+            number = _LAYER_NUMBER.search(name)
+            if name.startswith(component + ".") and number and int(number.group(1)) > last_used:
+                unused.add(name)
+    return unused
 
 
 def check_compatible(lidb: LiDB, targets: dict[str, Target], components: set[str], what: str) -> None:

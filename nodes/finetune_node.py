@@ -98,7 +98,13 @@ class FastFinetune(io.ComfyNode):
             ct.require_targets(clip_t, "CLIP")
 
         generator = torch.Generator().manual_seed(int(seed))
-        wanted = [t.spec for t in unet_t.values()] + ([t.spec for t in clip_t.values()] if train_text_encoder else [])
+        # Text-encoder layers whose output this CLIP never uses would stay zero: they are left out.
+        unused = ct.unused_clip_layers(clip)
+        if unused and train_text_encoder:
+            log.info("HyperDreamBooth: %d text-encoder layers after the CLIP layer in use are not trained.",
+                     len(unused))
+        wanted = [t.spec for t in unet_t.values()] + (
+            [t.spec for n, t in clip_t.items() if n not in unused] if train_text_encoder else [])
         if init_lidb is None:
             start = zero_start(wanted, relaxed_rank, generator, source="trained")
             if steps < defaults.ZERO_START_STEPS // 2:

@@ -91,3 +91,35 @@ def test_tiny_models_read_comfyui_where_comfyui_path_says(tmp_path, monkeypatch)
         tiny_diffusers.build("tiny")
     shutil.copytree(tokenizer_files, other / "comfy" / "sd1_tokenizer")
     assert tiny_diffusers.build("tiny")[3]("a ohwx face").input_ids[0] == 49406
+
+
+@pytest.mark.parametrize("family,clip_skip,expected", [
+    ("sd15", None, set()),                      # the last layer's output is the conditioning
+    ("sd15", -2, {"te"}),                        # Set CLIP Last Layer -2: the last layer is unused
+    ("sd2", None, {"te"}),                       # SD2 reads the penultimate layer
+    ("sdxl", None, {"te1"}),                     # CLIP-L penultimate; bigG's pooled output uses every layer
+])
+def test_text_encoder_layers_the_clip_never_uses_are_not_trained(comfy, family, clip_skip, expected):
+    from devtools import tiny_models
+
+    ct = comfy["pack"].nodes.comfy_targets
+    clip = tiny_models.comfy_clip("tiny") if family == "sd15" else tiny_models.comfy_clip_of(family)
+    if clip_skip is not None:
+        clip.clip_layer(clip_skip)
+    unused = ct.unused_clip_layers(clip)
+    last = {c: max(int(n.split(".layers.")[1].split(".")[0]) for n in ct.clip_targets(clip) if n.startswith(c + "."))
+            for c in expected}
+    assert {n.split(".")[0] for n in unused} == expected
+    for name in unused:
+        assert f".layers.{last[name.split('.')[0]]}." in name, "only the layers after the one read are unused"
+    assert len(unused) == 4 * len(expected)      # q, k, v, out of one layer per affected encoder
+
+
+def test_clip_skip_upstream_leaves_the_unused_layer_out_of_the_identity(comfy, photo_name):
+    graph = _graph(photo_name, None)
+    graph["skip"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["ckpt", 1], "stop_at_clip_layer": -2}}
+    graph["ft"]["inputs"]["clip"] = ["skip", 0]
+    lidb = _lidb(run_prompt(graph))
+    te = [s.name for s in lidb.layers if s.component == "te"]
+    assert te and not [n for n in te if ".layers.1." in n], "the last of the tiny CLIP's 2 layers is unused"
+    assert [n for n in te if ".layers.0." in n]
