@@ -166,3 +166,63 @@ def comfy_twin(unet, vae, text_encoder, v_prediction: bool = False):
                 'ch_mult': [1, 1, 1, 1], 'num_res_blocks': 1, 'attn_resolutions': [], 'dropout': 0.0}
     comfy_vae_ = comfy.sd.VAE(sd=dict(vae.state_dict()), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
     return model, clip, comfy_vae_
+
+
+SDXL_UNET = {**UNET_BASE, "num_classes": "sequential", "use_linear_in_transformer": True}
+SDXL_SCALES = {
+    "tiny": dict(model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                 transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1], context_dim=64,
+                 adm_in_channels=TINY_TEXT["projection_dim"] + 6 * 256),
+    "full": dict(model_channels=320, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], context_dim=2048, num_head_channels=64,
+                 adm_in_channels=2816),
+}
+FULL_VAE = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+            'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+
+
+def comfy_checkpoint_of(family: str, scale: str, seed: int = 0, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of 'sd15' or 'sdxl' at scale 'tiny' or 'full' (real shapes, random weights),
+    the UNet stored in `dtype` on `device`, as a checkpoint loader would give them."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.supported_models_base import ClipTarget
+
+    if family == "sd15":
+        cfg = comfy_unet_config(scale)
+        model_config = comfy.supported_models.SD15(cfg)
+        model_config.unet_config.update(num_heads=cfg["num_heads"], num_head_channels=-1)
+        base_class = comfy.model_base.BaseModel
+        clip = comfy_clip(scale if scale == "tiny" else "full", seed)
+    elif family == "sdxl":
+        model_config = comfy.supported_models.SDXL({**SDXL_UNET, **SDXL_SCALES[scale]})
+        if scale == "tiny":   # SDXL's config fixes 64-channel heads, wider than the tiny UNet's blocks
+            model_config.unet_config.update(num_heads=2, num_head_channels=-1)
+        base_class = comfy.model_base.SDXL
+        if scale == "tiny":
+            clip = comfy_clip_of("sdxl", seed)
+        else:
+            clip = comfy.sd.CLIP(target=ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel),
+                                 model_options={"dtype": torch.float32})
+            init_weights(clip.cond_stage_model, seed + 1)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    model_config.set_inference_dtype(dtype, None)
+    base = base_class(model_config, model_type=comfy.model_base.ModelType.EPS, device=device)
+    init_weights(base.diffusion_model, seed)
+    base.eval()
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device),
+                                             offload_device=torch.device("cpu"))
+    if scale == "tiny":
+        vae = comfy_vae(seed)
+    else:
+        ae = AutoencoderKL(ddconfig=FULL_VAE, embed_dim=4)
+        init_weights(ae, seed + 2, std=0.02)
+        vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": FULL_VAE, "embed_dim": 4}})
+    return model, clip, vae

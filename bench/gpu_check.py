@@ -1,0 +1,248 @@
+"""The pack on a GPU, in one table: Fast Finetune, its floor and its peer on full-size SD1.5 and SDXL.
+
+Random weights of the real architectures (nothing is downloaded), built by devtools.tiny_models:
+
+  arch   dtype  ckpt  HDB_FastFinetune (steps at 512 px SD1.5 / 1024 px SDXL): wall s, s/step, peak VRAM
+                      bare UNet forward+backward at the same size: s/step, peak VRAM
+                      TrainLoraNode, rank 1 (ComfyUI's own trainer): s/step, peak VRAM
+  plus the aux-basis build and a hypernetwork prediction (default config) per architecture.
+
+On an NVIDIA machine after scripts/setup.sh (one call, about 5-8 minutes on an H100/H200):
+
+    .venv/bin/python bench/gpu_check.py                  # writes bench/out/gpu_check.md too
+
+`--tiny` runs the same code paths on tiny models at 64 px on the CPU in seconds; the test
+suite runs it (tests/test_gpu_check.py). Until a GPU run exists, every VRAM figure in the
+docs is an estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _peak_reset(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device) -> str:
+    import torch
+
+    if device.type != "cuda":
+        return "-"
+    torch.cuda.synchronize()
+    return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}"
+
+
+class StepClock:
+    """Times between ComfyUI progress updates (one per training step)."""
+
+    def __init__(self, device):
+        import comfy.utils
+
+        self.device, self.stamps = device, []
+        self._old = comfy.utils.PROGRESS_BAR_HOOK
+        comfy.utils.set_progress_bar_global_hook(self._hook)
+
+    def _hook(self, *args, **kwargs):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def per_step(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return statistics.median(gaps[1:] or gaps) if gaps else float("nan")
+
+    def close(self):
+        import comfy.utils
+
+        comfy.utils.set_progress_bar_global_hook(self._old)
+
+
+def run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device) -> tuple[float, float, str]:
+    from devtools.comfy_runtime import call_node
+
+    model, clip, vae = ckpt
+    _peak_reset(device)
+    clock = StepClock(device)
+    t0 = time.perf_counter()
+    try:
+        call_node(nodes["HDB_FastFinetune"], model=model, clip=clip, vae=vae, image=image, steps=steps,
+                  resolution=resolution, gradient_checkpointing=checkpointing)
+    finally:
+        clock.close()
+    return time.perf_counter() - t0, clock.per_step(), _peak_gib(device)
+
+
+def run_bare(ckpt, resolution, steps, autocast, device) -> tuple[float, str]:
+    """One UNet forward + backward to the input: the floor of any method that backpropagates."""
+    import contextlib
+
+    import torch
+
+    import comfy.model_management as mm
+
+    model, clip, _ = ckpt
+    base = model.model
+    _peak_reset(device)
+    with torch.inference_mode(False):
+        mm.load_models_gpu([model], force_full_load=True)
+        cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+        cond = cond.to(device).clone()
+        pooled = pooled.to(device).clone() if pooled is not None else None
+        latent = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
+        conds = base.extra_conds(cross_attn=cond, pooled_output=pooled, noise=latent, device=device,
+                                 width=resolution, height=resolution, target_width=resolution,
+                                 target_height=resolution)
+        kwargs = {k: v.process_cond(batch_size=1, device=device, area=None).cond for k, v in conds.items()}
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            x = latent.clone().requires_grad_(True)
+            with ctx:
+                out = base.apply_model(x, torch.tensor([5.0], device=device), **kwargs)
+            out.float().pow(2).mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] or times), _peak_gib(device)
+
+
+def run_trainlora(nodes, ckpt, resolution, steps, dtype_name, device) -> tuple[float, str]:
+    import torch
+
+    from devtools.comfy_runtime import call_node
+
+    model, clip, _ = ckpt
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+    latent = torch.randn(1, 4, resolution // 8, resolution // 8)
+    _peak_reset(device)
+    clock = StepClock(device)
+    try:
+        # Two latents: ComfyUI 0.3.75's trainer fails on a single one (multi_res unset).
+        call_node(nodes["TrainLoraNode"], model=[model], latents=[{"samples": latent}, {"samples": latent}],
+                  positive=[[[cond, {"pooled_output": pooled}]]], batch_size=[1], grad_accumulation_steps=[1],
+                  steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"],
+                  seed=[0], training_dtype=[dtype_name], lora_dtype=["fp32"], algorithm=["LoRA"],
+                  gradient_checkpointing=[False], existing_lora=["[None]"])
+    finally:
+        clock.close()
+    return clock.per_step(), _peak_gib(device)
+
+
+def time_aux_and_prediction(model, clip, device) -> tuple[float, float]:
+    import torch
+
+    from hdb_core.hypernet.image_encoder import VIT_H_14
+    from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+    from hdb_core.lidb.weights import LiDBConfig, aux_for_layers, clear_aux_cache
+
+    ct = sys.modules[_pack_nodes() + ".comfy_targets"]
+    layers = [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
+    clear_aux_cache()
+    t0 = time.perf_counter()
+    aux_for_layers(LiDBConfig(), layers)
+    aux_s = time.perf_counter() - t0
+    with torch.inference_mode(False), torch.no_grad():
+        net = HyperNetwork(HyperNetConfig(), layers, LiDBConfig()).to(device).eval()
+        features = torch.randn(1, VIT_H_14.num_tokens, VIT_H_14.hidden_size, device=device)
+        net.predict_lidb(features)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        net.predict_lidb(features)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return aux_s, time.perf_counter() - t0
+
+
+def _pack_nodes() -> str:
+    from devtools import comfy_runtime
+
+    return comfy_runtime._state["pack"].__name__ + ".nodes"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true", help="tiny models at 64 px (runs on the CPU in seconds)")
+    p.add_argument("--steps", type=int, default=None, help="finetune steps (default 40; 3 with --tiny)")
+    p.add_argument("--archs", default="sd15,sdxl")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "out", "gpu_check.md"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from devtools import comfy_runtime, tiny_models
+
+    rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_gpu_check_"))
+    nodes = rt["nodes"].NODE_CLASS_MAPPINGS
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        print("no CUDA device: running the --tiny variant on the CPU")
+        args.tiny = True
+    steps = args.steps or (3 if args.tiny else 40)
+    scale = "tiny" if args.tiny else "full"
+    dtypes = {"fp32": torch.float32} if device.type == "cpu" else {"bf16": torch.bfloat16, "fp16": torch.float16}
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    header = (f"HyperDreamBooth GPU check on {gpu}, torch {torch.__version__}, {scale} models, "
+              f"Fast Finetune {steps} steps")
+    rows = ["| arch | dtype | grad. ckpt | what | wall s | s/step | peak VRAM GiB |",
+            "|---|---|---|---|---|---|---|"]
+    extras = []
+    for arch in args.archs.split(","):
+        resolution = 64 if args.tiny else {"sd15": 512, "sdxl": 1024}[arch]
+        image = torch.rand(1, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
+        for dname, dtype in dtypes.items():
+            ckpt = tiny_models.comfy_checkpoint_of(arch, scale, device=str(device), dtype=dtype)
+            for checkpointing in (False, True):
+                try:
+                    wall, per_step, peak = run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device)
+                    rows.append(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
+                                f"{wall:.1f} | {per_step:.3f} | {peak} |")
+                except Exception as e:  # a row that fails says why; the rest still runs
+                    rows.append(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
+                                f"failed: {type(e).__name__}: {str(e)[:80]} | | |")
+            autocast = None if device.type == "cpu" else dtype
+            try:
+                per_step, peak = run_bare(ckpt, resolution, max(3, min(steps, 10)), autocast, device)
+                rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | | {per_step:.3f} | {peak} |")
+            except Exception as e:
+                rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | failed: {type(e).__name__} | | |")
+            try:
+                per_step, peak = run_trainlora(nodes, ckpt, resolution, max(3, min(steps, 10)), dname, device)
+                rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
+            except Exception as e:
+                rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
+                            f"{str(e)[:60]} | | |")
+            if dname == next(iter(dtypes)):
+                aux_s, predict_s = time_aux_and_prediction(ckpt[0], ckpt[1], device)
+                extras.append(f"{arch}: aux-basis build {aux_s:.2f} s, hypernetwork prediction {predict_s:.3f} s")
+            del ckpt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = "\n".join([header, "", *rows, "", *extras])
+    print(report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
