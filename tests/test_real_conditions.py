@@ -123,3 +123,17 @@ def test_clip_skip_upstream_leaves_the_unused_layer_out_of_the_identity(comfy, p
     te = [s.name for s in lidb.layers if s.component == "te"]
     assert te and not [n for n in te if ".layers.1." in n], "the last of the tiny CLIP's 2 layers is unused"
     assert [n for n in te if ".layers.0." in n]
+
+
+def test_save_lidb_shows_the_name_load_lidb_lists(comfy, node, tiny_sd):
+    import folder_paths
+
+    from hdb_core.lidb.weights import LiDB, LiDBConfig
+
+    ct = comfy["pack"].nodes.comfy_targets
+    model, clip, _ = tiny_sd
+    specs = [t.spec for t in ct.unet_targets(model).values()]
+    out = node("HDB_SaveLiDB").execute(lidb=LiDB.zeros(specs, LiDBConfig()), filename_prefix="faces/anna")
+    (shown,) = out.ui["text"]
+    assert shown in folder_paths.get_filename_list("lidb"), shown
+    assert node("HDB_LoadLiDB").execute(lidb_name=shown).result[0].layers == tuple(specs)
