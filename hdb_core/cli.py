@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW peak learning rate (cosine decay after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=4, help="photos per process per step")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the diffusion reconstruction loss")
-    p.add_argument("--beta", type=float, default=0.1,
-                   help="weight of the squared L2 distance to the stage-0 LiDBs (summed over all numbers)")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="weight of the diffusion reconstruction loss (0: regress onto the stage-0 LiDBs only)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="the L2 term's gradient relative to the diffusion term's, at the predicted weights "
+                        "(1: equal shares; the raw ratio is logged as weight_to_diffusion_grad)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
     p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")

@@ -49,15 +49,65 @@ def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path):
     start = new_hypernet(settings, pairs[0].lidb.layers, pairs[0].lidb.config, encoder.spec, "model")
     trained = load_hypernet(out)
     with torch.no_grad(), Objective(pairs, base, encoder, settings, "cpu", torch.float32) as objective:
-        before = [objective(start, k) for k in range(4)]
-        after = [objective(trained, k) for k in range(4)]
-    total = lambda runs: sum(float(r[0]) for r in runs)            # noqa: E731
-    weight = lambda runs: sum(float(r[2].mean()) for r in runs)    # noqa: E731
+        before = [objective.terms(start, k) for k in range(4)]
+        after = [objective.terms(trained, k) for k in range(4)]
+        total = lambda runs: sum(float(objective.value(r)) for r in runs)   # noqa: E731
+    weight = lambda runs: sum(float(r.weight.mean()) for r in runs)        # noqa: E731
     assert total(after) < total(before)
     assert weight(after) < 0.5 * weight(before)
     assert [e["step"] for e in log] == list(range(1, 26))
     rows = open(tmp_path / "hn.state" / "loss.csv").read().splitlines()
-    assert rows[0] == "step,loss,diffusion,weight,lr" and len(rows) == 26
+    assert rows[0] == "step,loss,diffusion,weight,lr,weight_to_diffusion_grad" and len(rows) == 26
+    assert all(float(r.split(",")[-1]) > 0 for r in rows[1:]), "the raw gradient ratio is logged every step"
+
+
+def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0, base, tiny_model):
+    """At the predicted weights the weight term's gradient is beta (default 1) times the diffusion term's,
+    and the network receives exactly the gradient of alpha * diffusion + scale * weight."""
+    faces, lidbs = stage0
+    settings = net_settings()
+    assert HypernetSettings().beta == settings.beta == 1.0
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    pairs = find_pairs(faces, lidbs, base, settings.min_size, Skips())
+    net = new_hypernet(settings, pairs[0].lidb.layers, pairs[0].lidb.config, encoder.spec, "model")
+    with Objective(pairs, base, encoder, settings, "cpu", torch.float32) as objective:
+        norms = objective.backward(objective.terms(net, 0))
+        balanced = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        terms = objective.terms(net, 0)
+        scale = norms["weight_grad"] / (norms["raw_ratio"] * norms["diffusion_grad"])
+        (settings.alpha * terms.diffusion.mean() + scale * terms.weight.mean()).backward()
+    assert 0.1 < norms["weight_grad"] / norms["diffusion_grad"] < 10
+    torch.testing.assert_close(norms["weight_grad"], norms["diffusion_grad"], rtol=1e-4, atol=0)
+    assert norms["raw_ratio"] > 10, "unbalanced, the summed weight term would dominate (why balancing exists)"
+    for mine, reference in zip(balanced, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
+
+
+def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, tiny_model, tmp_path):
+    """A photo that passes the header scan but fails the face check is skipped up front and counted."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    face = Image.fromarray(skdata.astronaut()).resize((256, 256))
+    faces = tmp_path / "faces"
+    for ident, photos in {"id00": {"a_wall.png": Image.new("RGB", (256, 256), (120, 130, 140)), "b.png": face},
+                          "id01": {"a.png": face.transpose(Image.FLIP_LEFT_RIGHT)},
+                          "id02": {"a.png": face.rotate(3)}}.items():
+        (faces / ident).mkdir(parents=True)
+        for name, image in photos.items():
+            image.save(faces / ident / name)
+    lidbs = str(tmp_path / "lidbs")
+    preoptimize(str(faces), base, lidbs, PreoptimizeSettings(steps=2, batch_size=3, resolution=64,
+                                                             face_check="detect", min_size=32), progress=False)
+    skips = Skips()
+    pairs = find_pairs(str(faces), lidbs, base, 32, skips, 64, "detect")
+    assert [[os.path.basename(p) for p in pair.images] for pair in pairs] == [["b.png"], ["a.png"], ["a.png"]]
+    assert skips.counts() == {"no face found": 1}
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    summary = train_hypernet(str(faces), lidbs, base, encoder, str(tmp_path / "hn.safetensors"),
+                             net_settings(steps=3, face_check="detect"), progress=False)
+    assert summary["identities"] == 3 and "1 skipped (1 no face found)" in summary["skipped"]
 
 
 @pytest.fixture(scope="module")

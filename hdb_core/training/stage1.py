@@ -4,11 +4,14 @@
 
 The first term is the diffusion loss of the base model with the *predicted*
 LiDB applied (per sample, through `training.injector`); the second pulls the
-prediction towards the identity's pre-optimised LiDB. The diffusion term is a
-mean over latent pixels (independent of resolution); the weight term is the
-squared L2 norm summed over every number of the LiDB, as in the paper, so its
-gradient per number does not shrink as the model gets more layers. The CLIP
-vision encoder is frozen.
+prediction towards the identity's pre-optimised LiDB (the paper's summed squared
+L2). The two live on unrelated scales: summed over every number, the weight term's
+gradient was thousands of times the diffusion term's, which made stage 1 plain
+regression onto the stage-0 LiDBs. So the weight term is balanced at the predicted
+weights: its gradient there is rescaled to `beta` times the diffusion gradient's
+norm (beta 1: equal shares), whatever the model size; the raw ratio is logged.
+The CLIP vision encoder is frozen. Every usable photo of an identity is trained
+on; a photo that fails the checks is skipped up front, the same way on every process.
 
 Data-parallel under `accelerate launch`: the model is wrapped in DDP, each
 process takes its slice of every global batch. Batches and random draws are a
@@ -53,8 +56,8 @@ class HypernetSettings:
     learning_rate: float = defaults.STAGE1_LR
     warmup_steps: int = 500
     weight_decay: float = 0.0
-    alpha: float = 1.0             # diffusion reconstruction weight
-    beta: float = 0.1              # weight-space L2 weight (on the summed squared error)
+    alpha: float = 1.0             # diffusion reconstruction weight (0: weight regression only)
+    beta: float = 1.0              # weight term's gradient norm relative to the diffusion term's
     grad_clip: float = 1.0
     resolution: int = defaults.RESOLUTION
     width: int = 512
@@ -99,12 +102,29 @@ class HypernetSettings:
 @dataclass(frozen=True)
 class Pair:
     id: str
-    image: str          # path of the identity's first usable image
+    images: tuple[str, ...]     # the identity's usable photos
     lidb: LiDB
 
 
-def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, skips: data.Skips) -> list[Pair]:
-    """(photo, stage-0 LiDB) per identity; clear errors when the two folders do not fit the base model."""
+def usable_photos(paths, resolution: int, face_check: str, skips: data.Skips) -> tuple[str, ...]:
+    """The photos that pass loading and the face check (the others are skipped with their reason)."""
+    usable = []
+    for path in paths:
+        try:
+            data.prepare_image(path, resolution, face_check)
+            usable.append(path)
+        except ValueError as e:
+            skips.add(path, str(e))
+    return tuple(usable)
+
+
+def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, skips: data.Skips,
+               resolution: int | None = None, face_check: str = "none") -> list[Pair]:
+    """(usable photos, stage-0 LiDB) per identity; clear errors when the folders do not fit the base model.
+
+    With a resolution, every photo is checked up front, so all processes agree on the list
+    and training never meets a bad photo; identities left without a usable photo are dropped.
+    """
     identities = data.scan(data_dir, min_size, skips)
     if not os.path.isdir(lidb_dir):
         raise HDBError(f"Stage-0 folder '{lidb_dir}' does not exist; run `hdb preoptimize` first and pass its "
@@ -128,7 +148,11 @@ def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, ski
         elif lidb.layers != layers or lidb.config != config:
             raise HDBError(f"The stage-0 LiDB '{path}' was made with other layers or a/b/rank/seed than the others; "
                            f"pre-optimise all identities with the same settings.")
-        pairs.append(Pair(ident.id, ident.paths[0], lidb))
+        photos = usable_photos(ident.paths, resolution, face_check, skips) if resolution else ident.paths
+        if not photos:
+            skips.add(ident.id, "identity without usable photos")
+            continue
+        pairs.append(Pair(ident.id, tuple(photos), lidb))
     if not pairs:
         raise HDBError(f"None of the {len(identities)} identities in '{data_dir}' has a stage-0 LiDB in "
                        f"'{lidb_dir}' (expected <identity>.safetensors); run `hdb preoptimize` on the same data.")
@@ -164,34 +188,37 @@ def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
 
 
 class _Samples:
-    """Loads photos, caches their latents, and draws the per-sample noise of a step."""
+    """Loads photos, caches their latents, and draws the per-sample photo, mirror, timestep and noise."""
 
-    def __init__(self, pairs, base, encoder, settings, device, skips):
+    def __init__(self, pairs, base, encoder, settings, device):
         self.pairs, self.base, self.encoder = pairs, base, encoder
-        self.s, self.device, self.skips = settings, device, skips
-        self.images: dict[int, torch.Tensor] = {}
-        self.latents: dict[int, torch.Tensor] = {}
+        self.s, self.device = settings, device
+        self.images: dict[tuple[int, int], torch.Tensor] = {}
+        self.latents: dict[tuple[int, int], torch.Tensor] = {}
 
-    def image(self, i: int) -> torch.Tensor:
-        if i not in self.images:
-            p = self.pairs[i]
+    def photo(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity i's photo k [H, W, 3] and its latents [2, C, h, w] (index 1: mirrored)."""
+        if (i, k) not in self.images:
+            path = self.pairs[i].images[k]
             try:
-                img = data.prepare_image(p.image, self.s.resolution, self.s.face_check)
-            except ValueError as e:
-                raise HDBError(f"The photo of identity '{p.id}' ({p.image}) cannot be used ({e}); remove that "
-                               f"identity or its LiDB and start again.") from None
-            self.images[i] = img
-            self.latents[i] = photo_latents(self.base, img[None], self.device, self.s.flip)[0].cpu()
-        return self.images[i]
+                img = data.prepare_image(path, self.s.resolution, self.s.face_check)
+            except ValueError as e:     # it passed the up-front check: the file changed since
+                raise HDBError(f"The photo {path} of identity '{self.pairs[i].id}' cannot be used any more "
+                               f"({e}); restore it or remove it, then resume.") from None
+            self.images[i, k] = img
+            self.latents[i, k] = photo_latents(self.base, img[None], self.device, self.s.flip)[0].cpu()
+        return self.images[i, k], self.latents[i, k]
 
     def batch(self, indices: list[int], positions: list[int], step: int):
         imgs, lat, noise, ts = [], [], [], []
+        side = self.s.resolution // 8
+        shape = (int(self.base.vae.config.latent_channels), side, side)
         for i, pos in zip(indices, positions):
-            img = self.image(i)
-            d = draw(generator(self.s.seed, "stage1", step, pos), 1, self.s.flip, self.base.num_timesteps,
-                     self.latents[i].shape[1:])
+            d = draw(generator(self.s.seed, "stage1", step, pos), len(self.pairs[i].images), self.s.flip,
+                     self.base.num_timesteps, shape)
+            img, latents = self.photo(i, d.photo)
             imgs.append(img.flip(1) if d.mirrored else img)
-            lat.append(self.latents[i][1 if d.mirrored else 0])
+            lat.append(latents[1 if d.mirrored else 0])
             noise.append(d.noise)
             ts.append(d.timestep)
         return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
@@ -205,20 +232,31 @@ def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_
     return net
 
 
+@dataclass
+class Terms:
+    """One process's share of a step: per-sample losses and the predictions they depend on."""
+
+    diffusion: torch.Tensor                 # [B]
+    weight: torch.Tensor                    # [B], the summed squared error to the stage-0 LiDB
+    predicted: list[torch.Tensor]           # every predicted A/B tensor (the heads' outputs)
+
+
 class Objective:
     """alpha * diffusion + beta * weight-L2 of one process's share of a step's global batch.
 
-    Use as a context manager (it wraps the base model's projections while open).
+    Use as a context manager (it hooks the base model's projections while open). `terms`
+    computes the losses; `backward` balances them at the predicted weights (see the module
+    doc) and back-propagates once through the UNet and once through the hypernetwork.
     """
 
-    def __init__(self, pairs, base: BaseModel, encoder, settings: HypernetSettings, device, dtype, skips=None):
+    def __init__(self, pairs, base: BaseModel, encoder, settings: HypernetSettings, device, dtype):
         self.pairs, self.base, self.encoder = pairs, base, encoder
         self.s, self.device, self.dtype = settings, device, dtype
         self.layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
-        self.names = [l.name for l in self.layers]
+        self.names = [s.name for s in self.layers]
         self.injector = base.injector(self.layers, "The stage-0 LiDBs")
         self.aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, self.layers).items()}
-        self.samples = _Samples(pairs, base, encoder, settings, device, skips or data.Skips())
+        self.samples = _Samples(pairs, base, encoder, settings, device)
         prompt = settings.prompt.format(trigger=settings.trigger)
         self.input_ids = tokenize(base, [prompt] * settings.batch_size, device)
 
@@ -229,8 +267,8 @@ class Objective:
     def __exit__(self, *exc) -> None:
         self.injector.remove()
 
-    def __call__(self, net, step: int, rank: int = 0, world: int = 1):
-        """(loss, diffusion [B], weight [B]); batches and draws depend only on (seed, step, rank)."""
+    def terms(self, net, step: int, rank: int = 0, world: int = 1) -> Terms:
+        """Batches and draws depend only on (seed, step, rank)."""
         s, device, base = self.s, self.device, self.base
         global_batch = s.batch_size * world
         idx = batch_indices(step, len(self.pairs), global_batch, s.seed)
@@ -245,9 +283,33 @@ class Objective:
             self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
             context = base.text_encoder(self.input_ids)[0]
             d_loss = base.loss(lat.to(device), noise.to(device), ts.to(device), context, self.dtype)
+            self.injector.clear()
         else:
             d_loss = torch.zeros_like(w_loss)
-        return s.alpha * d_loss.mean() + s.beta * w_loss.mean(), d_loss, w_loss
+        return Terms(d_loss, w_loss, [*a_hat.values(), *b_hat.values()])
+
+    def value(self, terms: Terms) -> torch.Tensor:
+        """alpha * diffusion + beta * weight, unbalanced: the number the loss log shows."""
+        return self.s.alpha * terms.diffusion.mean() + self.s.beta * terms.weight.mean()
+
+    def backward(self, terms: Terms) -> dict[str, float]:
+        """Gradients of the balanced loss into the network; returns the gradient norms at the predictions."""
+        outputs = terms.predicted
+        g_w = torch.autograd.grad(terms.weight.mean(), outputs, retain_graph=True)
+        norm_w = _norm(g_w)
+        if self.s.alpha > 0:
+            g_d = torch.autograd.grad(self.s.alpha * terms.diffusion.mean(), outputs, retain_graph=True)
+            norm_d = _norm(g_d)
+            scale = self.s.beta * norm_d / norm_w if norm_w > 0 and norm_d > 0 else self.s.beta
+        else:
+            g_d, norm_d, scale = [torch.zeros_like(o) for o in outputs], 0.0, self.s.beta
+        torch.autograd.backward(outputs, [d + scale * w for d, w in zip(g_d, g_w)])
+        return {"diffusion_grad": norm_d, "weight_grad": norm_w * scale,
+                "raw_ratio": norm_w / norm_d if norm_d > 0 else float("inf")}
+
+
+def _norm(grads) -> float:
+    return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads)))
 
 
 def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, image_encoder, output: str,
@@ -271,7 +333,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     dtype = resolve_dtype(settings.dtype, device)
     skips = data.Skips()
     base = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, base_config)
-    pairs = find_pairs(data_dir, lidb_dir, base, settings.min_size, skips)
+    pairs = find_pairs(data_dir, lidb_dir, base, settings.min_size, skips, settings.resolution, settings.face_check)
     if isinstance(image_encoder, str):
         if not os.path.exists(image_encoder):
             raise HDBError(f"Image encoder '{image_encoder}' does not exist; pass --image-encoder with a local CLIP "
@@ -304,32 +366,34 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
 
     loss_log = None
     if accelerator.is_main_process:
-        loss_log = LossLog(os.path.join(state, "loss.csv"), ["step", "loss", "diffusion", "weight", "lr"])
+        loss_log = LossLog(os.path.join(state, "loss.csv"),
+                           ["step", "loss", "diffusion", "weight", "lr", "weight_to_diffusion_grad"])
         loss_log.keep(lambda r: int(r["step"]) <= start)
-    objective = Objective(pairs, base, image_encoder, settings, device, dtype, skips)
+    objective = Objective(pairs, base, image_encoder, settings, device, dtype)
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and accelerator.is_main_process),
                desc="stage 1", unit="step", dynamic_ncols=True)
     net.train()
     with objective:
         for step in range(start, settings.steps):
-            loss, d_loss, w_loss = objective(net, step, rank, world)
+            terms = objective.terms(net, step, rank, world)
             optimizer.zero_grad(set_to_none=True)
             lr = settings.learning_rate * lr_factor(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr    # set from the step, so a resumed run needs no scheduler state
-            accelerator.backward(loss)
+            norms = objective.backward(terms)
             if settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(net.parameters(), settings.grad_clip)
             optimizer.step()
-            objective.injector.clear()
-            logged = accelerator.reduce(torch.stack([loss.detach(), d_loss.detach().mean(), w_loss.detach().mean()]),
-                                        "mean").tolist()
+            raw_ratio = norms["raw_ratio"] if math.isfinite(norms["raw_ratio"]) else 0.0
+            with torch.no_grad():
+                values = [float(objective.value(terms)), float(terms.diffusion.mean()), float(terms.weight.mean())]
+            logged = accelerator.reduce(torch.tensor([*values, raw_ratio], device=device), "mean").tolist()
             if not math.isfinite(logged[0]):
                 raise HDBError(f"The stage-1 loss became {logged[0]} at step {step + 1}; lower the learning rate "
                                f"(now {settings.learning_rate:g}) or use --dtype fp32.")
             if loss_log is not None:
-                loss_log.append(step + 1, *(f"{v:.6g}" for v in logged), f"{lr:.3g}")
+                loss_log.append(step + 1, *(f"{v:.6g}" for v in logged[:3]), f"{lr:.3g}", f"{logged[3]:.4g}")
             bar.update(1)
             bar.set_postfix(loss=f"{logged[0]:.4f}")
             done = step + 1
