@@ -258,3 +258,34 @@ def test_save_refuses_nan_weights(tmp_path):
     with pytest.raises(HDBError, match="NaN or Inf"):
         save_hypernet(net, str(tmp_path / "x.safetensors"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_hypernetwork_file_without_offsets_still_loads_and_predicts_as_before(tmp_path):
+    """Files from before offsets existed: they load, with the zero offset they were trained with."""
+    net = toy_net(seed=4)
+    path = str(tmp_path / "new.safetensors")
+    save_hypernet(net, path)
+    tensors = load_file(path)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    old = str(tmp_path / "old.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("offset_")}, old, metadata=header["__metadata__"])
+    loaded = load_hypernet(old)
+    f = features(seed=2)
+    assert torch.equal(loaded.predict_lidb(f).delta(TOY_LAYERS[0].name), net.predict_lidb(f).delta(TOY_LAYERS[0].name))
+
+
+def test_the_offset_is_what_zero_passes_predict_and_travels_in_the_file(tmp_path):
+    net = toy_net(seed=5)
+    g = torch.Generator().manual_seed(0)
+    mean = LiDB.zeros(TOY_LAYERS, LiDBConfig())
+    a = {k: torch.randn(v.shape, generator=g) for k, v in mean.a_train.items()}
+    b = {k: torch.randn(v.shape, generator=g) for k, v in mean.b_train.items()}
+    net.set_offset(a, b)
+    path = str(tmp_path / "offset.safetensors")
+    save_hypernet(net, path)
+    for model in (net, load_hypernet(path)):
+        lidb = model.predict_lidb(features(), iterations=0)
+        assert all(torch.equal(lidb.a_train[n], a[n]) and torch.equal(lidb.b_train[n], b[n]) for n in a)
+        near = model.predict_lidb(features())          # an untrained network stays near its offset
+        assert all((near.a_train[n] - a[n]).abs().max() < 0.05 * a[n].abs().max() for n in a)

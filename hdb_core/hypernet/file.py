@@ -105,6 +105,9 @@ def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNetwork
     with torch.device("meta"):
         net = HyperNetwork(config, layers, lidb_config, encoder)
     expected = net.state_dict()
+    for key in expected:      # files written before offsets existed predict from zero, as they were trained
+        if key.startswith("offset_") and key not in tensors:
+            tensors[key] = torch.zeros(expected[key].shape)
     bad = sorted(set(expected) ^ set(tensors))
     bad += [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
     if bad:

@@ -161,10 +161,16 @@ class HyperNetwork(nn.Module):
             groups.setdefault(key, []).append(i)
             self.group_dims[key] = (a_l, b_l)
         self.group_layers = {k: tuple(v) for k, v in groups.items()}
-        # Small start: predicted entries ~0.1, the scale of pre-optimised LiDB train matrices.
+        # Near-zero start: the heads predict the offset from a fixed point (`set_offset`, the mean
+        # stage-0 LiDB in training), so an untrained network already predicts that mean instead
+        # of random weights as large as the targets.
         self.heads = nn.ParameterDict({
-            k: nn.Parameter(torch.randn(len(idx), w, self._head_out(k)) * (0.1 / math.sqrt(w)))
+            k: nn.Parameter(torch.randn(len(idx), w, self._head_out(k)) * (1e-3 / math.sqrt(w)))
             for k, idx in self.group_layers.items()})
+        for k, idx in self.group_layers.items():
+            a_l, b_l = self.group_dims[k]
+            self.register_buffer(f"offset_a_{k}", torch.zeros(len(idx), a_l, lidb_config.rank))
+            self.register_buffer(f"offset_b_{k}", torch.zeros(len(idx), lidb_config.rank, b_l))
 
     def _head_out(self, key: str) -> int:
         a_l, b_l = self.group_dims[key]
@@ -204,10 +210,18 @@ class HyperNetwork(nn.Module):
             t = theta[:, idx[0]:idx[-1] + 1] if _contiguous(idx) else \
                 theta.index_select(1, torch.tensor(idx, device=theta.device))
             y = torch.einsum("bld,ldo->blo", t, weight)
-            a = y[..., : a_l * r].reshape(*y.shape[:2], a_l, r)
-            b = y[..., a_l * r:].reshape(*y.shape[:2], r, b_l)
+            a = y[..., : a_l * r].reshape(*y.shape[:2], a_l, r) + getattr(self, f"offset_a_{key}")
+            b = y[..., a_l * r:].reshape(*y.shape[:2], r, b_l) + getattr(self, f"offset_b_{key}")
             out[key] = (a, b)
         return out
+
+    @torch.no_grad()
+    def set_offset(self, a_train: Mapping[str, torch.Tensor], b_train: Mapping[str, torch.Tensor]) -> None:
+        """The point predictions start from and move away from: {name: A [a_l, r]}, {name: B [r, b_l]}."""
+        for key, idx in self.group_layers.items():
+            names = [self.layers[i].name for i in idx]
+            getattr(self, f"offset_a_{key}").copy_(torch.stack([a_train[n].float() for n in names]))
+            getattr(self, f"offset_b_{key}").copy_(torch.stack([b_train[n].float() for n in names]))
 
     def forward(self, features: torch.Tensor, iterations: int | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

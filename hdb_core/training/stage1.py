@@ -224,11 +224,19 @@ class _Samples:
         return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
 
 
-def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_name: str) -> HyperNetwork:
-    """The untrained network; seeded, so every process starts from identical weights."""
+def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_name: str,
+                 pairs: list[Pair] | None = None) -> HyperNetwork:
+    """The untrained network; seeded, so every process starts from identical weights.
+
+    With the training pairs, it predicts their mean stage-0 LiDB from the start and learns
+    each identity's offset from it.
+    """
     torch.manual_seed(settings.seed)
     net = HyperNetwork(settings.net_config(), layers, config, encoder_spec)
     net.base_model = base_name
+    if pairs:
+        a, b = stack_train([p.lidb for p in pairs])
+        net.set_offset({n: v.mean(0) for n, v in a.items()}, {n: v.mean(0) for n, v in b.items()})
     return net
 
 
@@ -344,7 +352,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     base.to(device, dtype)
     layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
 
-    net = new_hypernet(settings, layers, config, image_encoder.spec, base.name)
+    net = new_hypernet(settings, layers, config, image_encoder.spec, base.name, pairs)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     state = state_dir(output)
     ckpt_path = os.path.join(state, "checkpoint.safetensors")
