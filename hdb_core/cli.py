@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"without --init")
     p.add_argument("--lr", type=float, default=defaults.FINETUNE_LR)
     p.add_argument("--rank", type=int, default=defaults.RELAXED_RANK, help="relaxed rank")
+    p.add_argument("--relaxation", choices=("aux_subspace", "free_lora"), default=defaults.RELAXATION,
+                   help="new rank inside the aux bases (small file), or the paper's free LoRA beside the start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -255,15 +257,15 @@ def cmd_finetune(args) -> int:
         start = load_lidb(args.init)
         check_layers_match(start.layers, base.layers(True), f"The start LiDB '{args.init}'")
     else:
-        start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed))
+        start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed), args.relaxation)
     trigger = args.trigger or start.info.get("trigger") or defaults.TRIGGER
     log.info("training with the trigger phrase %r", trigger)
     images = _load_photos(args.image, args.resolution, args.face_check)
     latents = photo_latents(base, images, device, mirror=not args.no_flip)
     input_ids = tokenize(base, [args.prompt.format(trigger=trigger)], device)
     injector = base.injector(start.layers, f"The start LiDB '{args.init}'" if args.init else "This LiDB")
-    settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, relaxed_rank=args.rank, seed=args.seed,
-                                device=device)
+    settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, relaxed_rank=args.rank,
+                                relaxation=args.relaxation, seed=args.seed, device=device)
     with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
         loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip)
         result = finetune(start, loss_fn, settings, progress=lambda s, n, loss: (bar.update(1),

@@ -15,6 +15,7 @@ FINETUNE_STEPS = 40              # the paper's value, from a hypernetwork predic
 ZERO_START_STEPS = 300           # advised without a prediction (bench/finetune_defaults.py)
 FINETUNE_LR = 3e-3               # bench/finetune_defaults.py, see docs/finetune.md
 RELAXED_RANK = 4                 # bench/finetune_defaults.py; rank 1 keeps the ~120 KB file
+RELAXATION = "aux_subspace"      # or "free_lora" (the paper's); bench/relaxation.py compares them
 MIRROR = True                    # also train on the mirrored photo (stage 0 and 1 do the same)
 RESOLUTION = 512                 # SD1.x; SDXL users set 1024
 

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.lidb.targets import UNET
-from hdb_core.lidb.weights import LiDB, aux_for_layers
+from hdb_core.lidb.weights import RELAXATIONS, LiDB, aux_for_layers
 from hdb_core.plots import loss_curve_image, loss_curve_pil
 from hdb_core.training.finetune import FinetuneSettings, check_relaxable, zero_start
 from . import comfy_objective as objective
@@ -73,6 +73,11 @@ class FastFinetune(io.ComfyNode):
                 io.Boolean.Input("mirror", default=defaults.MIRROR, optional=True,
                                  tooltip="Also train on the mirrored photo (as the hypernetwork's training "
                                          "does). Turn off for faces whose asymmetry matters."),
+                io.Combo.Input("relaxation", options=list(RELAXATIONS), default=defaults.RELAXATION, optional=True,
+                               tooltip="aux_subspace: the new rank lives in the LiDB's frozen random bases "
+                                       "(small file, e.g. 436 KB at rank 4 for SD1.5). free_lora: the paper's "
+                                       "way: the start is kept and a free LoRA of relaxed_rank is trained "
+                                       "beside it (a bigger file, still a standard LoRA on export)."),
             ],
             outputs=[LIDB.Output(display_name="LIDB"), io.Image.Output(display_name="loss_curve")],
         )
@@ -81,7 +86,8 @@ class FastFinetune(io.ComfyNode):
     def execute(cls, model, clip, vae, image, trigger=defaults.TRIGGER, steps=defaults.FINETUNE_STEPS,
                 learning_rate=defaults.FINETUNE_LR, relaxed_rank=defaults.RELAXED_RANK, train_text_encoder=True,
                 resolution=defaults.RESOLUTION, seed=0, init_lidb: LiDB | None = None,
-                gradient_checkpointing=False, mirror=defaults.MIRROR) -> io.NodeOutput:
+                gradient_checkpointing=False, mirror=defaults.MIRROR,
+                relaxation=defaults.RELAXATION) -> io.NodeOutput:
         if steps < 1:
             raise HDBError(f"steps is {steps}; use at least 1 ({defaults.FINETUNE_STEPS} from a prediction, "
                            f"about {defaults.ZERO_START_STEPS} from zero).")
@@ -106,12 +112,12 @@ class FastFinetune(io.ComfyNode):
         wanted = [t.spec for t in unet_t.values()] + (
             [t.spec for n, t in clip_t.items() if n not in unused] if train_text_encoder else [])
         if init_lidb is None:
-            start = zero_start(wanted, relaxed_rank, generator, source="trained")
+            start = zero_start(wanted, relaxed_rank, generator, relaxation, source="trained")
             if steps < defaults.ZERO_START_STEPS // 2:
                 log.warning("HyperDreamBooth: training from zero with only %d steps; about %d are advised "
                             "without a hypernetwork prediction.", steps, defaults.ZERO_START_STEPS)
         else:
-            check_relaxable(init_lidb, relaxed_rank)
+            check_relaxable(init_lidb, relaxed_rank, relaxation)
             te_parts = {s.component for s in init_lidb.layers} - {UNET}
             ct.check_compatible(init_lidb, unet_t, {UNET}, "model")
             if te_parts:
@@ -128,7 +134,8 @@ class FastFinetune(io.ComfyNode):
         autocast, loss_scaling = runtime.training_precision(device, runtime.model_dtype(model))
         components = {UNET} | ({s.component for s in start.layers} - {UNET} if train_text_encoder else set())
         settings = FinetuneSettings(steps=int(steps), learning_rate=float(learning_rate),
-                                    relaxed_rank=int(relaxed_rank), seed=int(seed), device=device,
+                                    relaxed_rank=int(relaxed_rank), relaxation=relaxation, seed=int(seed),
+                                    device=device,
                                     autocast_dtype=autocast, loss_scaling=loss_scaling,
                                     trainable=frozenset(components))
         info = {"trigger": trigger, "base_model": start.info.get("base_model")
@@ -137,7 +144,7 @@ class FastFinetune(io.ComfyNode):
             result = finetune_on_model(model, clip, latents, start, trigger, resolution, settings,
                                        train_text_encoder, mirror, gradient_checkpointing, progress, **info)
         title = (f"HDB Fast Finetune: {'from init' if init_lidb is not None else 'from zero'}, "
-                 f"rank {relaxed_rank}, lr {learning_rate:g}")
+                 f"{relaxation} rank {relaxed_rank}, lr {learning_rate:g}")
         return io.NodeOutput(result.lidb, loss_curve_image(result.losses, title))
 
 

@@ -180,3 +180,35 @@ def test_loss_curve_image_is_a_comfy_image_and_shows_the_curve():
 def test_running_mean_is_centred():
     assert running_mean([0, 0, 3, 0, 0], 3) == [0, 1, 1, 1, 0]
     assert all(math.isclose(a, b) for a, b in zip(running_mean([1.0, 2.0], 1), [1.0, 2.0]))
+
+
+# -- the paper's relaxation: the start kept, a free LoRA beside it ---------------------------------
+def test_free_relaxation_keeps_the_start_and_trains_only_a_free_lora_outside_the_aux_subspace():
+    init = rank1_init()
+    start = relaxed_start(init, 4, torch.Generator().manual_seed(3), "free_lora")
+    assert start.relaxation == "free_lora" and start.free_rank == 4 and start.config.rank == 1
+    for s in LAYERS:
+        assert torch.equal(start.delta(s.name), init.delta(s.name)), "step 0 reproduces the start exactly"
+    # A target outside every layer's aux subspace: a rank-2 dW from random full-width factors.
+    g = torch.Generator().manual_seed(9)
+    target = {s.name: torch.randn(s.out_features, 2, generator=g) @ torch.randn(2, s.in_features, generator=g) * 0.05
+              for s in LAYERS}
+    settings = dict(steps=150, learning_rate=2e-2, relaxed_rank=4, seed=0)
+    free = finetune(init, toy_loss(target), FinetuneSettings(relaxation="free_lora", **settings)).lidb
+    aux = finetune(init, toy_loss(target), FinetuneSettings(relaxation="aux_subspace", **settings)).lidb
+    for s in LAYERS:
+        assert torch.equal(free.a_train[s.name], init.a_train[s.name]), "the prediction is kept as it is"
+        assert torch.equal(free.b_train[s.name], init.b_train[s.name])
+    err = {kind: sum(float((lidb.delta(n) - target[n]).pow(2).sum()) for n in target)
+           for kind, lidb in (("free", free), ("aux", aux))}
+    # The aux subspace of the 160 -> 120 layer holds 100 x 50 of its 120 x 160 directions: only the free
+    # LoRA can reach this target.
+    assert err["free"] < 0.2 * err["aux"], err
+    down, up = free.down_up(LAYERS[0].name)
+    assert down.shape == (1 + 4, 160) and up.shape == (120, 1 + 4), "exported rank = aux rank + free rank"
+
+
+def test_a_free_lidb_is_refused_as_the_start_of_another_free_relaxation():
+    start = relaxed_start(rank1_init(), 2, torch.Generator(), "free_lora")
+    with pytest.raises(HDBError, match="already has a free LoRA part"):
+        relaxed_start(start, 2, torch.Generator(), "free_lora")

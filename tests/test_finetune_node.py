@@ -323,3 +323,24 @@ def test_graph_checkpoint_finetune_apply_sample_save_runs_in_the_executor(comfy,
     failed = comfy_runtime.run_prompt(bad)
     assert not failed.success and "trigger is empty" in failed.error["exception_message"]
     assert comfy_runtime.run_prompt(graph("hdb_face.png", "again")).success
+
+
+def test_free_lora_relaxation_keeps_the_init_and_its_result_applies_and_exports(comfy, node, ckpt, photo):
+    model, clip, vae = ckpt
+    init, _ = finetune(node, model, clip, vae, photo, steps=3, relaxed_rank=1)
+    lidb, _ = finetune(node, model, clip, vae, photo, steps=3, relaxed_rank=2, init_lidb=init,
+                       relaxation="free_lora")
+    assert lidb.relaxation == "free_lora" and lidb.free_rank == 2 and lidb.config.rank == 1
+    assert all(torch.equal(lidb.a_train[n], init.a_train[n]) and torch.equal(lidb.b_train[n], init.b_train[n])
+               for n in init.a_train), "the paper's relaxation keeps the start as it is"
+    assert any(lidb.free_up[n].abs().sum() > 0 for n in lidb.free_up), "the free LoRA learned"
+    new_model, _ = comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb,
+                                           strength_model=1.0, strength_clip=1.0)
+    from comfy.lora import calculate_weight
+
+    ct = comfy["pack"].nodes.comfy_targets
+    name, target = next(iter(ct.unet_targets(model).items()))
+    original = model.model.state_dict()[target.key].clone()
+    patched = calculate_weight(new_model.patches[target.key], original.clone(), target.key)
+    down, up = lidb.down_up(name)
+    torch.testing.assert_close(patched - original, up @ down, atol=1e-6, rtol=1e-4)

@@ -90,6 +90,13 @@ def test_full_size_sd15_targets_count_and_file_size(tmp_path, capsys):
             print(f"\nSD1.5 rank-{rank} LiDB: {len(specs)} layers, {lidb.num_trainable} numbers, file {size} bytes")
         # float32 numbers; the compact layout keeps the header small (about 13 KB of layer names).
         assert lidb.num_trainable * 4 < size < lidb.num_trainable * 4 + 20_000
+    # The paper's relaxation at rank 4: the rank-1 prediction kept, plus a free rank-4 LoRA per layer.
+    free = LiDB.zeros(specs, LiDBConfig()).with_free_lora(4, torch.Generator().manual_seed(0))
+    assert free.num_trainable == 176 * 150 + 4 * sum(s.in_features + s.out_features for s in specs)
+    size = os.path.getsize(save_lidb(free, str(tmp_path / "sd15_free4.safetensors")))
+    with capsys.disabled():
+        print(f"\nSD1.5 rank-1 + free rank-4 LiDB: {free.num_trainable} numbers, file {size} bytes")
+    assert free.num_trainable * 4 < size < free.num_trainable * 4 + 25_000
 
 
 def test_comfyui_and_diffusers_name_full_sd15_identically(comfy):

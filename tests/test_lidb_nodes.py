@@ -10,14 +10,19 @@ import hdb_core
 from devtools import comfy_runtime, tiny_models
 
 
-def tiny_lidb(comfy, model, clip, seed=0, rank=1, scale=0.05):
-    """A random LiDB for the connected model's architecture (pack classes, so nodes accept it)."""
+def tiny_lidb(comfy, model, clip, seed=0, rank=1, scale=0.05, free_rank=0):
+    """A random LiDB for the connected model's architecture; with free_rank, the paper's relaxed kind."""
     ct = comfy["pack"].nodes.comfy_targets
     specs = [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
     g = torch.Generator().manual_seed(seed)
     lidb = hdb_core.LiDB.zeros(specs, hdb_core.LiDBConfig(rank=rank, seed=11), trigger="a sks face", source="random")
-    return lidb.with_tensors({k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.a_train.items()},
+    lidb = lidb.with_tensors({k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.a_train.items()},
                              {k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.b_train.items()})
+    if free_rank:
+        free = ({s.name: torch.randn(free_rank, s.in_features, generator=g) * scale for s in specs},
+                {s.name: torch.randn(s.out_features, free_rank, generator=g) * scale for s in specs})
+        lidb = lidb.with_tensors(lidb.a_train, lidb.b_train, free=free)
+    return lidb
 
 
 def patched_state(patcher):
@@ -79,11 +84,12 @@ def test_strength_zero_is_bit_identical_and_inputs_never_mutate(comfy, node, tin
     assert not model.patches and not clip.patcher.patches
 
 
-def test_export_loads_in_stock_loraloader_with_same_weights(comfy, node, tiny_sd, caplog):
+@pytest.mark.parametrize("free_rank", [0, 3], ids=["aux_subspace", "free_lora"])
+def test_export_loads_in_stock_loraloader_with_same_weights(comfy, node, tiny_sd, caplog, free_rank):
     import nodes as comfy_nodes
 
     model, clip, _ = tiny_sd
-    lidb = tiny_lidb(comfy, model, clip, seed=3, rank=2)
+    lidb = tiny_lidb(comfy, model, clip, seed=3, rank=2, free_rank=free_rank)
     comfy_runtime.call_node(node("HDB_ExportLoRA"), lidb=lidb, filename_prefix="faces/anna")
     listed = comfy["folder_paths"].get_filename_list("loras")
     name = max(n for n in listed if n.startswith("hyperdreambooth/faces/anna_"))
@@ -99,19 +105,24 @@ def test_export_loads_in_stock_loraloader_with_same_weights(comfy, node, tiny_sd
             torch.testing.assert_close(sa[k], sb[k], atol=1e-6, rtol=1e-5)
 
 
-def test_save_then_load_round_trips_bit_exactly(comfy, node, tiny_sd):
+@pytest.mark.parametrize("free_rank", [0, 2], ids=["aux_subspace", "free_lora"])
+def test_save_then_load_round_trips_bit_exactly(comfy, node, tiny_sd, free_rank):
     model, clip, _ = tiny_sd
-    lidb = tiny_lidb(comfy, model, clip, seed=5)
-    comfy_runtime.call_node(node("HDB_SaveLiDB"), lidb=lidb, filename_prefix="people/bob")
-    comfy_runtime.call_node(node("HDB_SaveLiDB"), lidb=lidb, filename_prefix="people/bob")
-    listed = [n for n in comfy["folder_paths"].get_filename_list("lidb") if n.startswith("people/bob_")]
-    assert listed == ["people/bob_00001_.safetensors", "people/bob_00002_.safetensors"]
+    lidb = tiny_lidb(comfy, model, clip, seed=5, free_rank=free_rank)
+    comfy_runtime.call_node(node("HDB_SaveLiDB"), lidb=lidb, filename_prefix=f"people/bob{free_rank}")
+    comfy_runtime.call_node(node("HDB_SaveLiDB"), lidb=lidb, filename_prefix=f"people/bob{free_rank}")
+    listed = [n for n in comfy["folder_paths"].get_filename_list("lidb") if n.startswith(f"people/bob{free_rank}_")]
+    assert listed == [f"people/bob{free_rank}_00001_.safetensors", f"people/bob{free_rank}_00002_.safetensors"]
     (back,) = comfy_runtime.call_node(node("HDB_LoadLiDB"), lidb_name=listed[-1])
     assert back.layers == lidb.layers and back.info == lidb.info
+    assert back.relaxation == lidb.relaxation and back.free_rank == free_rank
     for k in lidb.a_train:
         assert torch.equal(back.a_train[k], lidb.a_train[k]) and torch.equal(back.b_train[k], lidb.b_train[k])
+        if free_rank:
+            assert torch.equal(back.free_down[k], lidb.free_down[k]) and torch.equal(back.free_up[k], lidb.free_up[k])
     out_dir = os.path.join(comfy["folder_paths"].get_output_directory(), "lidb", "people")
-    assert sorted(os.listdir(out_dir)) == ["bob_00001_.safetensors", "bob_00002_.safetensors"]
+    assert sorted(n for n in os.listdir(out_dir) if n.startswith(f"bob{free_rank}_")) == [
+        f"bob{free_rank}_00001_.safetensors", f"bob{free_rank}_00002_.safetensors"]
     size = os.path.getsize(os.path.join(out_dir, listed[0].split("/")[1]))
     # float32 numbers plus a compact header (SD1.5's exact size is checked in test_lidb_core)
     assert lidb.num_trainable * 4 < size < lidb.num_trainable * 4 + 200 * len(lidb.layers)

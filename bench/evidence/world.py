@@ -16,11 +16,14 @@
   for a hidden code z_i = (u_i, v_i) in R^2k (one fixed random linear map per
   layer), so identities form a low-dimensional family a hypernetwork can
   generalise over, and the mean teacher dW is zero (no shared "look" to learn).
-* Photos: latents sampled with DDIM from base + teacher i, each from a start
-  noise that mixes a shared part with its own (weight rho = 0.5), decoded to
-  64x64 PNGs, one folder per identity (the layout `hdb` expects). Teachers are
-  large enough that photos of two identities differ more than two photos of one
-  identity (checked and reported by the bench).
+* Photos: latents sampled with DDIM from base + teacher i, each from its own
+  independent start noise (no noise shared between photos), decoded to 64x64
+  PNGs, one folder per identity (the layout `hdb` expects). Teachers are large
+  enough that two photos of one identity are much closer than photos of two
+  identities (the ratio is measured and printed by the bench).
+* Gallery: `gallery` more teacher samples per identity (own seeds), the data the
+  identity recognizer of `identity.py` is fit on (training identities only) and
+  the class means it identifies against (all identities).
 * Image encoder: a tiny transformers CLIP vision model with frozen random weights.
 """
 from __future__ import annotations
@@ -48,13 +51,13 @@ class WorldSpec:
     held_out: int = 8
     photos: int = 4              # per identity (held-out identities: 1 input photo + the rest for evaluation)
     code_dim: int = 6            # k: dimension of each half of the hidden identity code z
-    teacher_scale: float = 3.0   # size of the teacher's A/B entries
+    teacher_scale: float = 8.0   # size of the teacher's A/B entries
     teacher_noise: float = 0.1   # per-identity deviation from the low-dimensional family
     family_variation: float = 0.15  # size of the base family's smooth variations around the template
-    photo_variation: float = 0.5 # rho: weight of each photo's own part of the start noise (pose, light)
     pretrain_steps: int = 600    # denoiser pre-training of the base UNet (batch 64)
     sample_steps: int = 10       # DDIM steps per photo
-    vae_steps: int = 300         # encoder-inversion training steps
+    vae_steps: int = 1500        # encoder-inversion training steps
+    gallery: int = 16            # teacher samples per identity for the recognizer
     seed: int = 0
 
     def ids(self) -> tuple[list[str], list[str]]:
@@ -176,33 +179,29 @@ def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> l
 
 @torch.no_grad()
 def sample(base: BaseModel, injector: LowRankInjector, weights, seeds: list[str], spec: WorldSpec,
-           scale: float = 1.0) -> torch.Tensor:
+           scale: float = 1.0, prompt: str = PROMPT) -> torch.Tensor:
     """Latents [N, 4, 8, 8] sampled with DDIM (no guidance) from base + residual per seed.
 
     `weights`: None (bare base), a list of LiDBs (one per seed) or LoRA factors
     {name: (down, up)} of one LiDB (the same for every seed).
 
-    Every start noise is the world's shared start noise plus a per-seed part of
-    weight rho: photos of one identity differ (pose, light) but less than
-    identities do, as with faces; the base model was trained on all of its
-    family, so this shared start is nothing it has to learn. `scale` multiplies
+    Every seed has its own independent start noise (nothing is shared between
+    photos), so photos of one identity differ only through the model's own
+    sample variation. `scale` multiplies
     the result (1 in this world: the base was trained on latents of this size).
     """
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(base.noise_scheduler.config)
     sched.set_timesteps(spec.sample_steps)
-    rho = spec.photo_variation
-    shared = torch.randn(4, 8, 8, generator=generator(spec.seed, "template"))
-    x = torch.stack([(1 - rho ** 2) ** 0.5 * shared + rho * torch.randn(4, 8, 8, generator=generator("sample", s))
-                     for s in seeds])
+    x = torch.stack([torch.randn(4, 8, 8, generator=generator("sample", s)) for s in seeds])
     if weights is None:
         injector.clear()
     elif isinstance(weights, dict):
         injector.set_factors(weights)
     else:
         injector.set_factors(lidb_factors(weights))
-    context = base.text_encoder(tokenize(base, [PROMPT] * len(seeds), "cpu"))[0]
+    context = base.text_encoder(tokenize(base, [prompt] * len(seeds), "cpu"))[0]
     for t in sched.timesteps:
         eps = base.unet(x, t, context).sample
         x = sched.step(eps, t, x).prev_sample
@@ -211,7 +210,11 @@ def sample(base: BaseModel, injector: LowRankInjector, weights, seeds: list[str]
 
 
 def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int) -> float:
-    """Fit the VAE encoder to invert the (frozen, random) decoder through PNG quantisation."""
+    """Fit the VAE encoder to invert the (frozen, random) decoder through PNG quantisation.
+
+    Trained on the world's own latents plus a little noise, with a cosine-decayed
+    learning rate; returns the relative round-trip error on the latents themselves.
+    """
     vae = base.vae
     with torch.no_grad():      # decoder output scaled so images use most of 0..1 without clipping
         std = vae.decode(latents[:64]).sample.std()
@@ -222,10 +225,11 @@ def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int
         p.requires_grad_(True)
     opt = torch.optim.Adam(enc_params, lr=2e-3)
     g = generator(seed, "vae")
-    err = float("nan")
-    for _ in range(steps):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(latents.shape[0], (32,), generator=g)
-        z = latents[idx] + 0.3 * torch.randn(32, 4, 8, 8, generator=g)
+        z = latents[idx] + 0.1 * torch.randn(32, 4, 8, 8, generator=g)
         with torch.no_grad():
             img = to_png_range(vae.decode(z).sample)
         rec = vae.encode(img).latent_dist.mean
@@ -233,10 +237,34 @@ def _train_encoder(base: BaseModel, latents: torch.Tensor, steps: int, seed: int
         opt.zero_grad()
         loss.backward()
         opt.step()
-        err = float(loss.detach())
     for p in enc_params:
         p.requires_grad_(False)
-    return err
+    return round_trip_error(base, latents)
+
+
+@torch.no_grad()
+def round_trip_error(base: BaseModel, latents: torch.Tensor) -> float:
+    """Relative squared error of latent -> decoder -> 8-bit PNG -> encoder."""
+    num = den = 0.0
+    for i in range(0, latents.shape[0], 64):
+        z = latents[i:i + 64]
+        rec = base.vae.encode(to_png_range(base.vae.decode(z).sample)).latent_dist.mean
+        num += float((rec - z).pow(2).sum())
+        den += float(z.pow(2).sum())
+    return num / den
+
+
+def distance_ratio(per: torch.Tensor) -> tuple[float, float, float]:
+    """per [N identities, P photos, D]: (mean sq distance of two photos of one identity, of two photos of two
+    identities, sqrt of their ratio)."""
+    n, k, _ = per.shape
+    flat = per.reshape(n * k, -1)
+    d = torch.cdist(flat, flat).pow(2).reshape(n, k, n, k)
+    same = torch.eye(n, dtype=torch.bool)[:, None, :, None].expand(n, k, n, k)
+    self_pair = torch.eye(n * k, dtype=torch.bool).reshape(n, k, n, k)
+    within = float(d[same & ~self_pair].mean())
+    between = float(d[~same].mean())
+    return within, between, (within / between) ** 0.5
 
 
 def to_png_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -273,18 +301,21 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     names = train_ids + held_ids
     teach = teachers(layers, config, spec, names)
     injector = base.injector(layers)
-    seeds = [f"{n}/photo{k}" for n in names for k in range(spec.photos)]
-    lat = []
-    with injector:
-        for i in range(0, len(names), 32):
-            chunk = teach[i:i + 32]
-            reps = [l for l in chunk for _ in range(spec.photos)]
-            lat.append(sample(base, injector, reps, seeds[i * spec.photos:(i + len(chunk)) * spec.photos], spec))
+
+    def sample_all(tag: str, per_id: int) -> torch.Tensor:
+        jobs = [(teach[i], f"{name}/{tag}{k}") for i, name in enumerate(names) for k in range(per_id)]
+        out = []
+        with injector:
+            for j in range(0, len(jobs), 64):
+                chunk = jobs[j:j + 64]
+                out.append(sample(base, injector, [c[0] for c in chunk], [c[1] for c in chunk], spec))
+        return torch.cat(out)
+
+    latents = sample_all("photo", spec.photos)
+    gallery = sample_all("gallery", spec.gallery)
     scale = 1.0
-    latents = torch.cat(lat)
     err = _train_encoder(base, latents, spec.vae_steps, spec.seed)
     base.vae.save_pretrained(os.path.join(base_dir, "vae"), safe_serialization=True)
-    log(f"world: VAE round-trip relative error {err:.4f}")
     photos_dir, teach_dir = os.path.join(root, "photos"), os.path.join(root, "teachers")
     held_dir = os.path.join(root, "held_out_photos")
     os.makedirs(teach_dir, exist_ok=True)
@@ -297,20 +328,25 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
             _write_png(os.path.join(folder, f"{k}.png"), images[i * spec.photos + k])
         save_lidb(teach[i], os.path.join(teach_dir, f"{name}.safetensors"))
     from safetensors.torch import save_file
-    save_file({"latents": latents.contiguous()}, os.path.join(root, "teacher_latents.safetensors"))
     from hdb_core.training.base_model import encode_latents
 
     with torch.no_grad():
         seen = torch.cat([encode_latents(base, to_png_range(images[i:i + 64]), "cpu")
                           for i in range(0, images.shape[0], 64)])
-    per = seen.reshape(len(names), spec.photos, -1)
-    centre = per.mean(1)
-    within = float((per - centre[:, None]).pow(2).sum(-1).mean() * spec.photos / (spec.photos - 1))
-    between = float(torch.cdist(centre, centre).pow(2).sum() / (len(names) * (len(names) - 1)))
-    log(f"world: mean squared distance of encoded photo latents, two photos of one identity {2 * within:.2f}, "
-        f"photo means of two identities {between:.2f}")
-    manifest = {"spec": asdict(spec), "latent_scale": scale, "photo_distance_within": 2 * within,
-                "identity_distance_between": between, "train": train_ids, "held_out": held_ids, "vae_error": err,
+    save_file({"latents": latents.contiguous(), "gallery": gallery.contiguous(), "encoded": seen.contiguous()},
+              os.path.join(root, "teacher_latents.safetensors"))
+    w_raw, b_raw, r_raw = distance_ratio(gallery.reshape(len(names), spec.gallery, -1))
+    w_enc, b_enc, r_enc = distance_ratio(seen.reshape(len(names), spec.photos, -1))
+    with torch.no_grad(), injector:
+        base_s = sample(base, injector, None, [f"base/{k}" for k in range(64)], spec)
+    base_spread = float(torch.cdist(base_s.flatten(1), base_s.flatten(1)).pow(2).sum() / (64 * 63))
+    log(f"world: VAE round-trip relative error on the photos {err:.4f}; mean squared latent distance: "
+        f"two teacher samples of one identity {w_raw:.2f}, of two identities {b_raw:.2f} "
+        f"(distance ratio {r_raw:.3f}); encoded photos {w_enc:.2f} vs {b_enc:.2f} (ratio {r_enc:.3f}); "
+        f"two base-model samples {base_spread:.2f}")
+    manifest = {"spec": asdict(spec), "latent_scale": scale, "photo_distance_within": w_raw,
+                "identity_distance_between": b_raw, "distance_ratio": r_raw, "encoded_distance_within": w_enc,
+                "encoded_distance_between": b_enc, "encoded_distance_ratio": r_enc, "base_spread": base_spread, "train": train_ids, "held_out": held_ids, "vae_error": err,
                 "base": base_dir, "image_encoder": enc_dir, "photos": photos_dir, "held_out_photos": held_dir,
                 "teachers": teach_dir}
     with open(manifest_path, "w") as f:

@@ -54,5 +54,8 @@ def lidb_factors(lidbs: LiDB | Sequence[LiDB], device=None) -> dict[str, tuple[t
     """Factors of one LiDB (shared by every sample) or of one LiDB per sample, in batch order."""
     if isinstance(lidbs, LiDB):
         lidbs = [lidbs]
+    if any(x.free_down for x in lidbs):    # a free LoRA part: each LiDB's complete factors, stacked
+        return {s.name: tuple(torch.stack(f).to(device) for f in zip(*(x.down_up(s.name) for x in lidbs)))
+                for s in lidbs[0].layers}
     a, b = stack_train(list(lidbs), device)
     return train_factors(aux_for_layers(lidbs[0].config, lidbs[0].layers), a, b)

@@ -6,9 +6,15 @@ holds a handful of entries instead of two per layer. The layer order, the
 architecture signature and how the LiDB was made travel in string metadata:
 
   tensors   a_train.<a>x<b> [L, a, r], b_train.<a>x<b> [L, r, b]   (float32)
+            with the paper's relaxation (format version 2) also
+            free_down.<in>x<out> [L, rf, in], free_up.<in>x<out> [L, out, rf]
   metadata  format, format_version, layers (JSON [[name, in, out], ...]),
             a, b, rank, seed, aux_generator, aux_checksum, arch, trigger,
-            source, base_model, created_by
+            source, base_model, created_by, relaxation, free_rank
+
+A LiDB without a free part is written as version 1, byte-compatible with every
+earlier reader; version 2 files are read by this version and refused, in one
+sentence, by older ones.
 """
 from __future__ import annotations
 
@@ -20,12 +26,13 @@ from safetensors.torch import save_file
 from hdb_core.lidb import aux_bases
 from hdb_core.atomic import write_atomic
 from hdb_core.errors import HDBError
-from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.lidb.weights import FREE, LiDB, LiDBConfig
 from hdb_core.storage import check_version, file_error, read
 from hdb_core.lidb.targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.lidb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest this pack writes and reads
+AUX_ONLY_VERSION = 1        # what a LiDB without a free LoRA part is written as
 PACK_NAME = "ComfyUI-HyperDreamBooth"
 INFO_KEYS = ("trigger", "source", "base_model")
 
@@ -46,10 +53,18 @@ def lidb_to_safetensors(lidb: LiDB) -> tuple[dict[str, torch.Tensor], dict[str, 
     for key, (at, bt) in groups.items():
         tensors[f"a_train.{key}"] = torch.stack(at).contiguous()
         tensors[f"b_train.{key}"] = torch.stack(bt).contiguous()
+    free: dict[str, tuple[list, list]] = {}
+    for spec in lidb.layers if lidb.free_down else ():
+        down, up = free.setdefault(_group_key(spec.in_features, spec.out_features), ([], []))
+        down.append(lidb.free_down[spec.name].detach().float().cpu())
+        up.append(lidb.free_up[spec.name].detach().float().cpu())
+    for key, (down, up) in free.items():
+        tensors[f"free_down.{key}"] = torch.stack(down).contiguous()
+        tensors[f"free_up.{key}"] = torch.stack(up).contiguous()
     c = lidb.config
     meta = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if free else AUX_ONLY_VERSION),
         "layers": json.dumps([[s.name, s.in_features, s.out_features] for s in lidb.layers],
                              separators=(",", ":")),
         "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
@@ -60,6 +75,8 @@ def lidb_to_safetensors(lidb: LiDB) -> tuple[dict[str, torch.Tensor], dict[str, 
     }
     for k in INFO_KEYS:
         meta[k] = str(lidb.info.get(k, ""))
+    if free:
+        meta.update(relaxation=lidb.relaxation, free_rank=str(lidb.free_rank))
     return tensors, meta
 
 
@@ -117,11 +134,26 @@ def lidb_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]
     expected = {f"{p}.{k}" for k in cursor for p in ("a_train", "b_train")}
     sizes_ok = all(tensors[f"a_train.{k}"].shape[0] == n and tensors[f"b_train.{k}"].shape[0] == n
                    for k, n in cursor.items())
+    free_down, free_up = {}, {}
+    if meta.get("relaxation") == FREE:
+        free_cursor: dict[str, int] = {}
+        for spec in layers:
+            key = _group_key(spec.in_features, spec.out_features)
+            idx = free_cursor.get(key, 0)
+            free_cursor[key] = idx + 1
+            down, up = tensors.get(f"free_down.{key}"), tensors.get(f"free_up.{key}")
+            if down is None or up is None or down.dim() != 3 or up.dim() != 3 or idx >= min(len(down), len(up)):
+                raise _fail(path, f"is missing the free LoRA factors of layer {spec.name}; the file is damaged, "
+                                  f"save it again.")
+            free_down[spec.name], free_up[spec.name] = down[idx].float(), up[idx].float()
+        expected |= {f"{p}.{k}" for k in free_cursor for p in ("free_down", "free_up")}
+        sizes_ok = sizes_ok and all(len(tensors[f"free_down.{k}"]) == n and len(tensors[f"free_up.{k}"]) == n
+                                    for k, n in free_cursor.items())
     if set(tensors) != expected or not sizes_ok:
         raise _fail(path, "has tensors that do not match its layer list; the file is damaged, save it again.")
     info = {k: meta[k] for k in INFO_KEYS if meta.get(k)}
     try:
-        lidb = LiDB(layers, config, a_train, b_train, info)
+        lidb = LiDB(layers, config, a_train, b_train, info, free_down, free_up)
     except ValueError as e:
         raise _fail(path, f"has inconsistent shapes ({e}); the file is damaged, save it again.") from None
     if not lidb.is_finite():

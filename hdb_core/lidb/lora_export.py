@@ -17,7 +17,7 @@ from hdb_core.lidb.targets import TEXT_ENCODERS, kohya_name, unet_family
 
 def to_kohya(lidb: LiDB, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and ss_* metadata of the kohya LoRA equivalent to `lidb`."""
-    rank = lidb.config.rank
+    rank = lidb.config.rank + lidb.free_rank     # the free LoRA part adds rank; the export stays exact
     tensors = {}
     for spec in lidb.layers:
         down, up = lidb.down_up(spec.name)

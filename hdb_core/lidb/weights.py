@@ -26,6 +26,11 @@ from hdb_core.lidb.targets import LayerSpec, describe
 SOURCES = ("predicted", "finetuned", "trained", "converted", "random")
 
 
+AUX = "aux_subspace"   # rank relaxation inside the aux bases (new A/B_train components): the small file
+FREE = "free_lora"     # the paper's: the start kept as is, plus a free LoRA of higher rank
+RELAXATIONS = (AUX, FREE)
+
+
 @dataclass(frozen=True)
 class LiDBConfig:
     a: int = 100
@@ -179,6 +184,10 @@ class LiDB:
 
     `info` holds free-form provenance that travels in the file: trigger phrase,
     source (predicted / finetuned / trained / converted), base-model hint.
+
+    `free_down`/`free_up` (optional, every layer or none) are the paper's rank relaxation:
+    a plain LoRA of rank `free_rank` beside the aux-factored part, outside the aux bases'
+    subspace, so dW = up_aux @ down_aux + free_up @ free_down.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -186,6 +195,8 @@ class LiDB:
     a_train: dict[str, torch.Tensor]
     b_train: dict[str, torch.Tensor]
     info: dict[str, str] = field(default_factory=dict)
+    free_down: dict[str, torch.Tensor] = field(default_factory=dict)    # [free_rank, in]
+    free_up: dict[str, torch.Tensor] = field(default_factory=dict)      # [out, free_rank]
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
@@ -203,6 +214,25 @@ class LiDB:
                                  f"expected {(a_l, r)}/{(r, b_l)}")
         if set(self.a_train) != set(names) or set(self.b_train) != set(names):
             raise ValueError("LiDB train matrices name layers that are not in its layer list")
+        if self.free_down or self.free_up:
+            if set(self.free_down) != set(names) or set(self.free_up) != set(names):
+                raise ValueError("a LiDB's free LoRA part must cover every layer")
+            rf = self.free_rank
+            for spec in self.layers:
+                down, up = self.free_down[spec.name], self.free_up[spec.name]
+                if tuple(down.shape) != (rf, spec.in_features) or tuple(up.shape) != (spec.out_features, rf):
+                    raise ValueError(f"layer {spec.name}: free LoRA factors are {tuple(down.shape)}/"
+                                     f"{tuple(up.shape)}, expected {(rf, spec.in_features)}/"
+                                     f"{(spec.out_features, rf)}")
+
+    @property
+    def free_rank(self) -> int:
+        """Rank of the free LoRA part (0: none, all of dW lies in the aux subspace)."""
+        return next(iter(self.free_down.values())).shape[0] if self.free_down else 0
+
+    @property
+    def relaxation(self) -> str:
+        return FREE if self.free_down else AUX
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -239,9 +269,13 @@ class LiDB:
         return aux_for(self.config, self.spec_by_name[name], layout=self.layers)
 
     def down_up(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down [r, in], up [out, r]) in float32 on the CPU."""
+        """(down [r, in], up [out, r]) in float32 on the CPU; r includes the free part's rank."""
         a_aux, b_aux = self.aux(name)
-        return down_up_from(a_aux, b_aux, self.a_train[name].float().cpu(), self.b_train[name].float().cpu())
+        down, up = down_up_from(a_aux, b_aux, self.a_train[name].float().cpu(), self.b_train[name].float().cpu())
+        if self.free_down:
+            down = torch.cat([down, self.free_down[name].float().cpu()], dim=0)
+            up = torch.cat([up, self.free_up[name].float().cpu()], dim=1)
+        return down, up
 
     def delta(self, name: str) -> torch.Tensor:
         down, up = self.down_up(name)
@@ -250,31 +284,53 @@ class LiDB:
     def aux_checksum(self, progress: Progress | None = None) -> str:
         return aux_checksum(self.config, self.layers, progress)
 
+    def _tensors(self):
+        return (*self.a_train.values(), *self.b_train.values(), *self.free_down.values(), *self.free_up.values())
+
     @property
     def num_trainable(self) -> int:
-        return sum(t.numel() for t in self.a_train.values()) + sum(t.numel() for t in self.b_train.values())
+        return sum(t.numel() for t in self._tensors())
 
     def is_finite(self) -> bool:
-        return all(torch.isfinite(t).all() for t in (*self.a_train.values(), *self.b_train.values()))
+        return all(torch.isfinite(t).all() for t in self._tensors())
 
     def describe(self) -> str:
         return describe(self.layers)
 
     # -- derived LiDBs (never mutate self) --------------------------------------------------
     def with_info(self, **info) -> "LiDB":
-        return replace(self, a_train=dict(self.a_train), b_train=dict(self.b_train), info={**self.info, **info})
+        return replace(self, a_train=dict(self.a_train), b_train=dict(self.b_train), info={**self.info, **info},
+                       free_down=dict(self.free_down), free_up=dict(self.free_up))
 
     def with_tensors(self, a_train: Mapping[str, torch.Tensor], b_train: Mapping[str, torch.Tensor],
-                     rank: int | None = None, **info) -> "LiDB":
+                     rank: int | None = None, free: tuple[Mapping, Mapping] | None = None, **info) -> "LiDB":
+        """New train matrices (and free factors, if given; else this LiDB's) with the same layers."""
         config = self.config if rank is None else replace(self.config, rank=rank)
-        return LiDB(self.layers, config, dict(a_train), dict(b_train), {**self.info, **info})
+        free_down, free_up = free if free is not None else (self.free_down, self.free_up)
+        return LiDB(self.layers, config, dict(a_train), dict(b_train), {**self.info, **info},
+                    dict(free_down), dict(free_up))
 
     def components(self, keep: Iterable[str]) -> "LiDB":
         """The part of this LiDB on the given components ('unet', 'te', 'te1', 'te2')."""
         keep = set(keep)
         layers = tuple(s for s in self.layers if s.component in keep)
-        return LiDB(layers, self.config, {s.name: self.a_train[s.name] for s in layers},
-                    {s.name: self.b_train[s.name] for s in layers}, dict(self.info))
+        pick = lambda d: {s.name: d[s.name] for s in layers} if d else {}    # noqa: E731
+        return LiDB(layers, self.config, pick(self.a_train), pick(self.b_train), dict(self.info),
+                    pick(self.free_down), pick(self.free_up))
+
+    def with_free_lora(self, rank: int, generator: torch.Generator) -> "LiDB":
+        """This LiDB plus a free LoRA of `rank` per layer (down random, up zero: dW unchanged).
+
+        The paper's relaxation: the start stays as it is, the new rank lives outside the aux
+        subspace. Layers draw in name order.
+        """
+        if self.free_down:
+            raise ValueError("this LiDB already has a free LoRA part")
+        down, up = {}, {}
+        for spec in sorted(self.layers, key=lambda s: s.name):
+            down[spec.name] = torch.randn(rank, spec.in_features, generator=generator) / spec.in_features ** 0.5
+            up[spec.name] = torch.zeros(spec.out_features, rank)
+        return self.with_tensors(self.a_train, self.b_train, free=(down, up))
 
     def relaxed(self, rank: int, generator: torch.Generator) -> "LiDB":
         """Rank-`rank` LiDB whose dW equals this one's exactly.
@@ -296,5 +352,5 @@ class LiDB:
         return self.with_tensors(a_new, b_new, rank=rank)
 
     def to_float32(self) -> "LiDB":
-        return self.with_tensors({k: v.detach().float().cpu().clone() for k, v in self.a_train.items()},
-                                 {k: v.detach().float().cpu().clone() for k, v in self.b_train.items()})
+        f32 = lambda d: {k: v.detach().float().cpu().clone() for k, v in d.items()}    # noqa: E731
+        return self.with_tensors(f32(self.a_train), f32(self.b_train), free=(f32(self.free_down), f32(self.free_up)))

@@ -21,7 +21,7 @@ import torch
 from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.lidb.targets import LayerSpec
-from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers, down_up_from
+from hdb_core.lidb.weights import AUX, FREE, RELAXATIONS, LiDB, LiDBConfig, aux_for_layers, down_up_from
 from hdb_core.training.objective import draw, pick_latents
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -33,6 +33,7 @@ class FinetuneSettings:
     steps: int = defaults.FINETUNE_STEPS
     learning_rate: float = defaults.FINETUNE_LR
     relaxed_rank: int = defaults.RELAXED_RANK
+    relaxation: str = defaults.RELAXATION       # AUX: new components in the aux subspace; FREE: the paper's
     seed: int = 0
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None   # None: full precision (CPU default)
@@ -46,40 +47,67 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
 
 
-def check_relaxable(start: LiDB, rank: int) -> None:
+def check_relaxable(start: LiDB, rank: int, relaxation: str = AUX) -> None:
+    if relaxation not in RELAXATIONS:
+        raise HDBError(f"relaxation must be one of {', '.join(RELAXATIONS)}, not {relaxation!r}.")
+    if relaxation == FREE:
+        if start.free_down:
+            raise HDBError("The starting LiDB already has a free LoRA part (it was finetuned that way); "
+                           f"finetune it again with relaxation '{AUX}', or start from its prediction.")
+        return
     if rank < start.config.rank:
         raise HDBError(f"The starting LiDB already has rank {start.config.rank}, more than relaxed_rank {rank}; "
                        f"set relaxed_rank to {start.config.rank} or higher.")
 
 
-def relaxed_start(start: LiDB, rank: int, generator: torch.Generator) -> LiDB:
-    """The start as a rank-`rank` LiDB with identical dW (the paper's rank relaxation)."""
-    check_relaxable(start, rank)
+def relaxed_start(start: LiDB, rank: int, generator: torch.Generator, relaxation: str = AUX) -> LiDB:
+    """The start with room to learn and identical dW: `rank` components in the aux subspace (AUX),
+    or the start as it is plus a free LoRA of `rank` outside it (FREE, the paper's relaxation)."""
+    check_relaxable(start, rank, relaxation)
+    if relaxation == FREE:
+        return start.to_float32().with_free_lora(rank, generator)
     return start.relaxed(rank, generator) if rank > start.config.rank else start.to_float32()
 
 
-def zero_start(layers: Iterable[LayerSpec], rank: int, generator: torch.Generator, **info) -> LiDB:
-    """A LiDB whose dW is zero but which learns from the first step (LoRA-style A random, B zero)."""
+def zero_start(layers: Iterable[LayerSpec], rank: int, generator: torch.Generator, relaxation: str = AUX,
+               **info) -> LiDB:
+    """A LiDB whose dW is zero but which learns from the first step (LoRA-style A random, B zero).
+
+    With the FREE relaxation the aux part is a plain zero (rank 1): the free LoRA added by
+    `relaxed_start` is what learns.
+    """
+    if relaxation == FREE:
+        return LiDB.zeros(layers, LiDBConfig(), **info)
     return LiDB.trainable_start(layers, LiDBConfig(rank=rank), generator, **info)
 
 
 class TrainableLiDB(torch.nn.Module):
-    """A LiDB's train matrices as parameters, with its frozen aux bases on the training device."""
+    """A LiDB's train matrices (and free LoRA factors) as parameters, its aux bases on the device.
 
-    def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None):
+    With `train_aux` False the aux-factored part is kept as it is (the paper's relaxation:
+    only the free LoRA part learns).
+    """
+
+    def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None,
+                 train_aux: bool = True):
         super().__init__()
         self.template = lidb
         self.names = [s.name for s in lidb.layers]
-        self.a_train = torch.nn.ParameterList()
-        self.b_train = torch.nn.ParameterList()
+        self.a_train, self.b_train = torch.nn.ParameterList(), torch.nn.ParameterList()
+        self.free_down, self.free_up = torch.nn.ParameterList(), torch.nn.ParameterList()
         self._aux: list[tuple[torch.Tensor, torch.Tensor]] = []
         aux = aux_for_layers(lidb.config, lidb.layers)
+
+        def param(t: torch.Tensor, learn: bool) -> torch.nn.Parameter:
+            return torch.nn.Parameter(t.detach().float().to(device).clone(), requires_grad=learn)
+
         for spec in lidb.layers:
             learn = trainable is None or spec.component in trainable
-            self.a_train.append(torch.nn.Parameter(lidb.a_train[spec.name].detach().float().to(device).clone(),
-                                                   requires_grad=learn))
-            self.b_train.append(torch.nn.Parameter(lidb.b_train[spec.name].detach().float().to(device).clone(),
-                                                   requires_grad=learn))
+            self.a_train.append(param(lidb.a_train[spec.name], learn and train_aux))
+            self.b_train.append(param(lidb.b_train[spec.name], learn and train_aux))
+            if lidb.free_down:
+                self.free_down.append(param(lidb.free_down[spec.name], learn))
+                self.free_up.append(param(lidb.free_up[spec.name], learn))
             a_aux, b_aux = aux[spec.name]
             self._aux.append((a_aux.to(device), b_aux.to(device)))
 
@@ -88,13 +116,19 @@ class TrainableLiDB(torch.nn.Module):
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (down [r, in], up [out, r]); differentiable in the trainable matrices."""
-        return {name: down_up_from(a_aux, b_aux, at, bt)
-                for name, (a_aux, b_aux), at, bt in zip(self.names, self._aux, self.a_train, self.b_train)}
+        out = {}
+        for i, (name, (a_aux, b_aux)) in enumerate(zip(self.names, self._aux)):
+            down, up = down_up_from(a_aux, b_aux, self.a_train[i], self.b_train[i])
+            if len(self.free_down):
+                down = torch.cat([down, self.free_down[i]], dim=0)
+                up = torch.cat([up, self.free_up[i]], dim=1)
+            out[name] = (down, up)
+        return out
 
     def to_lidb(self, **info) -> LiDB:
-        a = {n: p.detach().float().cpu().clone() for n, p in zip(self.names, self.a_train)}
-        b = {n: p.detach().float().cpu().clone() for n, p in zip(self.names, self.b_train)}
-        return self.template.with_tensors(a, b, **info)
+        cpu = lambda params: {n: p.detach().float().cpu().clone() for n, p in zip(self.names, params)}  # noqa: E731
+        free = (cpu(self.free_down), cpu(self.free_up)) if len(self.free_down) else ({}, {})
+        return self.template.with_tensors(cpu(self.a_train), cpu(self.b_train), free=free, **info)
 
 
 def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
@@ -113,8 +147,8 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
     if not (settings.learning_rate > 0 and math.isfinite(settings.learning_rate)):
         raise HDBError(f"learning_rate is {settings.learning_rate}; use a positive value such as 1e-3.")
     generator = torch.Generator().manual_seed(int(settings.seed))
-    lidb = relaxed_start(start, settings.relaxed_rank, generator)
-    weights = TrainableLiDB(lidb, settings.device, settings.trainable)
+    lidb = relaxed_start(start, settings.relaxed_rank, generator, settings.relaxation)
+    weights = TrainableLiDB(lidb, settings.device, settings.trainable, train_aux=settings.relaxation == AUX)
     params = weights.trainable_parameters()
     if not params:
         raise HDBError("Nothing to train: the LiDB has no layers on the components being trained; "
