@@ -18,7 +18,8 @@ from devtools.comfy_runtime import REPO
 
 FINETUNE_NODE_DEFAULTS = {"trigger": defaults.TRIGGER, "steps": defaults.FINETUNE_STEPS,
                           "learning_rate": defaults.FINETUNE_LR, "relaxed_rank": defaults.RELAXED_RANK,
-                          "resolution": defaults.RESOLUTION, "mirror": defaults.MIRROR}
+                          "resolution": defaults.RESOLUTION, "mirror": defaults.MIRROR,
+                          "relaxation": defaults.RELAXATION}
 
 
 def _subparser(name):
@@ -36,8 +37,9 @@ def test_the_node_uses_the_table(node):
 
 def test_the_cli_uses_the_table():
     finetune = _subparser("finetune").parse_args(["--image", "x", "--output", "y", "--base-model", "z"])
-    assert (finetune.steps, finetune.lr, finetune.rank, finetune.resolution, not finetune.no_flip) == (
-        defaults.FINETUNE_STEPS, defaults.FINETUNE_LR, defaults.RELAXED_RANK, defaults.RESOLUTION, defaults.MIRROR)
+    assert (finetune.steps, finetune.lr, finetune.rank, finetune.resolution, not finetune.no_flip,
+            finetune.relaxation) == (defaults.FINETUNE_STEPS, defaults.FINETUNE_LR, defaults.RELAXED_RANK,
+                                     defaults.RESOLUTION, defaults.MIRROR, defaults.RELAXATION)
     assert finetune.trigger is None, "hdb finetune takes the --init LiDB's trigger, else defaults.TRIGGER"
     stage0 = _subparser("preoptimize").parse_args(["--data", "d", "--output", "o", "--base-model", "m"])
     assert (stage0.trigger, stage0.steps, stage0.lr, stage0.resolution, not stage0.no_flip) == (
@@ -50,8 +52,8 @@ def test_the_cli_uses_the_table():
 def test_readme_states_the_table():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
-    for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "RELAXED_RANK", "MIRROR",
-                 "RESOLUTION"):
+    for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "RELAXED_RANK", "RELAXATION",
+                 "MIRROR", "RESOLUTION"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 
