@@ -137,3 +137,36 @@ def test_save_lidb_shows_the_name_load_lidb_lists(comfy, node, tiny_sd):
     (shown,) = out.ui["text"]
     assert shown in folder_paths.get_filename_list("lidb"), shown
     assert node("HDB_LoadLiDB").execute(lidb_name=shown).result[0].layers == tuple(specs)
+
+
+def test_sdxl_end_to_end_both_text_encoders_apply_and_export(comfy, node, caplog):
+    """SDXL (tiny, ComfyUI's real SDXL classes): finetune trains the UNet and both CLIPs, Apply LiDB
+    patches them, and the exported LoRA loads in the stock LoraLoader with no key left out and the
+    same weights."""
+    import logging
+
+    import nodes as comfy_nodes
+    from comfy.lora import calculate_weight
+
+    from devtools import comfy_runtime, tiny_models
+
+    model, clip, vae = tiny_models.comfy_checkpoint_of("sdxl", "tiny")
+    photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    lidb, _ = comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=photo,
+                                      steps=2, resolution=64, learning_rate=1e-2)
+    assert {s.component for s in lidb.layers} == {"unet", "te1", "te2"}
+    assert lidb.is_finite() and any(lidb.b_train[s.name].abs().sum() > 0 for s in lidb.layers if s.component == "te2")
+    comfy_runtime.call_node(node("HDB_ExportLoRA"), lidb=lidb, filename_prefix="sdxl/e2e")
+    name = max(n for n in comfy["folder_paths"].get_filename_list("loras") if n.startswith("hyperdreambooth/sdxl/e2e"))
+    with caplog.at_level(logging.WARNING):
+        lora_model, lora_clip = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    ours_model, ours_clip = comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb,
+                                                    strength_model=1.0, strength_clip=1.0)
+    for theirs, ours, base in ((lora_model, ours_model, model), (lora_clip.patcher, ours_clip.patcher, clip.patcher)):
+        assert set(theirs.patches) == set(ours.patches) and ours.patches
+        weights = base.model.state_dict()
+        for key in ours.patches:
+            w = weights[key].float()
+            torch.testing.assert_close(calculate_weight(theirs.patches[key], w.clone(), key),
+                                       calculate_weight(ours.patches[key], w.clone(), key), atol=1e-6, rtol=1e-5)
