@@ -1,23 +1,23 @@
-"""The toy-world evidence run (bench/bench_evidence.py --quick): identity in the world, and the method's ordering.
+"""The toy-world identity evidence (bench/bench_evidence.py --quick): the gate and the orderings it reliably shows.
 
 Runs the real pipeline (hdb stage 0 `preoptimize`, stage 1 `train_hypernet`,
-`finetune` with the loss of `hdb finetune`) on a small generated world whose
-base UNet was pre-trained as a denoiser, and checks, paired per held-out identity
-on the denoising loss of its unseen photos:
+`finetune` with the loss of `hdb finetune`) on a small generated world and
+judges every LiDB by an identity recognizer (PCA + LDA on latents, fit on the
+training identities' teacher samples only; `bench/evidence/identity.py`).
 
-* the world has identities: photos of two identities differ more than two photos
-  of one, and the teacher that generated an identity's photos denoises them
-  better than another identity's teacher does;
-* what the method learns is identity-specific: another identity's prediction
-  (and its prediction + k finetuning steps) does worse on this identity's photos;
-* hypernet + k steps clearly beats zero start + k steps and hypernet only, and
-  the default number of refinement passes beats s = 1.
+Asserted (margins from the spread seen in the quick run, docs/evidence.md):
+* the gate: the teacher beats the base model on identity for >= 90 % of held-out
+  identities, and the identity survives the VAE/PNG round trip of the photos;
+* identity specificity: another identity's teacher does not look like this one;
+* finetuning from the hypernet prediction moves it towards the identity, and
+  hypernet + k steps carries identity.
 
-Not asserted, because it does not hold at this size (docs/evidence.md has the
-numbers): hypernet + k beating zero start + 10k, and the teacher beating the
-base model on the photos after the toy VAE's round trip. Margins are set from
-the spread observed in the quick run (docs/evidence.md); the run takes about
-1.5 minutes (2.5 with a cold pre-training cache) on one thread.
+Not asserted, because the quick run (6 test identities) does not show it
+reliably (docs/evidence.md has the full-run numbers): the hypernet prediction
+alone beating the base model (quick: cosine +0.35, 95 % CI -0.04..+0.78; full
+run +0.70, CI +0.45..+0.98), its rank-1 identification reaching half the
+teacher's (not reached in either run), and hypernet + k against zero start + k
+or + 10k (the intervals cross zero in both runs).
 """
 from __future__ import annotations
 
@@ -41,61 +41,44 @@ def evidence(tmp_path_factory):
     return settings, result
 
 
-def _paired(worse: list[float], better: list[float]) -> list[float]:
-    return [w - b for w, b in zip(worse, better)]
+def _diff(a: list[float], b: list[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b)]
 
 
-def test_identities_differ_more_than_photos_of_one_identity(evidence):
+def test_gate_teacher_beats_base_on_identity(evidence):
     _, r = evidence
-    m = r["manifest"]
-    # observed: two photos of one identity 9.2, photo means of two identities 35.2 (full world: 12.6 vs 45.9)
-    assert m["identity_distance_between"] > 2 * m["photo_distance_within"], m
+    g = r["gate"]
+    # observed: 8/8 held-out identities, teacher rank-1 1.00, base 0.00 (full run 20/20, 1.00, 0.00)
+    assert g["passed"] and g["share"] >= 0.9, g
+    assert g["teacher_rank1"] >= 0.8 and g["base_rank1"] <= 0.3, g
 
 
-def test_own_teacher_denoises_its_photos_best(evidence):
-    from bench.evidence.run import RAW
+def test_identity_survives_the_photo_round_trip(evidence):
+    _, r = evidence
+    w = r["world_stats"]
+    # observed: rank-1 from the 4 sampled latents 1.00, from the 4 encoded PNGs 0.88; recognizer-space ratio 0.34
+    assert w["photos_raw_rank1"] >= 0.9 and w["photos_encoded_rank1"] >= 0.7, w
+    assert w["recognizer_ratio"] < 0.45, w
 
+
+def test_identity_is_specific(evidence):
+    _, r = evidence
+    refs = r["refs"]
+    # observed: own teacher minus another identity's teacher, cosine +0.30..+1.67 per identity
+    assert min(_diff(refs["teacher"]["cos"], refs["another identity's teacher"]["cos"])) > 0.2, refs
+    assert sum(refs["another identity's teacher"]["rank1"]) == 0, refs
+
+
+def test_finetuning_moves_the_prediction_to_the_identity(evidence):
     s, r = evidence
-    raw = r["refs"][RAW]
-    # On the latents the teachers sampled: other teacher - own teacher observed +0.02..+0.30 per identity.
-    assert min(_paired(raw["other teacher"], raw["teacher"])) > 0.005, raw
-    # Own teacher better than the base model: observed +0.0007..+0.26 (mean +0.12), so only the mean has a margin.
-    assert statistics.fmean(_paired(raw["base"], raw["teacher"])) > 0.03, raw
-
-
-def test_gains_are_identity_specific(evidence):
-    from bench.evidence.run import CONTROL_FULL, CONTROL_PREDICTION
-
-    s, r = evidence
-    c, refs = r["curves"], r["refs"]
-    for control, own in ((CONTROL_PREDICTION, c["hypernet"][0]), (CONTROL_FULL, c["hypernet"][s.hyper_steps])):
-        diffs = _paired(refs[control]["loss"], own["loss"])
-        # observed: another identity's LiDB worse on this identity's photos by +0.003..+0.15 (mean +0.05)
-        assert min(diffs) > 0 and statistics.fmean(diffs) > 0.015, (control, diffs)
-
-
-def test_hypernet_plus_k_clearly_beats_zero_plus_k(evidence):
-    s, r = evidence
-    c = r["curves"]
-    diffs = _paired(c["zero"][s.hyper_steps]["loss"], c["hypernet"][s.hyper_steps]["loss"])
-    # quick world, k = 10: observed +0.037..+0.17 per identity
-    assert min(diffs) > 0.015, diffs
-
-
-def test_finetuning_improves_the_prediction(evidence):
-    s, r = evidence
-    c = r["curves"]
-    diffs = _paired(c["hypernet"][0]["loss"], c["hypernet"][s.hyper_steps]["loss"])
-    # quick world, 10 steps: observed +0.0009..+0.010 per identity
-    assert min(diffs) > 0 and statistics.fmean(diffs) > 0.002, diffs
-
-
-def test_full_passes_beat_one_pass(evidence):
-    s, r = evidence
-    c = r["curves"]
-    diffs = _paired(c["hypernet s=1"][s.hyper_steps]["loss"], c["hypernet"][s.hyper_steps]["loss"])
-    # quick world: observed +0.032..+0.16 per identity
-    assert min(diffs) > 0.015, diffs
+    arms = r["arms"]
+    k = s.key_steps[0]
+    # observed: hypernet + k minus hypernet only, cosine +0.03..+1.13 per identity (mean +0.49)
+    d = _diff(arms[f"hypernet+{k}"]["cos"], arms["hypernet+0"]["cos"])
+    assert statistics.fmean(d) > 0.2 and min(d) > -0.05, d
+    # observed: hypernet + k cosine 0.82 ± 0.11, rank-1 5/6
+    assert statistics.fmean(arms[f"hypernet+{k}"]["cos"]) > 0.6, arms[f"hypernet+{k}"]
+    assert statistics.fmean(arms[f"hypernet+{k}"]["rank1"]) >= 0.5, arms[f"hypernet+{k}"]
 
 
 def test_report_and_plot(evidence, tmp_path):
@@ -105,8 +88,9 @@ def test_report_and_plot(evidence, tmp_path):
 
     s, r = evidence
     text = report.table(r, s)
-    assert "hypernet + " in text and "zero start + " in text and "control: another identity's" in text
-    assert "identity in the photos" in report.ordering_text(r, s)
+    assert "hypernet only" in text and "zero start + " in text and "teacher" in text
+    assert "GATE" in report.gate_text(r) and "bootstrap 95 % CI" in report.ci_text(r)
+    assert len(report.goals(r, s)) == 3
     png = report.plot(r, str(tmp_path / "plot.png"))
     with Image.open(png) as im:
         assert im.size[0] > 100 and len(set(im.convert("RGB").getdata())) > 3

@@ -1,144 +1,111 @@
-"""Summaries of the experiment: the results table, the paper's ordering checks and the plot (Pillow only)."""
+"""Summaries of the experiment: world and gate lines, the identity table, the paired CIs, the goals, the plot."""
 from __future__ import annotations
 
 import statistics
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .run import CONTROL_FULL, CONTROL_PREDICTION, CONTROL_TEACHER, METRIC_NAMES, METRICS, RAW, Settings
+from .run import Settings
 
 
 def stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]]]]:
-    c = result["curves"]
-    return [
-        ("base model (no LiDB)", c["zero"][0]),
-        ("hypernet only (s=1)", c["hypernet s=1"][0]),
-        (f"hypernet only (s={s.iterations})", c["hypernet"][0]),
-        (f"hypernet s=1 + {s.hyper_steps} steps", c["hypernet s=1"][s.hyper_steps]),
-        (f"hypernet + {s.hyper_steps} steps (full method)", c["hypernet"][s.hyper_steps]),
-        (f"zero start + {s.hyper_steps} steps", c["zero"][s.hyper_steps]),
-        (f"zero start + {s.zero_steps} steps", c["zero"][s.zero_steps]),
-        ("teacher (generated the photos)", result["refs"]["teacher"]),
-        (f"control: {CONTROL_TEACHER}", result["refs"][CONTROL_TEACHER]),
-        (f"control: {CONTROL_PREDICTION}", result["refs"][CONTROL_PREDICTION]),
-        (f"control: another identity's hypernet + {s.hyper_steps} steps", result["refs"][CONTROL_FULL]),
+def gate_text(result: dict) -> str:
+    g, w = result["gate"], result["world_stats"]
+    lines = [
+        f"world: VAE round-trip relative error {w['vae_error']:.4f}; mean squared latent distance of two teacher "
+        f"samples of one identity {w['photo_distance_within']:.1f}, of two identities "
+        f"{w['identity_distance_between']:.1f} (distance ratio {w['distance_ratio']:.3f}); encoded photos "
+        f"{w['encoded_distance_within']:.1f} vs {w['encoded_distance_between']:.1f} (ratio "
+        f"{w['encoded_distance_ratio']:.3f}); in the recognizer space (held-out identities) ratio "
+        f"{w['recognizer_ratio']:.3f}; two base-model samples {w['base_spread']:.1f}",
+        f"world: held-out identities identified from their 4 photos' latents as sampled: rank-1 "
+        f"{w['photos_raw_rank1']:.2f} (one photo {w['photos_raw_one_rank1']:.2f}); after decoding, PNG and the "
+        f"VAE encoder: {w['photos_encoded_rank1']:.2f} (one photo {w['photos_encoded_one_rank1']:.2f})",
+        f"GATE: teacher beats the base model on identity cosine for {g['wins']}/{g['identities']} held-out "
+        f"identities (need 90 %): {'PASSED' if g['passed'] else 'FAILED'}; rank-1 teacher "
+        f"{g['teacher_rank1']:.2f}, base {g['base_rank1']:.2f}",
     ]
-
-
-def table(result: dict, s: Settings) -> str:
-    n = len(result["manifest"]["held_out"])
-    head = (f"| start (held-out identities: {n}, one photo each) | "
-            + " | ".join(METRIC_NAMES[m] for m in METRICS) + " |")
-    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
-    for name, m in rows(result, s):
-        cells = [f"{a:.4f} ± {b:.4f}" for a, b in (stats(m[k]) for k in METRICS)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not g["passed"]:
+        lines.append("!!! GATE FAILED: the world's teachers do not carry identity the recognizer can see; "
+                     "nothing below would measure identity, so the comparison was not run. !!!")
     return "\n".join(lines)
 
 
-def steps_to_match(result: dict, s: Settings, metric: str) -> int | None:
-    """Fewest zero-start steps (on the measured curve) whose mean is as good as hypernet + hyper_steps."""
-    target = stats(result["curves"]["hypernet"][s.hyper_steps][metric])[0]
-    for step in sorted(result["curves"]["zero"]):
-        if stats(result["curves"]["zero"][step][metric])[0] <= target:
-            return step
-    return None
+def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]], str]]:
+    arms, refs, lrs = result["arms"], result["refs"], result["lrs"]
+    rows = [("base model (no LiDB)", refs["base"], "")]
+    for p in s.hyper_points:
+        name = "hypernet only" if p == 0 else f"hypernet + {p} steps"
+        rows.append((name, arms[f"hypernet+{p}"], f"{lrs[f'hypernet+{p}']:g}" if p else ""))
+    for p in s.zero_points:
+        rows.append((f"zero start + {p} steps", arms[f"zero+{p}"], f"{lrs[f'zero+{p}']:g}"))
+    rows += [("teacher (generated the photos)", refs["teacher"], ""),
+             ("control: another identity's teacher", refs["another identity's teacher"], ""),
+             ("control: another identity's hypernet prediction", refs["another identity's hypernet prediction"], "")]
+    return rows
 
 
-def ordering(result: dict, s: Settings, metric: str = "loss") -> dict:
-    """The paper's claims as numbers: paired per-identity differences (positive = full method better)."""
-    c = result["curves"]
-    full = c["hypernet"][s.hyper_steps][metric]
+def table(result: dict, s: Settings) -> str:
+    n = len(result["test"])
+    lines = [f"| arm ({n} test identities, one photo each) | lr | rank-1 identification | cosine to own identity "
+             f"| held-out loss | prior drift |", "|---|---|---|---|---|---|"]
+    for name, m, lr in arm_rows(result, s):
+        r1 = sum(m["rank1"])
+        c, cs = stats(m["cos"])
+        lo, los = stats(m["loss"])
+        d, ds = stats(m["drift"])
+        lines.append(f"| {name} | {lr} | {r1 / len(m['rank1']):.2f} ({r1:.0f}/{len(m['rank1'])}) | "
+                     f"{c:.3f} ± {cs:.3f} | {lo:.4f} ± {los:.4f} | {d:.1f} ± {ds:.1f} |")
+    return "\n".join(lines)
 
-    def diff(other):
-        return [o - f for o, f in zip(other, full)]
 
-    match = steps_to_match(result, s, metric)
+def ci_text(result: dict) -> str:
+    lines = ["| paired difference (test identities) | mean | bootstrap 95 % CI |", "|---|---|---|"]
+    for label, (m, lo, hi) in result["cis"].items():
+        lines.append(f"| {label} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+    return "\n".join(lines)
+
+
+def goals(result: dict, s: Settings) -> dict[str, bool]:
+    k, long = s.key_steps
+    arms, refs, cis = result["arms"], result["refs"], result["cis"]
+    r1 = {name: statistics.fmean(m["rank1"]) for name, m in arms.items()}
+    teacher = statistics.fmean(refs["teacher"]["rank1"])
     return {
-        "vs_zero_long": diff(c["zero"][s.zero_steps][metric]),
-        "vs_zero_short": diff(c["zero"][s.hyper_steps][metric]),
-        "vs_hypernet_only": diff(c["hypernet"][0][metric]),
-        "vs_s1": diff(c["hypernet s=1"][s.hyper_steps][metric]),
-        "zero_steps_to_match": match,
-        "ratio": (match / s.hyper_steps) if match is not None else None,
-        "ratio_lower_bound": max(c["zero"]) / s.hyper_steps,
+        "hypernet only: rank-1 at least half the teacher's": r1["hypernet+0"] >= 0.5 * teacher,
+        f"hypernet + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
+            cis[f"hypernet+{k} - zero+{long} [cos]"][0] >= 0 and cis[f"hypernet+{k} - zero+{long} [rank1]"][0] >= 0,
+        f"hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
+            cis[f"hypernet+{k} - zero+{k} [cos]"][1] > 0,
     }
 
 
-def specificity(result: dict, s: Settings, metric: str = "loss") -> dict:
-    """Paired per identity on its own photos: another identity's LiDB minus its own (positive = identity-specific)."""
-    c, r = result["curves"], result["refs"]
-    base = c["zero"][0][metric]
-    return {
-        "teacher": [o - w for o, w in zip(r[CONTROL_TEACHER][metric], r["teacher"][metric])],
-        "teacher_vs_base": [b - w for b, w in zip(base, r["teacher"][metric])],
-        "other_teacher_vs_base": [o - b for o, b in zip(r[CONTROL_TEACHER][metric], base)],
-        "prediction": [o - w for o, w in zip(r[CONTROL_PREDICTION][metric], c["hypernet"][0][metric])],
-        "full": [o - w for o, w in zip(r[CONTROL_FULL][metric], c["hypernet"][s.hyper_steps][metric])],
-        "raw_teacher_vs_base": [b - w for b, w in zip(r[RAW]["base"], r[RAW]["teacher"])],
-        "raw_other_vs_base": [o - b for o, b in zip(r[RAW]["other teacher"], r[RAW]["base"])],
-    }
+def goals_text(result: dict, s: Settings) -> str:
+    return "\n".join(f"goal {'REACHED' if ok else 'NOT reached'}: {name}" for name, ok in goals(result, s).items())
 
 
-def specificity_text(result: dict, s: Settings) -> str:
-    sp = specificity(result, s)
-    m = result["manifest"]
-
-    def fmt(d):
-        mean, sd = stats(d)
-        return f"{mean:+.4f} ± {sd:.4f} ({sum(x > 0 for x in d)}/{len(d)})"
-
-    return ("identity in the photos: mean squared latent distance between two photos of one identity "
-            f"{m['photo_distance_within']:.2f}, between the photo means of two identities "
-            f"{m['identity_distance_between']:.2f}\n"
-            f"held-out loss on an identity's own photos, paired (positive = the first is worse): "
-            f"base - own teacher {fmt(sp['teacher_vs_base'])}; "
-            f"other teacher - base {fmt(sp['other_teacher_vs_base'])}; "
-            f"other - own, teacher {fmt(sp['teacher'])}; hypernet prediction {fmt(sp['prediction'])}; "
-            f"hypernet + {s.hyper_steps} steps {fmt(sp['full'])}\n"
-            f"the same on the teacher's sampled latents before the VAE round trip (VAE relative error "
-            f"{m['vae_error']:.3f}): base - own teacher {fmt(sp['raw_teacher_vs_base'])}; "
-            f"other teacher - base {fmt(sp['raw_other_vs_base'])}")
+COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200)}
 
 
-def ordering_text(result: dict, s: Settings) -> str:
-    out = [specificity_text(result, s)]
-    for metric in METRICS:
-        o = ordering(result, s, metric)
-        parts = []
-        for key, label in (("vs_zero_long", f"zero+{s.zero_steps}"), ("vs_zero_short", f"zero+{s.hyper_steps}"),
-                           ("vs_hypernet_only", "hypernet only"), ("vs_s1", f"s=1 +{s.hyper_steps}")):
-            m, sd = stats(o[key])
-            wins = sum(d > 0 for d in o[key])
-            parts.append(f"{label}: {m:+.4f} ± {sd:.4f} ({wins}/{len(o[key])} identities better)")
-        ratio = (f"{o['ratio']:.1f}x (zero start needs {o['zero_steps_to_match']} steps)" if o["ratio"] is not None
-                 else f"> {o['ratio_lower_bound']:.0f}x (zero start never matches "
-                      f"within {max(result['curves']['zero'])} steps)")
-        out.append(f"{METRIC_NAMES[metric]} — full method (hypernet+{s.hyper_steps}) better than " + "; ".join(parts)
-                   + f"; steps-to-equal-quality ratio {ratio}")
-    return "\n".join(out)
-
-
-COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet s=1": (60, 160, 80)}
-
-
-def plot(result: dict, path: str, metric: str = "loss") -> str:
-    """Quality against finetuning steps, one curve (mean ± std band) per start; x axis is log(1 + steps)."""
+def plot(result: dict, path: str, metric: str = "cos") -> str:
+    """Identity cosine against finetuning steps, one curve (mean ± std) per start; x axis log(1 + steps)."""
     import math
 
-    w, h, ml, mr, mt, mb = 760, 420, 70, 20, 36, 46
+    w, h, ml, mr, mt, mb = 760, 420, 60, 20, 36, 46
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    curves = result["curves"]
-    all_v = [v for c in curves.values() for m in c.values() for v in (stats(m[metric])[0] - stats(m[metric])[1],
-                                                                        stats(m[metric])[0] + stats(m[metric])[1])]
-    teacher = stats(result["refs"]["teacher"][metric])[0]
-    lo, hi = min(all_v + [teacher]), max(all_v + [teacher])
+    curves: dict[str, dict[int, list[float]]] = {}
+    for arm, m in result["arms"].items():
+        kind, step = arm.split("+")
+        curves.setdefault(kind, {})[int(step)] = m[metric]
+    refs = {name: stats(result["refs"][name][metric])[0] for name in ("teacher", "base")}
+    vals = [v for c in curves.values() for xs in c.values() for v in (stats(xs)[0] - stats(xs)[1],
+                                                                      stats(xs)[0] + stats(xs)[1])]
+    lo, hi = min(vals + list(refs.values())), max(vals + list(refs.values()))
     pad = 0.05 * (hi - lo or 1)
     lo, hi = lo - pad, hi + pad
     xmax = math.log1p(max(step for c in curves.values() for step in c))
@@ -152,16 +119,17 @@ def plot(result: dict, path: str, metric: str = "loss") -> str:
             x, _ = xy(step, lo)
             d.line([x, h - mb, x, h - mb + 4], fill="black")
             d.text((x - 8, h - mb + 6), str(step), fill="black", font=font)
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
+    for i in range(5):
+        v = lo + (hi - lo) * i / 4
         _, y = xy(0, v)
-        d.text((4, y - 6), f"{v:.4f}", fill="black", font=font)
-    _, yt = xy(0, teacher)
-    d.line([ml, yt, w - mr, yt], fill=(150, 150, 150), width=1)
-    d.text((w - mr - 110, yt - 12), "teacher", fill=(120, 120, 120), font=font)
+        d.text((4, y - 6), f"{v:.3f}", fill="black", font=font)
+    for name, v in refs.items():
+        _, y = xy(0, v)
+        d.line([ml, y, w - mr, y], fill=(150, 150, 150), width=1)
+        d.text((w - mr - 60, y - 12), name, fill=(120, 120, 120), font=font)
     for i, (name, c) in enumerate(curves.items()):
         col = COLOURS.get(name, (0, 0, 0))
-        pts = [(step, *stats(c[step][metric])) for step in sorted(c)]
+        pts = [(step, *stats(c[step])) for step in sorted(c)]
         for step, m, sd in pts:
             x, y0 = xy(step, m - sd)
             _, y1 = xy(step, m + sd)
@@ -171,8 +139,8 @@ def plot(result: dict, path: str, metric: str = "loss") -> str:
             x, y = xy(step, m)
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
         d.text((ml + 10, mt + 8 + 14 * i), f"start: {name}", fill=col, font=font)
-    d.text((ml, 10), f"{METRIC_NAMES[metric]} (lower is better) against finetuning steps; mean ± std over "
-                     f"{len(result['manifest']['held_out'])} held-out identities", fill="black", font=font)
+    d.text((ml, 10), f"identity cosine (higher is better) against finetuning steps; mean ± std over "
+                     f"{len(result['test'])} test identities", fill="black", font=font)
     d.text((w // 2 - 60, h - 18), "finetuning steps (log scale)", fill="black", font=font)
     img.save(path)
     return path

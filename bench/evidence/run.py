@@ -1,248 +1,311 @@
-"""The experiment: stage 0 + stage 1 with the `hdb` pipeline, then one-photo personalisation of held-out identities.
+"""The experiment: identity gate, stage 0 + stage 1 with the `hdb` pipeline, then one-photo personalisation.
 
-Every start is finetuned with `hdb_core.training.finetune.finetune` (the loop behind
-`hdb finetune` and HDB_FastFinetune) on the identity's single input photo, with
-the diffusion loss of `hdb finetune --no-flip` (`hdb_core.training.finetune.diffusers_loss_fn`). Intermediate
-points of a run are the weights the loop hands to the loss at that step: with a
-constant learning rate they are exactly what a shorter run would return.
+Order: build the world, fit the identity recognizer on the training identities'
+teacher samples (`identity.py`), check the GATE (the teacher must beat the base
+model on the identity metric for >= 90 % of held-out identities; if not, nothing
+else is run), then stage 0 and stage 1 on the training identities' photos, then
+for every held-out identity (one input photo) each start finetuned with
+`hdb_core.training.finetune.finetune` on that photo with the loss of
+`hdb finetune --no-flip` (`diffusers_loss_fn`).
+
+Held-out identities are split into validation identities (the finetuning
+learning rate of every arm is picked on them from a small grid, by mean cosine
+similarity) and test identities (all reported numbers). An arm's LiDB is judged
+by DDIM samples of base + LiDB from seeds the recognizer never saw. The weights
+at step k of a run are those the loop hands to the loss at step k: with a
+constant learning rate they are exactly what a k-step run returns.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from hdb_core.training import data
-from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
-from hdb_core.training.finetune import diffusers_loss_fn
-from hdb_core.training.injector import LowRankInjector
-from hdb_core.lidb.file import load_lidb
-from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
-from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
+from hdb_core.lidb.file import load_lidb
+from hdb_core.training import data
+from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
+from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 from hdb_core.training.seeding import generator
+from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
 from . import world as W
+from .identity import Recognizer
 
-METRICS = ("dw", "loss", "sample")
-CONTROL_TEACHER = "another identity's teacher"
-CONTROL_PREDICTION = "another identity's hypernet prediction"
-CONTROL_FULL = "another identity's hypernet + k steps"
-RAW = "loss on the teacher's latents before the VAE"
-METRIC_NAMES = {"dw": "dW distance to teacher", "loss": "held-out denoising loss", "sample": "sample error vs teacher"}
+GATE_SHARE = 0.9
+FACE_PROMPT = "a face"
 
 
 @dataclass
 class Settings:
-    world: W.WorldSpec = field(default_factory=W.WorldSpec)
+    world: W.WorldSpec = field(default_factory=lambda: W.WorldSpec(identities=200, held_out=20, vae_steps=800))
+    validation: int = 4                   # held-out identities used only to choose learning rates
     stage0_steps: int = 200
     stage0_lr: float = 3e-3
     stage0_batch: int = 46
-    stage1_steps: int = 800
+    stage1_steps: int = 500
     stage1_lr: float = 1e-3
     stage1_batch: int = 16
     stage1_alpha: float = 1.0
     stage1_beta: float = 1.0
     width: int = 128
     iterations: int = 4
-    ft_lr: float = 1e-3
     ft_rank: int = 4
-    hyper_steps: int = 40                 # the paper's finetuning budget from a hypernet start
-    zero_steps: int = 400                 # DreamBooth-Agg-1 analogue
-    zero_curve: tuple[int, ...] = (0, 10, 20, 40, 70, 100, 150, 200, 300, 400)
-    hyper_curve: tuple[int, ...] = (0, 10, 20, 40)
-    eval_draws: int = 16                  # noise draws per held-out photo for the denoising loss
-    eval_seeds: int = 4                   # sampling seeds for the teacher comparison
+    hyper_points: tuple[int, ...] = (0, 10, 20, 40)
+    zero_points: tuple[int, ...] = (40, 100, 200, 400)
+    hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    zero_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    eval_samples: int = 8                 # DDIM samples per arm for the identity metric (and the drift)
+    eval_draws: int = 8                   # noise draws per held-out photo for the secondary denoising loss
+    pca_dims: int = 64
+    lda_dims: int = 24
+    bootstrap: int = 2000
     seed: int = 0
+
+    @property
+    def key_steps(self) -> tuple[int, int]:
+        """(k, long): hypernet + k is compared with zero + k and zero + long."""
+        return max(self.hyper_points), max(self.zero_points)
 
 
 def quick() -> Settings:
-    """Small enough for the test suite: about 1.5 min on one thread (2.5 with a cold pre-training cache)."""
-    return Settings(world=W.WorldSpec(identities=40, held_out=4, vae_steps=80, pretrain_steps=200), stage0_steps=80,
-                    stage0_batch=36,
-                    stage1_steps=200, stage1_batch=8, width=64, hyper_steps=10, zero_steps=100,
-                    zero_curve=(0, 10, 40, 100), hyper_curve=(0, 10), eval_draws=8, eval_seeds=2)
-
-
-class Evaluator:
-    """The three quality measures of a LiDB (as LoRA factors) for one held-out identity; lower is better."""
-
-    def __init__(self, base, injector: LowRankInjector, teacher, photos: torch.Tensor, sample_seeds: list[str],
-                 world: W.WorldSpec, latent_scale: float, draws: int, ident: str):
-        self.base, self.injector, self.world, self.scale = base, injector, world, latent_scale
-        self.names = [s.name for s in teacher.layers]
-        self.teacher_dw = {n: teacher.delta(n) for n in self.names}
-        self.teacher_norm = math.sqrt(sum(float(d.pow(2).sum()) for d in self.teacher_dw.values()))
-        lat = encode_latents(base, data.to_model_range(photos), "cpu")
-        g = generator("eval", ident)
-        T = base.noise_scheduler.config.num_train_timesteps
-        self.x = lat.repeat_interleave(draws, 0)
-        self.noise = torch.randn(self.x.shape, generator=g)
-        self.t = torch.randint(T, (self.x.shape[0],), generator=g)
-        self.ids = tokenize(base, [W.PROMPT] * self.x.shape[0], "cpu")
-        self.seeds = sample_seeds
-        self.teacher_samples = W.sample(base, injector, [teacher] * len(self.seeds), self.seeds, world, latent_scale)
-        self.base_sample_err = self._sample_err(None)
-
-    @torch.no_grad()
-    def _sample_err(self, factors) -> float:
-        x = W.sample(self.base, self.injector, factors, self.seeds, self.world, self.scale)
-        return float((x - self.teacher_samples).pow(2).mean())
-
-    @torch.no_grad()
-    def __call__(self, factors) -> dict[str, float]:
-        dw = 0.0
-        for n in self.names:
-            down, up = factors[n]
-            dw += float((up @ down - self.teacher_dw[n]).pow(2).sum())
-        return {"dw": math.sqrt(dw) / self.teacher_norm, "loss": self.loss(factors),
-                "sample": self._sample_err(factors) / self.base_sample_err}
-
-    @torch.no_grad()
-    def loss(self, factors, latents: torch.Tensor | None = None) -> float:
-        """Denoising loss on the photos as the pipeline encodes them, or on `latents` [K, 4, 8, 8] (same draws)."""
-        x = self.x if latents is None else latents.repeat_interleave(self.x.shape[0] // latents.shape[0], 0)
-        if factors is None:
-            self.injector.clear()
-        else:
-            self.injector.set_factors(factors)
-        context = self.base.text_encoder(self.ids)[0]
-        loss = float(self.base.loss(x, self.noise, self.t, context).mean())
-        self.injector.clear()
-        return loss
+    """Small enough for the test suite (a few minutes on one thread with the pre-training cache)."""
+    return Settings(world=W.WorldSpec(identities=40, held_out=8, vae_steps=300, gallery=12), validation=2,
+                    stage0_steps=80, stage0_batch=32, stage1_steps=200, stage1_batch=8, width=64,
+                    hyper_points=(0, 10, 40), zero_points=(40, 100), hyper_lrs=(1e-3, 3e-3),
+                    zero_lrs=(3e-3, 1e-2), eval_samples=6, eval_draws=4, lda_dims=16, bootstrap=1000)
 
 
 def factors_of(lidb) -> dict:
     return {s.name: lidb.down_up(s.name) for s in lidb.layers}
 
 
-def finetune_curve(base, injector, start, photo_latent, input_ids, steps: int, points, settings: Settings,
-                   evaluate) -> dict[int, dict[str, float]]:
-    """Finetune `start` on one photo latent for `steps` steps; metrics and LoRA factors at every step in `points`."""
-    curve: dict[int, dict[str, float]] = {}
+class Judge:
+    """Everything measured about one LiDB (as LoRA factors) for one held-out identity."""
+
+    def __init__(self, base, injector, recognizer: Recognizer, photos: torch.Tensor, ident: str, s: Settings):
+        self.base, self.injector, self.rec, self.ident, self.s = base, injector, recognizer, ident, s
+        self.seeds = [f"{ident}/eval{k}" for k in range(s.eval_samples)]
+        self.face_seeds = [f"{ident}/face{k}" for k in range(s.eval_samples)]
+        # prior drift: "a face" samples with the LiDB against the base's from the same seeds
+        self.base_face = W.sample(base, injector, None, self.face_seeds, s.world, prompt=FACE_PROMPT)
+        lat = encode_latents(base, data.to_model_range(photos), "cpu")
+        g = generator("eval", ident)
+        T = base.noise_scheduler.config.num_train_timesteps
+        self.x = lat.repeat_interleave(s.eval_draws, 0)
+        self.noise = torch.randn(self.x.shape, generator=g)
+        self.t = torch.randint(T, (self.x.shape[0],), generator=g)
+        self.ids = tokenize(base, [W.PROMPT] * self.x.shape[0], "cpu")
+
+    @torch.no_grad()
+    def __call__(self, factors) -> dict[str, float]:
+        samples = W.sample(self.base, self.injector, factors, self.seeds, self.s.world)
+        out = self.rec.score(samples, self.ident)
+        face = W.sample(self.base, self.injector, factors, self.face_seeds, self.s.world, prompt=FACE_PROMPT)
+        out["drift"] = float((face - self.base_face).pow(2).sum((1, 2, 3)).mean())
+        out["loss"] = self.loss(factors)
+        return out
+
+    @torch.no_grad()
+    def loss(self, factors) -> float:
+        if factors is None:
+            self.injector.clear()
+        else:
+            self.injector.set_factors(factors)
+        context = self.base.text_encoder(self.ids)[0]
+        loss = float(self.base.loss(self.x, self.noise, self.t, context).mean())
+        self.injector.clear()
+        return loss
+
+
+def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: float, s: Settings) -> dict:
+    """Finetune `start` on one photo latent; LoRA factors after every step count in `points`."""
     snapshots: dict[int, dict] = {}
     command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
                                      mirror=False)
+    wanted = set(points)
 
     def loss_fn(step, factors, g):
-        if step in points:
-            snapshots[step] = {n: (d.detach(), u.detach()) for n, (d, u) in factors.items()}
-            curve[step] = evaluate(snapshots[step])
+        if step in wanted:
+            snapshots[step] = {n: (d.detach().clone(), u.detach().clone()) for n, (d, u) in factors.items()}
         return command_loss(step, factors, g)
 
-    ft = FinetuneSettings(steps=steps, learning_rate=settings.ft_lr, relaxed_rank=settings.ft_rank,
-                          seed=settings.seed)
-    result = finetune(start, loss_fn, ft, source="finetuned")
+    steps = max(points)
+    if steps == 0:
+        from hdb_core.training.finetune import relaxed_start
+        return {0: factors_of(relaxed_start(start, s.ft_rank, torch.Generator().manual_seed(s.seed)))}
+    result = finetune(start, loss_fn, FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
+                                                       seed=s.seed), source="finetuned")
     injector.clear()
-    if steps in points:
-        snapshots[steps] = factors_of(result.lidb)
-        curve[steps] = evaluate(snapshots[steps])
-    return curve, snapshots
+    snapshots[steps] = factors_of(result.lidb)
+    return snapshots
+
+
+def bootstrap_ci(diffs: list[float], n: int, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences and its percentile-bootstrap 95 % interval (identities resampled)."""
+    t = torch.tensor(diffs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diffs), (n, len(diffs)), generator=g)
+    means = t[idx].mean(1).sort().values
+    return float(t.mean()), float(means[int(0.025 * n)]), float(means[min(n - 1, int(0.975 * n))])
 
 
 def run(out: str, settings: Settings, log=print) -> dict:
-    """The whole experiment; returns {"curves": {start: {step: {metric: [per identity]}}}, "timings": ...}."""
+    """The whole experiment; see the module doc. result["gate"]["passed"] False means it stopped at the gate."""
+    s = settings
     timings = {}
     t0 = time.time()
-    manifest = W.build_world(os.path.join(out, "world"), settings.world, log)
+    manifest = W.build_world(os.path.join(out, "world"), s.world, log)
     timings["world"] = time.time() - t0
-    base_dir = manifest["base"]
-    common = dict(resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False, seed=settings.seed)
 
     t0 = time.time()
-    stage0 = os.path.join(out, "stage0")
-    preoptimize(manifest["photos"], base_dir, stage0,
-                PreoptimizeSettings(steps=settings.stage0_steps, learning_rate=settings.stage0_lr,
-                                    batch_size=settings.stage0_batch, checkpoint_every=10 ** 6, **common),
-                progress=False)
-    timings["stage0"] = time.time() - t0
+    from safetensors.torch import load_file
 
-    t0 = time.time()
-    hypernet_path = os.path.join(out, "hypernet.safetensors")
-    if not os.path.exists(hypernet_path):
-        train_hypernet(manifest["photos"], stage0, base_dir, manifest["image_encoder"], hypernet_path,
-                       HypernetSettings(steps=settings.stage1_steps, batch_size=settings.stage1_batch,
-                                        learning_rate=settings.stage1_lr, warmup_steps=settings.stage1_steps // 10,
-                                        alpha=settings.stage1_alpha, beta=settings.stage1_beta, width=settings.width,
-                                        heads=4, iterations=settings.iterations, checkpoint_every=10 ** 6, **common),
-                       progress=False)
-    timings["stage1"] = time.time() - t0
+    saved = load_file(os.path.join(os.path.dirname(manifest["base"]), "teacher_latents.safetensors"))
+    names = manifest["train"] + manifest["held_out"]
+    n_train, per = len(manifest["train"]), s.world.gallery
+    gallery = saved["gallery"].reshape(len(names), per, 4, 8, 8)
+    labels = torch.arange(n_train).repeat_interleave(per)
+    rec = Recognizer.fit(gallery[:n_train].reshape(-1, 4, 8, 8), labels, s.pca_dims, s.lda_dims)
+    rec.enrol(names, gallery)
+    world_stats = {k: manifest[k] for k in ("vae_error", "photo_distance_within", "identity_distance_between",
+                                             "distance_ratio", "encoded_distance_within",
+                                             "encoded_distance_between", "encoded_distance_ratio", "base_spread")}
+    held = manifest["held_out"]
+    hg = gallery[n_train:]
+    # recognizer-space separation of the held-out identities (never used to fit it)
+    world_stats["recognizer_within"], world_stats["recognizer_between"], world_stats["recognizer_ratio"] = \
+        rec.separation(hg)
+    # The photos as sampled and as the pipeline encodes them after the PNG round trip, per held-out identity.
+    k = s.world.photos
+    for key, lat in (("photos_raw", saved["latents"]), ("photos_encoded", saved["encoded"])):
+        lat = lat.reshape(len(names), k, 4, 8, 8)[n_train:]
+        scores = [rec.score(lat[i], ident) for i, ident in enumerate(held)]
+        world_stats[f"{key}_rank1"] = sum(x["rank1"] for x in scores) / len(held)
+        world_stats[f"{key}_cos"] = sum(x["cos"] for x in scores) / len(held)
+        one = [rec.score(lat[i, :1], ident) for i, ident in enumerate(held)]
+        world_stats[f"{key}_one_rank1"] = sum(x["rank1"] for x in one) / len(held)
+    log("world: " + ", ".join(f"{a} {b:.3f}" for a, b in world_stats.items()))
 
-    t0 = time.time()
-    base = load_base_model(base_dir)
+    base = load_base_model(manifest["base"])
     base.to("cpu")
-    net = load_hypernet(hypernet_path)
-    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
     layers = base.layers(True)
     injector = base.injector(layers)
-    input_ids = tokenize(base, [W.PROMPT], "cpu")
-    s = settings
-    curves: dict[str, dict[int, dict[str, list[float]]]] = {}
-    refs: dict[str, dict[str, list[float]]] = {}
-
-    def add(name, curve):
-        for step, m in curve.items():
-            for k, v in m.items():
-                curves.setdefault(name, {}).setdefault(step, {}).setdefault(k, []).append(v)
-
-    held = manifest["held_out"]
+    teachers = {ident: load_lidb(os.path.join(manifest["teachers"], f"{ident}.safetensors")) for ident in held}
 
     def photos_of(ident):
         folder = os.path.join(manifest["held_out_photos"], ident)
         return torch.stack([data.prepare_image(os.path.join(folder, p), W.IMAGE_SIZE, "none")
                             for p in sorted(os.listdir(folder))])
 
-    # Controls: the LiDBs of another held-out identity (the next one), scored on this identity's photos. If
-    # gains were generic (the world's common look, not the person), they would score as well as its own.
-    predicted = {ident: net.predict_lidb(encoder.encode(photos_of(ident)[:1])) for ident in held}
-    from safetensors.torch import load_file
+    with injector:
+        judges = {ident: Judge(base, injector, rec, photos_of(ident)[1:], ident, s) for ident in held}
+        refs: dict[str, dict[str, list[float]]] = {}
 
-    raw_latents = load_file(os.path.join(manifest["base"], "..", "teacher_latents.safetensors"))["latents"]
-    teachers = {ident: load_lidb(os.path.join(manifest["teachers"], f"{ident}.safetensors")) for ident in held}
-    evaluators, full_method = {}, {}
+        def add(table, arm, values):
+            for key, v in values.items():
+                table.setdefault(arm, {}).setdefault(key, []).append(v)
 
-    def add_ref(ref, values):
-        for k, v in values.items():
-            refs.setdefault(ref, {}).setdefault(k, []).append(v)
+        gate_rows = []
+        for n, ident in enumerate(held):
+            t_score = judges[ident](factors_of(teachers[ident]))
+            b_score = judges[ident](None)
+            o_score = judges[ident](factors_of(teachers[held[(n + 1) % len(held)]]))
+            gate_rows.append((ident, t_score["cos"], b_score["cos"], t_score["rank1"], b_score["rank1"]))
+            if n >= s.validation:
+                add(refs, "teacher", t_score)
+                add(refs, "base", b_score)
+                add(refs, "another identity's teacher", o_score)
+    wins = sum(t > b for _, t, b, _, _ in gate_rows)
+    gate = {"wins": wins, "identities": len(held), "share": wins / len(held),
+            "passed": wins / len(held) >= GATE_SHARE, "rows": gate_rows,
+            "teacher_rank1": sum(r[3] for r in gate_rows) / len(held),
+            "base_rank1": sum(r[4] for r in gate_rows) / len(held)}
+    log(f"GATE: teacher beats the base model on identity cosine for {wins}/{len(held)} held-out identities "
+        f"(need {GATE_SHARE:.0%}); rank-1 teacher {gate['teacher_rank1']:.2f}, base {gate['base_rank1']:.2f} "
+        f"-> {'PASSED' if gate['passed'] else 'FAILED'}")
+    timings["gate"] = time.time() - t0
+    result = {"gate": gate, "world_stats": world_stats, "manifest": manifest, "timings": timings}
+    if not gate["passed"]:
+        return result
+
+    common = dict(resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False, seed=s.seed)
+    t0 = time.time()
+    stage0 = os.path.join(out, "stage0")
+    preoptimize(manifest["photos"], manifest["base"], stage0,
+                PreoptimizeSettings(steps=s.stage0_steps, learning_rate=s.stage0_lr, batch_size=s.stage0_batch,
+                                    checkpoint_every=10 ** 6, **common), progress=False)
+    timings["stage0"] = time.time() - t0
+    t0 = time.time()
+    hypernet_path = os.path.join(out, "hypernet.safetensors")
+    if not os.path.exists(hypernet_path):
+        train_hypernet(manifest["photos"], stage0, manifest["base"], manifest["image_encoder"], hypernet_path,
+                       HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch, learning_rate=s.stage1_lr,
+                                        warmup_steps=s.stage1_steps // 10, alpha=s.stage1_alpha, beta=s.stage1_beta,
+                                        width=s.width, heads=4, iterations=s.iterations,
+                                        checkpoint_every=10 ** 6, **common), progress=False)
+    timings["stage1"] = time.time() - t0
+
+    t0 = time.time()
+    net = load_hypernet(hypernet_path)
+    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+    input_ids = tokenize(base, [W.PROMPT], "cpu")
+    val, test = held[: s.validation], held[s.validation:]
+    k, long = s.key_steps
+
+    def start_of(kind, ident, photos):
+        if kind == "zero":
+            return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
+        return net.predict_lidb(encoder.encode(photos[:1]))
+
+    def arm_scores(kind, ident, lr, points):
+        photos = photos_of(ident)
+        latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
+        snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s)
+        return {p: judges[ident](snaps[p]) for p in points}
 
     with injector:
-        for n, ident in enumerate(held):
-            photos = photos_of(ident)
-            teacher = teachers[ident]
-            other = held[(n + 1) % len(held)]
-            evaluate = Evaluator(base, injector, teacher, photos[1:], [f"{ident}/eval{k}" for k in range(s.eval_seeds)],
-                                 s.world, manifest["latent_scale"], s.eval_draws, ident)
-            evaluators[ident] = evaluate
-            add_ref("teacher", evaluate(factors_of(teacher)))
-            # The same check on the latents the teacher sampled, before the VAE round trip of the photo files.
-            i = (len(manifest["train"]) + n) * s.world.photos
-            raw = raw_latents[i + 1:i + s.world.photos]
-            add_ref(RAW, {"base": evaluate.loss(None, raw), "teacher": evaluate.loss(factors_of(teacher), raw),
-                          "other teacher": evaluate.loss(factors_of(teachers[other]), raw)})
-            add_ref(CONTROL_TEACHER, evaluate(factors_of(teachers[other])))
-            add_ref(CONTROL_PREDICTION, evaluate(factors_of(predicted[other])))
-            photo_latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
-            features = encoder.encode(photos[:1])
-            starts = {"zero": (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed)),
-                               s.zero_steps, s.zero_curve),
-                      "hypernet": (net.predict_lidb(features), max(s.hyper_curve), s.hyper_curve),
-                      "hypernet s=1": (net.predict_lidb(features, 1), s.hyper_steps, (0, s.hyper_steps))}
-            for name, (start, steps, points) in starts.items():
-                curve, snapshots = finetune_curve(base, injector, start, photo_latent, input_ids, steps,
-                                                  set(points), s, evaluate)
-                add(name, curve)
-                if name == "hypernet":
-                    full_method[ident] = snapshots[s.hyper_steps]
-            log(f"  held-out {n + 1}/{len(manifest['held_out'])} {ident}: "
-                + ", ".join(f"{k} {curves[k][p]['loss'][-1]:.4f}" for k, p in
-                            (("hypernet", 0), ("hypernet", s.hyper_steps), ("zero", s.hyper_steps),
-                             ("zero", s.zero_steps))))
-        for n, ident in enumerate(held):
-            add_ref(CONTROL_FULL, evaluators[ident](full_method[held[(n + 1) % len(held)]]))
+        # learning rate per arm on the validation identities
+        val_cos: dict[tuple[str, int, float], list[float]] = {}
+        for ident in val:
+            for kind, lrs, points in (("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)):
+                for lr in lrs:
+                    for p, sc in arm_scores(kind, ident, lr, points).items():
+                        val_cos.setdefault((kind, p, lr), []).append(sc["cos"])
+            log(f"  validation {ident} done")
+        chosen = {}
+        for kind, lrs, points in (("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)):
+            for p in points:
+                chosen[(kind, p)] = max(lrs, key=lambda lr: sum(val_cos[(kind, p, lr)]))
+        arms: dict[str, dict[str, list[float]]] = {}
+        for n, ident in enumerate(test):
+            for kind, points in (("hypernet", s.hyper_points), ("zero", s.zero_points)):
+                by_lr: dict[float, list[int]] = {}
+                for p in points:
+                    by_lr.setdefault(chosen[(kind, p)] if p else s.hyper_lrs[0], []).append(p)
+                for lr, pts in by_lr.items():
+                    for p, sc in arm_scores(kind, ident, lr, pts).items():
+                        add(arms, f"{kind}+{p}", sc)
+            other = test[(n + 1) % len(test)]
+            add(refs, "another identity's hypernet prediction",
+                judges[ident](factors_of(net.predict_lidb(encoder.encode(photos_of(other)[:1])))))
+            log(f"  test {n + 1}/{len(test)} {ident}: cos hypernet+0 {arms['hypernet+0']['cos'][-1]:.3f}, "
+                f"hypernet+{k} {arms[f'hypernet+{k}']['cos'][-1]:.3f}, zero+{k} {arms[f'zero+{k}']['cos'][-1]:.3f}, "
+                f"zero+{long} {arms[f'zero+{long}']['cos'][-1]:.3f}, teacher {refs['teacher']['cos'][n]:.3f}")
     timings["eval"] = time.time() - t0
-    return {"curves": curves, "refs": refs, "timings": timings, "manifest": manifest}
+
+    cis = {}
+    for label, a, b in ((f"hypernet+{k} - zero+{long}", arms[f"hypernet+{k}"], arms[f"zero+{long}"]),
+                        (f"hypernet+{k} - zero+{k}", arms[f"hypernet+{k}"], arms[f"zero+{k}"]),
+                        ("hypernet+0 - base", arms["hypernet+0"], refs["base"])):
+        for metric in ("cos", "rank1"):
+            cis[f"{label} [{metric}]"] = bootstrap_ci([x - y for x, y in zip(a[metric], b[metric])], s.bootstrap,
+                                                      s.seed)
+    result.update(arms=arms, refs=refs, cis=cis, lrs={f"{a}+{p}": lr for (a, p), lr in chosen.items()},
+                  val_cos={f"{a}+{p} lr {lr:g}": sum(v) / len(v) for (a, p, lr), v in val_cos.items()},
+                  test=test, validation=val)
+    return result
