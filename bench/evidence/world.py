@@ -14,7 +14,8 @@
   so "the identity in the photo" and "the teacher's samples" are the same thing.
 * Identities: teacher LiDB i is nonzero only on the cross-attention value
   projections (`teacher_layers`; residuals on self-attention or on the unused
-  text encoder either scatter this tiny model's samples or do nothing) and has A_train = M_A u_i + noise, B_train = M_B v_i + noise
+  text encoder either scatter this tiny model's samples or do nothing) and has
+  A_train = M_A u_i + noise, B_train = M_B v_i + noise
   for a hidden code z_i = (u_i, v_i) in R^2k (one fixed random linear map per
   layer), so identities form a low-dimensional family a hypernetwork can
   generalise over, and the mean teacher dW is zero (no shared "look" to learn).
@@ -351,7 +352,8 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         f"two base-model samples {base_spread:.2f}")
     manifest = {"spec": asdict(spec), "latent_scale": scale, "photo_distance_within": w_raw,
                 "identity_distance_between": b_raw, "distance_ratio": r_raw, "encoded_distance_within": w_enc,
-                "encoded_distance_between": b_enc, "encoded_distance_ratio": r_enc, "base_spread": base_spread, "train": train_ids, "held_out": held_ids, "vae_error": err,
+                "encoded_distance_between": b_enc, "encoded_distance_ratio": r_enc, "base_spread": base_spread,
+                "train": train_ids, "held_out": held_ids, "vae_error": err,
                 "base": base_dir, "image_encoder": enc_dir, "photos": photos_dir, "held_out_photos": held_dir,
                 "teachers": teach_dir}
     with open(manifest_path, "w") as f:
