@@ -3,7 +3,7 @@
 Each target Linear keeps its weights and its place in the model (kohya's way, and the
 road ComfyUI keeps supported); a forward hook adds
 
-    y[..., rows] += scale * (x @ down^T) @ up^T
+    y[..., rows] += (x @ down^T) @ up^T
 
 where `rows` is the whole output or, for fused projections (q, k and v in one Linear),
 the row slice that belongs to one layer. No full-size dW is ever built, so a step costs
@@ -40,9 +40,7 @@ class LowRankInjector:
         for name, target in targets.items():
             module, rows = target if isinstance(target, tuple) else (target, None)
             self._by_module.setdefault(id(module), (module, []))[1].append((name, rows))
-        self.names = tuple(targets)
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.scale = 1.0
         self._handles: list = []
 
     # -- attaching ---------------------------------------------------------------------------
@@ -76,10 +74,9 @@ class LowRankInjector:
         self.remove()
 
     # -- factors -------------------------------------------------------------------------------
-    def set_factors(self, factors: Factors, scale: float = 1.0) -> None:
+    def set_factors(self, factors: Factors) -> None:
         """This step's factors by layer name; a layer without factors passes through unchanged."""
         self.factors = dict(factors)
-        self.scale = float(scale)
 
     def clear(self) -> None:
         """No residual until the next `set_factors`: the model behaves like the base model."""
@@ -92,7 +89,7 @@ class LowRankInjector:
                 f = self.factors.get(name)
                 if f is None:
                     continue
-                delta = residual(x, *f) * self.scale
+                delta = residual(x, *f)
                 if rows is None:
                     output = output + delta.to(output.dtype)
                 else:

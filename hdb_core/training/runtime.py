@@ -36,10 +36,6 @@ class ProcessInfo:
     count: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
     @classmethod
     def from_accelerate(cls, cpu: bool = False) -> "ProcessInfo":
         from accelerate import PartialState
