@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     print("learning rates chosen on the validation identities " + ", ".join(result["validation"]) + ": "
           + ", ".join(f"{a} {lr:g}" for a, lr in result["lrs"].items()))
     png = report.plot(result, os.path.join(out, "identity_vs_steps.png"))
+    report.plot_tradeoff(result, os.path.join(out, "identity_vs_editability.png"))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({k: result[k] for k in ("arms", "refs", "cis", "lrs", "val_cos", "gate", "world_stats",
                                           "timings", "test", "validation")}, f, indent=1)

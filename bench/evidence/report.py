@@ -51,14 +51,18 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
 def table(result: dict, s: Settings) -> str:
     n = len(result["test"])
     lines = [f"| arm ({n} test identities, one photo each) | lr | rank-1 identification | cosine to own identity "
-             f"| held-out loss | prior drift |", "|---|---|---|---|---|---|"]
+             f"| style kept | cosine, styled prompt | held-out loss | prior drift |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m, lr in arm_rows(result, s):
         r1 = sum(m["rank1"])
         c, cs = stats(m["cos"])
+        st, sts = stats(m["style"])
+        sc, scs = stats(m["styled_cos"])
         lo, los = stats(m["loss"])
         d, ds = stats(m["drift"])
         lines.append(f"| {name} | {lr} | {r1 / len(m['rank1']):.2f} ({r1:.0f}/{len(m['rank1'])}) | "
-                     f"{c:.3f} ± {cs:.3f} | {lo:.4f} ± {los:.4f} | {d:.1f} ± {ds:.1f} |")
+                     f"{c:.3f} ± {cs:.3f} | {st:.2f} ± {sts:.2f} | {sc:.3f} ± {scs:.3f} | {lo:.4f} ± {los:.4f} | "
+                     f"{d:.1f} ± {ds:.1f} |")
     return "\n".join(lines)
 
 
@@ -78,6 +82,9 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
         "hypernet only: rank-1 at least half the teacher's": r1["hypernet+0"] >= 0.5 * teacher,
         f"hypernet + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
             cis[f"hypernet+{k} - zero+{long} [cos]"][0] >= 0 and cis[f"hypernet+{k} - zero+{long} [rank1]"][0] >= 0,
+        f"... at equal or better editability and prior drift (style kept not below zero + {long}'s, drift not "
+        f"above it, beyond the 95 % interval)":
+            cis[f"hypernet+{k} - zero+{long} [style]"][2] >= 0 and cis[f"hypernet+{k} - zero+{long} [drift]"][1] <= 0,
         f"hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
             cis[f"hypernet+{k} - zero+{k} [cos]"][1] > 0,
     }
@@ -88,6 +95,43 @@ def goals_text(result: dict, s: Settings) -> str:
 
 
 COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200)}
+
+
+def plot_tradeoff(result: dict, path: str) -> str:
+    """Identity (cosine) against editability (style kept), one point per arm: up and right is better."""
+    w, h, ml, mr, mt, mb = 760, 460, 60, 20, 36, 46
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    points = [(arm, stats(m["style"])[0], stats(m["cos"])[0], COLOURS.get(arm.split("+")[0], (0, 0, 0)))
+              for arm, m in result["arms"].items()]
+    points += [(name, stats(result["refs"][name]["style"])[0], stats(result["refs"][name]["cos"])[0],
+                (110, 110, 110)) for name in ("teacher", "base")]
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x_lo, x_hi = min(xs + [0.0]), max(xs + [1.0])
+    y_lo, y_hi = min(ys), max(ys)
+    x_pad, y_pad = 0.05 * (x_hi - x_lo or 1), 0.05 * (y_hi - y_lo or 1)
+    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo - y_pad, y_hi + y_pad
+
+    def xy(x, y):
+        return (ml + (w - ml - mr) * (x - x_lo) / (x_hi - x_lo), mt + (h - mt - mb) * (y_hi - y) / (y_hi - y_lo))
+
+    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
+    for i in range(5):
+        xv, yv = x_lo + (x_hi - x_lo) * i / 4, y_lo + (y_hi - y_lo) * i / 4
+        x, _ = xy(xv, y_lo)
+        d.text((x - 10, h - mb + 6), f"{xv:.2f}", fill="black", font=font)
+        _, y = xy(x_lo, yv)
+        d.text((4, y - 6), f"{yv:.3f}", fill="black", font=font)
+    for name, x, y, col in points:
+        px, py = xy(x, y)
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
+        d.text((px + 6, py - 6), name, fill=col, font=font)
+    d.text((ml, 10), f"identity cosine against style kept (1 = the base's full edit); means over "
+                     f"{len(result['test'])} test identities", fill="black", font=font)
+    d.text((w // 2 - 90, h - 18), "editability: share of the ' in red' edit kept", fill="black", font=font)
+    img.save(path)
+    return path
 
 
 def plot(result: dict, path: str, metric: str = "cos") -> str:

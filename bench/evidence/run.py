@@ -11,7 +11,10 @@ for every held-out identity (one input photo) each start finetuned with
 Held-out identities are split into validation identities (the finetuning
 learning rate of every arm is picked on them from a small grid, by mean cosine
 similarity) and test identities (all reported numbers). An arm's LiDB is judged
-by DDIM samples of base + LiDB from seeds the recognizer never saw. The weights
+by DDIM samples of base + LiDB from seeds the recognizer never saw: identity
+(rank-1, cosine), editability (the same seeds with the styled prompt: the share of
+the known edit kept, and identity once the edit is taken out), prior drift ("a
+face" samples against the base's) and the held-out denoising loss. The weights
 at step k of a run are those the loop hands to the loss at step k: with a
 constant learning rate they are exactly what a k-step run returns.
 """
@@ -37,7 +40,6 @@ from . import world as W
 from .identity import Recognizer
 
 GATE_SHARE = 0.9
-FACE_PROMPT = "a face"
 
 
 @dataclass
@@ -92,7 +94,8 @@ class Judge:
         self.seeds = [f"{ident}/eval{k}" for k in range(s.eval_samples)]
         self.face_seeds = [f"{ident}/face{k}" for k in range(s.eval_samples)]
         # prior drift: "a face" samples with the LiDB against the base's from the same seeds
-        self.base_face = W.sample(base, injector, None, self.face_seeds, s.world, prompt=FACE_PROMPT)
+        self.base_face = W.sample(base, injector, None, self.face_seeds, s.world, prompt=W.FACE_PROMPT)
+        self.style = W.style_direction(s.world)
         lat = encode_latents(base, data.to_model_range(photos), "cpu")
         g = generator("eval", ident)
         T = base.noise_scheduler.config.num_train_timesteps
@@ -105,7 +108,14 @@ class Judge:
     def __call__(self, factors) -> dict[str, float]:
         samples = W.sample(self.base, self.injector, factors, self.seeds, self.s.world)
         out = self.rec.score(samples, self.ident)
-        face = W.sample(self.base, self.injector, factors, self.face_seeds, self.s.world, prompt=FACE_PROMPT)
+        # editability: the same seeds with the styled prompt; how much of the known edit is made, and
+        # whether the person is still there once the edit is taken out again
+        styled = W.sample(self.base, self.injector, factors, self.seeds, self.s.world,
+                          prompt=W.PROMPT + W.STYLE_SUFFIX)
+        out["style"] = float(((styled - samples) * self.style).sum((1, 2, 3)).mean() / self.style.pow(2).sum())
+        styled_id = self.rec.score(styled - self.style, self.ident)
+        out["styled_cos"], out["styled_rank1"] = styled_id["cos"], styled_id["rank1"]
+        face = W.sample(self.base, self.injector, factors, self.face_seeds, self.s.world, prompt=W.FACE_PROMPT)
         out["drift"] = float((face - self.base_face).pow(2).sum((1, 2, 3)).mean())
         out["loss"] = self.loss(factors)
         return out
@@ -302,7 +312,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     for label, a, b in ((f"hypernet+{k} - zero+{long}", arms[f"hypernet+{k}"], arms[f"zero+{long}"]),
                         (f"hypernet+{k} - zero+{k}", arms[f"hypernet+{k}"], arms[f"zero+{k}"]),
                         ("hypernet+0 - base", arms["hypernet+0"], refs["base"])):
-        for metric in ("cos", "rank1"):
+        for metric in ("cos", "rank1", "style", "styled_cos", "drift"):
             cis[f"{label} [{metric}]"] = bootstrap_ci([x - y for x, y in zip(a[metric], b[metric])], s.bootstrap,
                                                       s.seed)
     result.update(arms=arms, refs=refs, cis=cis, lrs={f"{a}+{p}": lr for (a, p), lr in chosen.items()},

@@ -7,7 +7,11 @@
   pipeline loads it like any user's model. A random UNet is no denoiser at all,
   so the model that generated a photo need not be the best denoiser of it, and
   the diffusion loss then teaches only the photos' common look (the first
-  version of this world). Pre-trained weights are cached under bench/out/pretrained.
+  version of this world). It is pre-trained on four prompts: "a face" and "a sks face"
+  mean a face of the family, the same prompts + " in red" mean that face plus a
+  fixed known direction (`style_direction`), so a LiDB's editability (how much of
+  the edit survives it) and prior drift ("a face" moving) can be measured.
+  Pre-trained weights are cached under bench/out/pretrained.
 * The VAE: a random decoder, scaled so images stay inside 0..1, with an encoder
   trained briefly to invert it through 8-bit PNG quantisation. Then what the
   pipeline encodes from a photo is (almost) exactly the latent that was sampled,
@@ -45,6 +49,8 @@ from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.seeding import generator
 
 PROMPT = "a sks face"
+FACE_PROMPT = "a face"
+STYLE_SUFFIX = " in red"     # the base learns this as adding `style_direction` to a face
 IMAGE_SIZE = 64
 
 
@@ -62,6 +68,7 @@ class WorldSpec:
     sample_steps: int = 10       # DDIM steps per photo
     vae_steps: int = 1500        # encoder-inversion training steps
     gallery: int = 16            # teacher samples per identity for the recognizer
+    style_norm: float = 6.0      # length of the style direction " in red" adds (two identities: ~10 apart)
     seed: int = 0
 
     def ids(self) -> tuple[list[str], list[str]]:
@@ -88,23 +95,43 @@ def family(n: int, g: torch.Generator, spec: WorldSpec) -> torch.Tensor:
     return template + torch.einsum("nk,kchw->nchw", c, basis) + 0.05 * torch.randn(n, 4, 8, 8, generator=g)
 
 
+def style_direction(spec: WorldSpec) -> torch.Tensor:
+    """The known edit [4, 8, 8]: prompts ending in STYLE_SUFFIX mean `family` + this (smooth, fixed length)."""
+    import torch.nn.functional as F
+
+    d = F.interpolate(torch.randn(1, 4, 4, 4, generator=generator(spec.seed, "style")), size=(8, 8),
+                      mode="bilinear", align_corners=False)[0]
+    return d * (spec.style_norm / d.norm())
+
+
+PRETRAIN_PROMPTS = (FACE_PROMPT, PROMPT, FACE_PROMPT + STYLE_SUFFIX, PROMPT + STYLE_SUFFIX)
+
+
 def pretrain_unet(unet, text_encoder, tokenizer, scheduler, spec: WorldSpec, log=print) -> float:
-    """Train the UNet (all weights) as a denoiser of `family`; cached by settings. Returns seconds spent."""
+    """Train the UNet (all weights) as a denoiser of `family`; cached by settings. Returns seconds spent.
+
+    Plain prompts ("a face", "a sks face") mean a face of the family, styled ones (+ " in red")
+    the same face plus `style_direction`: editability is how much of that edit a LiDB leaves.
+    """
     import time
 
     from safetensors.torch import load_file, save_file
 
     from hdb_core.atomic import write_atomic
 
-    key = f"unet-s{spec.seed}-f{spec.family_variation:g}-n{spec.pretrain_steps}-b{PRETRAIN_BATCH}-v1.safetensors"
+    key = (f"unet-s{spec.seed}-f{spec.family_variation:g}-n{spec.pretrain_steps}-b{PRETRAIN_BATCH}"
+           f"-style{spec.style_norm:g}-v2.safetensors")
     path = os.path.join(PRETRAIN_CACHE, key)
     if os.path.exists(path):
         unet.load_state_dict(load_file(path))
         return 0.0
     t0 = time.time()
-    ids = tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(list(PRETRAIN_PROMPTS), padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
     with torch.no_grad():
-        context = text_encoder(ids)[0].expand(PRETRAIN_BATCH, -1, -1)
+        contexts = text_encoder(ids)[0]
+    styled = torch.tensor([p.endswith(STYLE_SUFFIX) for p in PRETRAIN_PROMPTS])
+    style = style_direction(spec)
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=PRETRAIN_LR, weight_decay=0.0)
     g = generator(spec.seed, "pretrain")
@@ -114,7 +141,9 @@ def pretrain_unet(unet, text_encoder, tokenizer, scheduler, spec: WorldSpec, log
         lr = PRETRAIN_LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / spec.pretrain_steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = family(PRETRAIN_BATCH, g, spec)
+        which = torch.randint(len(PRETRAIN_PROMPTS), (PRETRAIN_BATCH,), generator=g)
+        context = contexts[which]
+        x = family(PRETRAIN_BATCH, g, spec) + styled[which].view(-1, 1, 1, 1) * style
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(T, (PRETRAIN_BATCH,), generator=g)
         pred = unet(scheduler.add_noise(x, noise, t), t, context).sample
