@@ -93,6 +93,37 @@ def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0,
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
 
 
+def test_gradient_checkpointing_is_exact_and_bf16_autocast_runs_on_the_cpu(stage0, base):
+    from hdb_core.training.runtime import autocast
+
+    prepared, lidbs, _ = stage0
+    net, samples, objective = objective_parts(prepared, lidbs, base, net_settings())
+    batch = samples.batch(0)
+
+    def loss_and_grads(checkpointing: bool, cast: str):
+        net.zero_grad()
+        if checkpointing:
+            base.unet.enable_gradient_checkpointing()
+        try:
+            with autocast(cast, torch.device("cpu")):
+                terms = objective.terms(net, batch)
+            objective.value(terms).backward()
+        finally:
+            base.unet.disable_gradient_checkpointing()
+        return terms.diffusion.detach(), [p.grad.clone() for p in net.parameters()]
+
+    with objective:
+        loss, grads = loss_and_grads(False, "off")
+        loss_ckpt, grads_ckpt = loss_and_grads(True, "off")
+        loss_bf16, grads_bf16 = loss_and_grads(False, "bf16")
+    torch.testing.assert_close(loss_ckpt, loss)
+    for a, b in zip(grads_ckpt, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(loss_bf16).all() and all(torch.isfinite(g).all() for g in grads_bf16)
+    assert not torch.equal(loss_bf16, loss), "autocast did not run the UNet in bf16"
+    torch.testing.assert_close(loss_bf16, loss, rtol=5e-2, atol=1e-3)
+
+
 def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, tiny_model, tmp_path):
     """A photo that passes the header scan but fails the face check is skipped up front and counted."""
     from PIL import Image

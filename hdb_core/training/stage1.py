@@ -308,9 +308,10 @@ class Objective:
         if self.s.alpha > 0:
             self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
             context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
+            # The factors stay set until the next batch: gradient checkpointing reruns the UNet's
+            # forward during the backward pass, which must see the same residuals.
             d_loss = base.loss(batch["latents"].to(device), batch["noise"].to(device),
                                batch["timestep"].to(device), context, self.dtype)
-            self.injector.clear()
         else:
             d_loss = torch.zeros_like(w_loss)
         return Terms(d_loss, w_loss, [*a_hat.values(), *b_hat.values()])
