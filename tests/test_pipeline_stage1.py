@@ -93,6 +93,19 @@ def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0,
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
 
 
+def test_loader_workers_give_the_same_network(stage0, base, tmp_path):
+    """Samples are a function of (seed, position) only: worker processes change nothing."""
+    from safetensors.torch import load_file
+
+    prepared, lidbs, _ = stage0
+    outs = []
+    for workers in (0, 2):
+        outs.append(str(tmp_path / f"hn{workers}.safetensors"))
+        train_hypernet(prepared, lidbs, base, None, outs[-1], net_settings(steps=3, workers=workers), progress=False)
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_checkpointing_is_exact_and_bf16_autocast_runs_on_the_cpu(stage0, base):
     from hdb_core.training.runtime import autocast
 
