@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from hdb_core import defaults
 from hdb_core.errors import HDBError
@@ -324,10 +325,18 @@ def cmd_pipeline(args) -> int:
          "--checkpoint-every", str(args.checkpoint_every), *_forward(args, STAGE1_FORWARDED)],
     ]
     process = _process(args.cpu)
+    started = time.time()
     for argv in steps:
         sub_args = build_parser().parse_args(argv)
         COMMANDS[sub_args.command](sub_args)
         process.wait()      # stage 1 needs every LiDB, stage 0 every shard
+    if process.index == 0:
+        from hdb_core.training.stage1 import ema_path
+
+        validation = os.path.join(run, "hypernet.state", "validation.csv")
+        files = [f for f in (ema_path(hypernet), hypernet) if os.path.exists(f)]
+        advice = f", whichever has the lower held-out loss in {validation}" if os.path.exists(validation) else ""
+        print(f"pipeline: done in {(time.time() - started) / 60:.1f} min; hypernetwork: {' or '.join(files)}{advice}")
     return 0
 
 

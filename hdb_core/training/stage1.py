@@ -482,9 +482,8 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 if main:
                     _validate_and_plot(objective, raw, ema, held_batch, val_log, loss_log, done, settings, device)
-                if done < settings.steps:
-                    _checkpoint(accelerator, ckpt_path, raw, optimizer, ema, done, settings)
-                accelerator.wait_for_everyone()
+                # Also at the end: the same command run again then finds nothing left to do.
+                _checkpoint(accelerator, ckpt_path, raw, optimizer, ema, done, settings)
             if on_step is not None:
                 on_step({"step": done, "loss": logged[0], "diffusion": logged[1], "weight": logged[2], "net": raw,
                          "rank": rank})
