@@ -214,17 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ------------------------------------------------------------------------------------
-def _encoder_path(args, needed: bool = True) -> str | None:
+def _encoder_path(args) -> str:
     if args.image_encoder is not None:
         return args.image_encoder
     default = os.path.join(args.base_model, "image_encoder")
     if os.path.isdir(default):
         return default
-    if needed:
-        raise HDBError("Preparing photos needs the CLIP vision encoder of stage 1: pass --image-encoder with a local "
-                       "folder (config.json and model.safetensors, e.g. CLIP-ViT-H-14-laion2B) - nothing is "
-                       "downloaded.")
-    return None
+    raise HDBError("Preparing photos needs the CLIP vision encoder of stage 1: pass --image-encoder with a local "
+                   "folder (config.json and model.safetensors, e.g. CLIP-ViT-H-14-laion2B) - nothing is "
+                   "downloaded.")
 
 
 def cmd_prepare(args) -> int:
@@ -282,7 +280,8 @@ def cmd_train_hypernet(args) -> int:
         dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing,
         ema_decay=args.ema_decay, val_identities=args.val_identities, workers=args.workers)
     settings.validate()
-    encoder = _encoder_path(args, needed=not is_prepared(args.data))
+    # With prepared data an encoder is only checked against the features' (and only when given).
+    encoder = args.image_encoder if is_prepared(args.data) else _encoder_path(args)
     accelerator = Accelerator(cpu=bool(args.cpu))
     summary = train_hypernet(args.data, args.lidbs, args.base_model, encoder, args.output, settings,
                              base_config=args.base_config, accelerator=accelerator, progress=not args.no_progress)

@@ -115,14 +115,9 @@ def test_gradient_checkpointing_is_exact_and_bf16_autocast_runs_on_the_cpu(stage
 
     def loss_and_grads(checkpointing: bool, cast: str):
         net.zero_grad()
-        if checkpointing:
-            base.unet.enable_gradient_checkpointing()
-        try:
-            with autocast(cast, torch.device("cpu")):
-                terms = objective.terms(net, batch)
+        with base.checkpointing(checkpointing), autocast(cast, torch.device("cpu")):
+            terms = objective.terms(net, batch)
             objective.value(terms).backward()
-        finally:
-            base.unet.disable_gradient_checkpointing()
         return terms.diffusion.detach(), [p.grad.clone() for p in net.parameters()]
 
     with objective:
@@ -218,7 +213,7 @@ def test_predict_finetune_export_from_the_command_line(hypernet_file, stage0, ti
 
 
 def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_path, capsys):
-    _, lidbs, faces = stage0
+    prepared, lidbs, faces = stage0
     common = ["train-hypernet", "--data", faces, "--base-model", tiny_model, "--steps", "1", *FAST, *FAST_NET]
 
     other = tmp_path / "other"
@@ -239,6 +234,14 @@ def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_pa
 
     rc = cli.main([*common, "--lidbs", lidbs, "--output", str(out), "--image-encoder", str(tmp_path / "nope")])
     assert rc == 2 and "Image encoder" in capsys.readouterr().err
+    other_encoder = tmp_path / "other_encoder"                  # prepared data: a given encoder must match
+    os.makedirs(other_encoder)
+    config = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder")).model.config
+    config.hidden_size *= 2
+    config.save_pretrained(str(other_encoder))
+    rc = cli.main([*common[:2], prepared, *common[3:], "--lidbs", lidbs, "--output", str(out),
+                   "--image-encoder", str(other_encoder)])
+    assert rc == 2 and "holds features of" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "hn.state").exists()
 
 

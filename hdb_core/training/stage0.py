@@ -172,9 +172,6 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     device = torch.device(process.device)
     dtype = resolve_dtype(settings.dtype, device)
     base.to(device, dtype)
-    base.unet.disable_gradient_checkpointing()
-    if settings.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
     layers = base.layers(settings.text_encoder)
     config = LiDBConfig(settings.a, settings.b, settings.rank, settings.lidb_seed)
     state = state_dir(output)
@@ -207,7 +204,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     trained = 0
     bar = tqdm(total=len(chunks) * settings.steps, disable=not progress, position=process.index,
                desc=f"stage 0 [{process.index + 1}/{process.count}]", unit="step", dynamic_ncols=True)
-    with injector:
+    with injector, base.checkpointing(settings.gradient_checkpointing):
         for chunk in chunks:
             chunk_name = hashlib.sha256("|".join(chunk).encode()).hexdigest()[:12]
             ids, latents = [], []

@@ -35,6 +35,7 @@ import torch
 from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.hypernet.file import save_hypernet
+from hdb_core.hypernet.image_encoder import EncoderSpec, spec_from_hf_config
 from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
 from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
@@ -155,6 +156,24 @@ def _check_lidb_folder(lidb_dir: str, base: BaseModel) -> None:
         raise HDBError(f"No identity has a stage-0 LiDB in '{lidb_dir}' (expected <identity>.safetensors); run "
                        f"`hdb preoptimize` on the same data.")
     check_targets([names[0][: -len(".safetensors")]], lidb_dir, base)
+
+
+def _check_encoder(image_encoder, prepared_with: EncoderSpec, data_dir: str) -> None:
+    """An encoder given with prepared data must be the one the features came from."""
+    if isinstance(image_encoder, str):
+        from transformers import CLIPVisionConfig
+
+        try:
+            spec = spec_from_hf_config(CLIPVisionConfig.from_pretrained(image_encoder, local_files_only=True))
+        except (OSError, ValueError) as e:
+            raise HDBError(f"Could not read the CLIP vision config in '{image_encoder}' ({e}); give a local folder "
+                           f"with config.json, or leave --image-encoder out with prepared data.") from None
+    else:
+        spec = image_encoder.spec
+    why = prepared_with.mismatch(spec)
+    if why:
+        raise HDBError(f"'{data_dir}' holds features of {prepared_with.name} ({prepared_with.summary()}), but the "
+                       f"image encoder given {why}; pass the encoder it was prepared with, or leave it out.")
 
 
 def split_held_out(ids: list[str], count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -393,6 +412,8 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
         prepare(faces, base, image_encoder, data_dir, PrepareSettings(settings.resolution, settings.face_check,
                                                              settings.min_size, dtype=settings.dtype),
                 process=ProcessInfo(rank, world, device), progress=progress)
+    elif image_encoder is not None:
+        _check_encoder(image_encoder, PreparedData(data_dir).encoder, data_dir)
     prepared = PreparedData(data_dir)
     settings = replace(settings, resolution=prepared.resolution, face_check=prepared.settings["face_check"],
                        min_size=int(prepared.settings["min_size"]))
@@ -408,9 +429,6 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
         raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' were made with different settings; pre-optimise all "
                        f"identities with the same settings.")
     base.to(device, dtype)
-    base.unet.disable_gradient_checkpointing()
-    if settings.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
 
     net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -453,7 +471,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and main),
                desc="stage 1", unit="step", dynamic_ncols=True)
     net.train()
-    with objective:
+    with objective, base.checkpointing(settings.gradient_checkpointing):
         for step, batch in zip(range(start, settings.steps), loader):
             with autocast(settings.autocast, device):
                 terms = objective.terms(net, batch)
