@@ -180,8 +180,8 @@ def split_held_out(ids: list[str], count: int, seed: int) -> tuple[list[str], li
     """(training, held-out) identities: up to `count` held out, never more than a fifth, chosen by the seed."""
     k = min(count, len(ids) // 5)
     order = torch.randperm(len(ids), generator=generator(seed, "held-out")).tolist()
-    held = sorted(ids[i] for i in order[:k])
-    return [i for i in ids if i not in set(held)], held
+    held = {ids[i] for i in order[:k]}
+    return [i for i in ids if i not in held], sorted(held)
 
 
 class Samples(torch.utils.data.Dataset):
