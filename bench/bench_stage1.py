@@ -8,6 +8,7 @@ UNet forward+backward at the same batch; peak RSS with 100 vs 1,000 identities; 
 * recomputed: the same step with the batch's features computed by the image encoder, as stage 1
   did before `hdb prepare` (the encoder ran on every photo of every step).
 * bare: the UNet alone, forward and backward (to its input), same batch, latents and timesteps.
+* sd15 (with --sd15-latent): the real shapes with random weights, an in-memory batch (no shard reads).
 * RSS: `train_hypernet` in a fresh process on N prepared tiny identities (every identity visited at
   least once at N=1000), peak resident memory of that process.
 
