@@ -1,5 +1,7 @@
 """`hdb`: the HyperDreamBooth training pipeline and personalisation outside ComfyUI.
 
+    hdb pipeline        prepare + stage 0 + stage 1 in one command (a face folder in, a hypernetwork out)
+    hdb prepare         faces checked, latents and image features encoded once, as shards
     hdb preoptimize     stage 0: one LiDB per identity of a face dataset
     hdb train-hypernet  stage 1: the hypernetwork, from photos and their stage-0 LiDBs
     hdb predict         a LiDB from a photo with a trained hypernetwork
@@ -16,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from hdb_core import defaults
 from hdb_core.errors import HDBError
@@ -50,6 +53,41 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
 
 
+def _gpu_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autocast", choices=("auto", "bf16", "off"), default="auto",
+                   help="bf16 autocast of the training forward (auto: on CUDA cards with bf16, off on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass: less GPU memory, ~30%% more time")
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-size", type=int, default=64, help="identities per shard file")
+    p.add_argument("--encode-batch", type=int, default=16, help="photos encoded together")
+
+
+def _stage1_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="weight of the diffusion reconstruction loss (0: regress onto the stage-0 LiDBs only)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="the L2 term's gradient relative to the diffusion term's, at the predicted weights "
+                        "(1: equal shares; the raw ratio is logged as weight_to_diffusion_grad)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
+    p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=4, help="refinement passes s")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="also write <output>.ema.safetensors with these averaged weights (0: no EMA)")
+    p.add_argument("--val-identities", type=int, default=32,
+                   help="identities held out for validation at each checkpoint (at most a fifth of them)")
+    p.add_argument("--workers", type=int, default=-1, help="data-loader processes (-1: 4 on CUDA, 0 on CPU)")
+
+
+STAGE1_FORWARDED = ("warmup_steps", "alpha", "beta", "grad_clip", "width", "depth", "heads", "iterations",
+                    "ema_decay", "val_identities", "workers")
+
+
 def _trigger_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trigger", default=defaults.TRIGGER,
                    help="the identity phrase with its rare token (the paper's 'a [V] face'); prompt with it later")
@@ -62,12 +100,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("preoptimize", help="stage 0: pre-optimise one LiDB per identity")
+    p = sub.add_parser("pipeline", help="prepare + stage 0 + stage 1: a face folder in, a hypernetwork out")
     p.add_argument("--data", required=True, help="folder: one face image per identity, or a subfolder per identity")
+    p.add_argument("--output", required=True,
+                   help="run folder: prepared/, lidbs/, hypernet.safetensors and hypernet.ema.safetensors")
+    p.add_argument("--image-encoder", default=None,
+                   help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14")
+    _base_args(p)
+    _data_args(p)
+    _run_args(p)
+    _gpu_args(p)
+    _prepare_args(p)
+    p.add_argument("--stage0-steps", type=int, default=defaults.STAGE0_STEPS)
+    p.add_argument("--stage0-lr", type=float, default=defaults.STAGE0_LR)
+    p.add_argument("--stage0-batch-size", type=int, default=8, help="identities trained together per process")
+    p.add_argument("--stage1-steps", type=int, default=defaults.STAGE1_STEPS)
+    p.add_argument("--stage1-lr", type=float, default=defaults.STAGE1_LR)
+    p.add_argument("--stage1-batch-size", type=int, default=4, help="photos per process per step")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="stage-1 steps between checkpoints")
+    _stage1_args(p)
+
+    p = sub.add_parser("prepare", help="check faces and encode latents and image features once, for stages 0 and 1")
+    p.add_argument("--data", required=True, help="folder: one face image per identity, or a subfolder per identity")
+    p.add_argument("--output", required=True, help="folder for the shards and their index")
+    p.add_argument("--image-encoder", default=None,
+                   help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14")
+    _base_args(p)
+    _data_args(p)
+    _prepare_args(p)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="dtype of the image encoder (auto: bf16 on CUDA, fp32 on CPU); the VAE stays fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+    p = sub.add_parser("preoptimize", help="stage 0: pre-optimise one LiDB per identity")
+    p.add_argument("--data", required=True, help="a folder made by `hdb prepare`, or a face folder: one image per "
+                                                 "identity, or a subfolder per identity")
     p.add_argument("--output", required=True, help="folder for <identity>.safetensors LiDB files")
     _base_args(p)
     _data_args(p)
     _run_args(p)
+    _gpu_args(p)
     p.add_argument("--steps", type=int, default=defaults.STAGE0_STEPS, help="optimisation steps per identity")
     p.add_argument("--lr", type=float, default=defaults.STAGE0_LR, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="identities trained together per process")
@@ -79,30 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
 
     p = sub.add_parser("train-hypernet", help="stage 1: train the hypernetwork")
-    p.add_argument("--data", required=True, help="the face folder stage 0 was run on")
+    p.add_argument("--data", required=True,
+                   help="a folder made by `hdb prepare`, or the face folder stage 0 was run on (it is then prepared "
+                        "first into <output>.state/prepared)")
     p.add_argument("--lidbs", required=True, help="the stage-0 output folder")
     p.add_argument("--output", required=True, help="hypernetwork file to write (.safetensors)")
     p.add_argument("--image-encoder", default=None,
-                   help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14")
+                   help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14; not "
+                        "needed with prepared --data")
     _base_args(p)
     _data_args(p)
     _run_args(p)
+    _gpu_args(p)
     p.add_argument("--steps", type=int, default=defaults.STAGE1_STEPS)
     p.add_argument("--lr", type=float, default=defaults.STAGE1_LR,
                    help="AdamW peak learning rate (cosine decay after warm-up)")
-    p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=4, help="photos per process per step")
-    p.add_argument("--alpha", type=float, default=1.0,
-                   help="weight of the diffusion reconstruction loss (0: regress onto the stage-0 LiDBs only)")
-    p.add_argument("--beta", type=float, default=1.0,
-                   help="the L2 term's gradient relative to the diffusion term's, at the predicted weights "
-                        "(1: equal shares; the raw ratio is logged as weight_to_diffusion_grad)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
-    p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=4, help="refinement passes s")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints, validations and plot updates")
+    _stage1_args(p)
 
     p = sub.add_parser("predict", help="predict a LiDB from face photo(s) with a trained hypernetwork")
     p.add_argument("--hypernet", required=True)
@@ -146,7 +214,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ------------------------------------------------------------------------------------
+def _encoder_path(args) -> str:
+    if args.image_encoder is not None:
+        return args.image_encoder
+    default = os.path.join(args.base_model, "image_encoder")
+    if os.path.isdir(default):
+        return default
+    raise HDBError("Preparing photos needs the CLIP vision encoder of stage 1: pass --image-encoder with a local "
+                   "folder (config.json and model.safetensors, e.g. CLIP-ViT-H-14-laion2B) - nothing is "
+                   "downloaded.")
+
+
+def cmd_prepare(args) -> int:
+    from hdb_core.training.prepared import PrepareSettings, prepare
+
+    settings = PrepareSettings(resolution=args.resolution, face_check=args.face_check, min_size=args.min_size,
+                               shard_size=args.shard_size, batch_size=args.encode_batch, dtype=args.dtype)
+    settings.validate()
+    process = _process(args.cpu)
+    summary = prepare(args.data, args.base_model, _encoder_path(args), args.output, settings,
+                      base_config=args.base_config, process=process, progress=not args.no_progress)
+    rate = f", {summary['photos_per_second']} photos/s" if summary["photos_per_second"] else ""
+    print(f"prepare rank {process.index}: {summary['photos']} photos encoded in {summary['seconds']} s{rate}, "
+          f"{summary['already_done']} of {summary['shards']} shards already done")
+    if process.index == 0:
+        print(f"prepared {summary['identities']} identities ({summary['photos_total']} photos), {summary['skipped']}; "
+              f"index in {os.path.join(args.output, 'index.json')}")
+    return 0
+
+
 def cmd_preoptimize(args) -> int:
+    from hdb_core.plots import save_loss_png
     from hdb_core.training.runtime import loss_curve, state_dir
     from hdb_core.training.stage0 import PreoptimizeSettings, loss_log_path, preoptimize
 
@@ -155,7 +253,7 @@ def cmd_preoptimize(args) -> int:
         batch_size=args.batch_size, resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
         rank=args.rank, lidb_seed=args.lidb_seed, text_encoder=not args.no_text_encoder, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
-        dtype=args.dtype)
+        dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing)
     settings.validate()
     process = _process(args.cpu)
     summary = preoptimize(args.data, args.base_model, args.output, settings, base_config=args.base_config,
@@ -170,7 +268,7 @@ def cmd_preoptimize(args) -> int:
 def cmd_train_hypernet(args) -> int:
     from accelerate import Accelerator
 
-    from hdb_core.training.runtime import loss_curve
+    from hdb_core.training.prepared import is_prepared
     from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
     settings = HypernetSettings(
@@ -179,22 +277,65 @@ def cmd_train_hypernet(args) -> int:
         grad_clip=args.grad_clip, resolution=args.resolution, width=args.width, depth=args.depth,
         heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
-        dtype=args.dtype)
+        dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing,
+        ema_decay=args.ema_decay, val_identities=args.val_identities, workers=args.workers)
     settings.validate()
-    encoder = args.image_encoder
-    if encoder is None:
-        encoder = os.path.join(args.base_model, "image_encoder")
-        if not os.path.isdir(encoder):
-            raise HDBError("Stage 1 needs a CLIP vision encoder: pass --image-encoder with a local folder (config.json "
-                           "and model.safetensors, e.g. CLIP-ViT-H-14-laion2B) - nothing is downloaded.")
+    # With prepared data an encoder is only checked against the features' (and only when given).
+    encoder = args.image_encoder if is_prepared(args.data) else _encoder_path(args)
     accelerator = Accelerator(cpu=bool(args.cpu))
     summary = train_hypernet(args.data, args.lidbs, args.base_model, encoder, args.output, settings,
                              base_config=args.base_config, accelerator=accelerator, progress=not args.no_progress)
     if accelerator.is_main_process:
-        save_loss_png(loss_curve(os.path.join(summary["state_dir"], "loss.csv")), "stage 1: loss per step",
-                      os.path.join(summary["state_dir"], "loss.png"))
-        print(f"hypernetwork written to {args.output} ({summary['identities']} identities, {settings.steps} steps); "
-              f"loss log in {summary['state_dir']}")
+        ema = f", EMA weights in {summary['ema_output']}" if summary["ema_output"] else ""
+        print(f"stage 1: {summary['identities']} identities trained on, {summary['held_out']} held out, "
+              f"{summary['skipped']}, {settings.steps} steps in {summary['seconds'] / 60:.1f} min; hypernetwork in "
+              f"{args.output}{ema}; loss.csv, validation.csv and loss.png in {summary['state_dir']}")
+    return 0
+
+
+def _forward(args, names) -> list[str]:
+    """Parsed options as command-line tokens again (to hand them to a sub-command)."""
+    out = []
+    for name in names:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def cmd_pipeline(args) -> int:
+    """prepare -> preoptimize -> train-hypernet into one run folder, every process waiting for the others."""
+    run = args.output
+    prepared, lidbs = os.path.join(run, "prepared"), os.path.join(run, "lidbs")
+    hypernet = os.path.join(run, "hypernet.safetensors")
+    common = ["--base-model", args.base_model, *_forward(args, ("base_config", "cpu", "no_progress"))]
+    data = ["--resolution", str(args.resolution), "--face-check", args.face_check, "--min-size", str(args.min_size)]
+    run_args = _forward(args, ("trigger", "prompt", "seed", "dtype", "no_flip", "autocast", "gradient_checkpointing"))
+    steps = [
+        ["prepare", "--data", args.data, "--output", prepared, "--image-encoder", _encoder_path(args), *common, *data,
+         *_forward(args, ("shard_size", "encode_batch")), "--dtype", args.dtype],
+        ["preoptimize", "--data", prepared, "--output", lidbs, *common, *data, *run_args,
+         "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size)],
+        ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
+         "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
+         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, STAGE1_FORWARDED)],
+    ]
+    process = _process(args.cpu)
+    started = time.time()
+    for argv in steps:
+        sub_args = build_parser().parse_args(argv)
+        COMMANDS[sub_args.command](sub_args)
+        process.wait()      # stage 1 needs every LiDB, stage 0 every shard
+    if process.index == 0:
+        from hdb_core.training.stage1 import ema_path
+
+        validation = os.path.join(run, "hypernet.state", "validation.csv")
+        files = [f for f in (ema_path(hypernet), hypernet) if os.path.exists(f)]
+        advice = f", whichever has the lower held-out loss in {validation}" if os.path.exists(validation) else ""
+        print(f"pipeline: done in {(time.time() - started) / 60:.1f} min; hypernetwork: {' or '.join(files)}{advice}")
     return 0
 
 
@@ -304,21 +445,9 @@ def _device(cpu: bool):
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
-def save_loss_png(losses: list[float], title: str, path: str) -> str | None:
-    """The loss curve as a PNG (written atomically); nothing when there are no losses."""
-    if not losses:
-        return None
-    from PIL import Image
-
-    from hdb_core.atomic import write_atomic
-    from hdb_core.plots import loss_curve_image
-
-    arr = (loss_curve_image(losses, title)[0].clamp(0, 1) * 255).round().byte().numpy()
-    return write_atomic(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-
-
-COMMANDS = {"preoptimize": cmd_preoptimize, "train-hypernet": cmd_train_hypernet, "predict": cmd_predict,
-            "finetune": cmd_finetune, "export-lora": cmd_export_lora}
+COMMANDS = {"pipeline": cmd_pipeline, "prepare": cmd_prepare, "preoptimize": cmd_preoptimize,
+            "train-hypernet": cmd_train_hypernet, "predict": cmd_predict, "finetune": cmd_finetune,
+            "export-lora": cmd_export_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

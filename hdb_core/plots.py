@@ -36,8 +36,17 @@ def loss_curve_image(losses: list[float], title: str) -> torch.Tensor:
     return (data.float() / 255.0).unsqueeze(0)
 
 
-def loss_curve_pil(losses: list[float], title: str) -> Image.Image:
-    """The same plot as a PIL RGB image (for progress previews)."""
+MARK_COLOURS = ((220, 60, 30), (20, 150, 70), (150, 60, 180))
+
+
+def loss_curve_pil(losses: list[float], title: str,
+                   marks: dict[str, list[tuple[int, float]]] | None = None) -> Image.Image:
+    """The same plot as a PIL RGB image (for progress previews).
+
+    `marks`: named series of (step, value) drawn as coloured points on the same axes
+    (held-out losses, logged every few hundred steps).
+    """
+    marks = {k: v for k, v in (marks or {}).items() if v}
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -49,7 +58,8 @@ def loss_curve_pil(losses: list[float], title: str) -> Image.Image:
     if not finite:
         draw.text((x0 + 10, (y0 + y1) // 2), "no finite loss values", fill="black", font=font)
     else:
-        lo, hi = min(finite), max(finite)
+        extra = [v for series in marks.values() for _, v in series if math.isfinite(v)]
+        lo, hi = min(finite + extra), max(finite + extra)
         span = (hi - lo) or max(abs(hi), 1.0) * 1e-3
         n = len(losses)
 
@@ -65,6 +75,14 @@ def loss_curve_pil(losses: list[float], title: str) -> Image.Image:
         smooth = running_mean(finite, max(1, len(finite) // 8)) if len(finite) == n else None
         if smooth and n > 1:
             draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=3)
+        for series, colour in zip(marks.values(), MARK_COLOURS):
+            points = [point(step - 1, v) for step, v in series if math.isfinite(v)]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        for row, ((name, _), colour) in enumerate(zip(marks.items(), MARK_COLOURS)):
+            draw.text((x0 + 10, y0 + 4 + 12 * row), name, fill=colour, font=font)
         draw.text((4, y0 - 6), _fmt(hi), fill="black", font=font)
         draw.text((4, y1 - 6), _fmt(lo), fill="black", font=font)
         draw.text((x0, y1 + 6), "1", fill="black", font=font)
@@ -75,3 +93,14 @@ def loss_curve_pil(losses: list[float], title: str) -> Image.Image:
         draw.text((x1 - 260, 8), f"mean of first/last {w}: {_fmt(first)} -> {_fmt(last)}",
                   fill=(30, 80, 200), font=font)
     return img
+
+
+def save_loss_png(losses: list[float], title: str, path: str,
+                  marks: dict[str, list[tuple[int, float]]] | None = None) -> str | None:
+    """The loss curve (and marks) as a PNG, written atomically; nothing when there are no losses."""
+    if not losses:
+        return None
+    from hdb_core.atomic import write_atomic
+
+    image = loss_curve_pil(losses, title, marks)
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,8 +1,10 @@
-"""The whole pipeline into ComfyUI: stage 0 -> stage 1 with `hdb`, then the hypernetwork file is loaded by
-HDB_LoadHyperNet and predicts an identity that HDB_ApplyLiDB patches into a model sampled by KSampler."""
+"""The whole pipeline into ComfyUI: `hdb pipeline` (prepare -> stage 0 -> stage 1), then its EMA hypernetwork
+file is loaded by HDB_LoadHyperNet and predicts an identity that HDB_ApplyLiDB patches into a model sampled
+by KSampler."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -23,14 +25,13 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp
     tiny_vision.transformers_twin(tiny_vision.comfy_clip_vision(0)).save_pretrained(encoder_dir)
 
     faces = make_faces(str(tmp_path / "faces"), 3)
-    lidbs = str(tmp_path / "lidbs")
-    assert cli.main(["preoptimize", "--data", faces, "--base-model", tiny_model, "--output", lidbs,
-                     "--steps", "2", "--batch-size", "3", *FAST]) == 0
-    hn_dir = folder_paths.get_folder_paths("hyperdreambooth")[0]
-    out = os.path.join(hn_dir, "pipeline_tiny.safetensors")
-    assert cli.main(["train-hypernet", "--data", faces, "--lidbs", lidbs, "--base-model", tiny_model,
-                     "--image-encoder", encoder_dir, "--output", out, "--steps", "2", "--batch-size", "2",
+    run = str(tmp_path / "run")
+    assert cli.main(["pipeline", "--data", faces, "--base-model", tiny_model, "--image-encoder", encoder_dir,
+                     "--output", run, "--stage0-steps", "2", "--stage1-steps", "2", "--stage1-batch-size", "2",
                      *FAST, *FAST_NET]) == 0
+    out = os.path.join(folder_paths.get_folder_paths("hyperdreambooth")[0], "pipeline_tiny.safetensors")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shutil.copy(os.path.join(run, "hypernet.ema.safetensors"), out)
 
     from PIL import Image
 

@@ -92,6 +92,19 @@ def test_finished_identities_are_skipped_and_an_interrupted_chunk_resumes(faces,
     assert again["trained"] == 0 and again["already_done"] == 3
 
 
+def test_gradient_checkpointing_and_bf16_autocast_in_stage0(faces, base, tmp_path):
+    """Checkpointing gives the same LiDBs; bf16 autocast (forced on the CPU) trains finite, slightly other ones."""
+    runs = {}
+    for name, kw in {"plain": {}, "bf16": dict(autocast="bf16"),
+                     "checkpointing": dict(gradient_checkpointing=True)}.items():
+        preoptimize(faces, base, str(tmp_path / name), settings(steps=2, batch_size=3, **kw), progress=False)
+        runs[name] = flat_delta(load_lidb(str(tmp_path / name / "id00.safetensors")))
+    assert not base.unet.is_gradient_checkpointing        # left as it was found
+    torch.testing.assert_close(runs["checkpointing"], runs["plain"], rtol=1e-5, atol=1e-8)
+    assert torch.isfinite(runs["bf16"]).all() and not torch.equal(runs["bf16"], runs["plain"])
+    assert (runs["bf16"] - runs["plain"]).norm() / runs["plain"].norm() < 0.2
+
+
 def test_shards_cover_every_identity_exactly_once():
     items = list(range(11))
     parts = [shard(items, ProcessInfo(k, 3)) for k in range(3)]

@@ -9,25 +9,38 @@ import torch
 from safetensors import safe_open
 
 from hdb_core import cli, defaults
-from hdb_core.training.data import Skips
 from hdb_core.lidb.file import load_lidb, save_lidb
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
-from hdb_core.training.stage1 import HypernetSettings, Objective, find_pairs, new_hypernet, train_hypernet
+from hdb_core.training.prepared import PreparedData, PrepareSettings, prepare
+from hdb_core.training.stage1 import (HypernetSettings, Objective, Samples, check_targets, new_hypernet,
+                                      train_hypernet)
 
 from tests.pipeline_fixtures import FAST, FAST_NET, make_faces
 
 
 @pytest.fixture(scope="module")
-def stage0(tmp_path_factory, base):
-    """(faces folder, stage-0 LiDB folder) for 4 synthetic identities."""
+def stage0(tmp_path_factory, base, tiny_model):
+    """(prepared folder, stage-0 LiDB folder, faces folder) for 4 synthetic identities."""
     root = tmp_path_factory.mktemp("stage0")
     faces = make_faces(str(root / "faces"), 4)
-    preoptimize(faces, base, str(root / "lidbs"), PreoptimizeSettings(
-        steps=4, batch_size=4, resolution=64, face_check="none", min_size=32, learning_rate=1e-2), progress=False)
-    return faces, str(root / "lidbs")
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    prepare(faces, base, encoder, str(root / "prepared"), PrepareSettings(resolution=64, face_check="none",
+                                                                           min_size=32), progress=False)
+    preoptimize(str(root / "prepared"), base, str(root / "lidbs"), PreoptimizeSettings(
+        steps=4, batch_size=4, learning_rate=1e-2), progress=False)
+    return str(root / "prepared"), str(root / "lidbs"), faces
+
+
+def objective_parts(prepared_dir, lidbs, base, settings):
+    """(untrained net, Samples over every identity, Objective) as train_hypernet builds them."""
+    prepared = PreparedData(prepared_dir)
+    layers, config, _ = check_targets(prepared.ids, lidbs, base)
+    net = new_hypernet(settings, layers, config, prepared.encoder, "model")
+    samples = Samples(prepared, prepared.ids, lidbs, settings, 1, base.num_timesteps, (4, 8, 8))
+    return net, samples, Objective(layers, config, base, settings, "cpu", torch.float32)
 
 
 def net_settings(**kw) -> HypernetSettings:
@@ -37,20 +50,18 @@ def net_settings(**kw) -> HypernetSettings:
 
 
 def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path):
-    faces, lidbs = stage0
+    prepared, lidbs, _ = stage0
     settings = net_settings()
-    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
     out = str(tmp_path / "hn.safetensors")
     log = []
-    train_hypernet(faces, lidbs, base, encoder, out, settings, progress=False, on_step=log.append)
+    train_hypernet(prepared, lidbs, base, None, out, settings, progress=False, on_step=log.append)
 
     # The same objective, on the same fixed draws (steps 0..3 of the schedule), before and after training.
-    pairs = find_pairs(faces, lidbs, base, settings.min_size, Skips())
-    start = new_hypernet(settings, pairs[0].lidb.layers, pairs[0].lidb.config, encoder.spec, "model")
+    start, samples, objective = objective_parts(prepared, lidbs, base, settings)
     trained = load_hypernet(out)
-    with torch.no_grad(), Objective(pairs, base, encoder, settings, "cpu", torch.float32) as objective:
-        before = [objective.terms(start, k) for k in range(4)]
-        after = [objective.terms(trained, k) for k in range(4)]
+    with torch.no_grad(), objective:
+        before = [objective.terms(start, samples.batch(k)) for k in range(4)]
+        after = [objective.terms(trained, samples.batch(k)) for k in range(4)]
         total = lambda runs: sum(float(objective.value(r)) for r in runs)   # noqa: E731
     weight = lambda runs: sum(float(r.weight.mean()) for r in runs)        # noqa: E731
     assert total(after) < total(before)
@@ -64,17 +75,15 @@ def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path):
 def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0, base, tiny_model):
     """At the predicted weights the weight term's gradient is beta (default 1) times the diffusion term's,
     and the network receives exactly the gradient of alpha * diffusion + scale * weight."""
-    faces, lidbs = stage0
+    prepared, lidbs, _ = stage0
     settings = net_settings()
     assert HypernetSettings().beta == settings.beta == 1.0
-    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
-    pairs = find_pairs(faces, lidbs, base, settings.min_size, Skips())
-    net = new_hypernet(settings, pairs[0].lidb.layers, pairs[0].lidb.config, encoder.spec, "model")
-    with Objective(pairs, base, encoder, settings, "cpu", torch.float32) as objective:
-        norms = objective.backward(objective.terms(net, 0))
+    net, samples, objective = objective_parts(prepared, lidbs, base, settings)
+    with objective:
+        norms = objective.backward(objective.terms(net, samples.batch(0)))
         balanced = [p.grad.clone() for p in net.parameters()]
         net.zero_grad()
-        terms = objective.terms(net, 0)
+        terms = objective.terms(net, samples.batch(0))
         scale = norms["weight_grad"] / (norms["raw_ratio"] * norms["diffusion_grad"])
         (settings.alpha * terms.diffusion.mean() + scale * terms.weight.mean()).backward()
     assert 0.1 < norms["weight_grad"] / norms["diffusion_grad"] < 10
@@ -82,6 +91,45 @@ def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0,
     assert norms["raw_ratio"] > 10, "unbalanced, the summed weight term would dominate (why balancing exists)"
     for mine, reference in zip(balanced, (p.grad for p in net.parameters())):
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
+
+
+def test_loader_workers_give_the_same_network(stage0, base, tmp_path):
+    """Samples are a function of (seed, position) only: worker processes change nothing."""
+    from safetensors.torch import load_file
+
+    prepared, lidbs, _ = stage0
+    outs = []
+    for workers in (0, 2):
+        outs.append(str(tmp_path / f"hn{workers}.safetensors"))
+        train_hypernet(prepared, lidbs, base, None, outs[-1], net_settings(steps=3, workers=workers), progress=False)
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_is_exact_and_bf16_autocast_runs_on_the_cpu(stage0, base):
+    from hdb_core.training.runtime import autocast
+
+    prepared, lidbs, _ = stage0
+    net, samples, objective = objective_parts(prepared, lidbs, base, net_settings())
+    batch = samples.batch(0)
+
+    def loss_and_grads(checkpointing: bool, cast: str):
+        net.zero_grad()
+        with base.checkpointing(checkpointing), autocast(cast, torch.device("cpu")):
+            terms = objective.terms(net, batch)
+            objective.value(terms).backward()
+        return terms.diffusion.detach(), [p.grad.clone() for p in net.parameters()]
+
+    with objective:
+        loss, grads = loss_and_grads(False, "off")
+        loss_ckpt, grads_ckpt = loss_and_grads(True, "off")
+        loss_bf16, grads_bf16 = loss_and_grads(False, "bf16")
+    torch.testing.assert_close(loss_ckpt, loss)
+    for a, b in zip(grads_ckpt, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(loss_bf16).all() and all(torch.isfinite(g).all() for g in grads_bf16)
+    assert not torch.equal(loss_bf16, loss), "autocast did not run the UNet in bf16"
+    torch.testing.assert_close(loss_bf16, loss, rtol=5e-2, atol=1e-3)
 
 
 def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, tiny_model, tmp_path):
@@ -100,21 +148,20 @@ def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, ti
     lidbs = str(tmp_path / "lidbs")
     preoptimize(str(faces), base, lidbs, PreoptimizeSettings(steps=2, batch_size=3, resolution=64,
                                                              face_check="detect", min_size=32), progress=False)
-    skips = Skips()
-    pairs = find_pairs(str(faces), lidbs, base, 32, skips, 64, "detect")
-    assert [[os.path.basename(p) for p in pair.images] for pair in pairs] == [["b.png"], ["a.png"], ["a.png"]]
-    assert skips.counts() == {"no face found": 1}
     encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
     summary = train_hypernet(str(faces), lidbs, base, encoder, str(tmp_path / "hn.safetensors"),
                              net_settings(steps=3, face_check="detect"), progress=False)
     assert summary["identities"] == 3 and "1 skipped (1 no face found)" in summary["skipped"]
+    prepared = PreparedData(str(tmp_path / "hn.state" / "prepared"))       # the face folder was prepared first
+    assert {i: prepared.num_photos(i) for i in prepared.ids} == {"id00": 1, "id01": 1, "id02": 1}
+    assert prepared.skip_counts == {"no face found": 1}
 
 
 @pytest.fixture(scope="module")
 def hypernet_file(stage0, tiny_model, tmp_path_factory):
-    faces, lidbs = stage0
+    prepared, lidbs, _ = stage0
     out = str(tmp_path_factory.mktemp("hn") / "hn.safetensors")
-    rc = cli.main(["train-hypernet", "--data", faces, "--lidbs", lidbs, "--base-model", tiny_model,
+    rc = cli.main(["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--base-model", tiny_model,
                    "--output", out, "--steps", "3", "--batch-size", "2", "--lr", "1e-3", *FAST, *FAST_NET])
     assert rc == 0
     return out
@@ -131,7 +178,7 @@ def test_train_hypernet_cli_writes_file_log_and_plot(hypernet_file, stage0):
 
 
 def test_predict_finetune_export_from_the_command_line(hypernet_file, stage0, tiny_model, tmp_path, capsys):
-    faces, _ = stage0
+    faces = stage0[2]
     enc = os.path.join(tiny_model, "image_encoder")
     photo = os.path.join(faces, "id01.png")
     assert cli.main(["predict", "--hypernet", hypernet_file, "--image-encoder", enc, "--image", photo,
@@ -166,7 +213,7 @@ def test_predict_finetune_export_from_the_command_line(hypernet_file, stage0, ti
 
 
 def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_path, capsys):
-    faces, lidbs = stage0
+    prepared, lidbs, faces = stage0
     common = ["train-hypernet", "--data", faces, "--base-model", tiny_model, "--steps", "1", *FAST, *FAST_NET]
 
     other = tmp_path / "other"
@@ -187,11 +234,19 @@ def test_stage1_bad_inputs_fail_before_training(stage0, base, tiny_model, tmp_pa
 
     rc = cli.main([*common, "--lidbs", lidbs, "--output", str(out), "--image-encoder", str(tmp_path / "nope")])
     assert rc == 2 and "Image encoder" in capsys.readouterr().err
+    other_encoder = tmp_path / "other_encoder"                  # prepared data: a given encoder must match
+    os.makedirs(other_encoder)
+    config = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder")).model.config
+    config.hidden_size *= 2
+    config.save_pretrained(str(other_encoder))
+    rc = cli.main([*common[:2], prepared, *common[3:], "--lidbs", lidbs, "--output", str(out),
+                   "--image-encoder", str(other_encoder)])
+    assert rc == 2 and "holds features of" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "hn.state").exists()
 
 
 def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_path):
-    faces, lidbs = stage0
+    _, lidbs, faces = stage0
     encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
     out = str(tmp_path / "hn.safetensors")
 

@@ -257,7 +257,8 @@ def run(out: str, settings: Settings, log=print) -> dict:
                        HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch, learning_rate=s.stage1_lr,
                                         warmup_steps=s.stage1_steps // 10, alpha=s.stage1_alpha, beta=s.stage1_beta,
                                         width=s.width, heads=4, iterations=s.iterations,
-                                        checkpoint_every=10 ** 6, **common), progress=False)
+                                        checkpoint_every=10 ** 6, val_identities=0, ema_decay=0, **common),
+                       progress=False)    # the evidence keeps its own validation identities, raw weights only
     timings["stage1"] = time.time() - t0
 
     t0 = time.time()

@@ -10,6 +10,7 @@ the error instead.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,16 @@ class BaseModel:
         """Per-sample denoising loss [B] of the UNet (with whatever residuals are injected)."""
         return diffusers_loss(self.unet, self.noise_scheduler, latents, noise, timesteps.to(latents.device),
                               context, dtype)
+
+    @contextmanager
+    def checkpointing(self, on: bool):
+        """The UNet's gradient checkpointing (diffusers') while open when `on`; always off afterwards."""
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            self.unet.disable_gradient_checkpointing()
 
     @property
     def vae_scale(self) -> float:

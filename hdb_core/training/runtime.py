@@ -19,6 +19,15 @@ from hdb_core.atomic import write_atomic
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+AUTOCAST = ("auto", "bf16", "off")
+
+
+def autocast(name: str, device: torch.device):
+    """bf16 autocast of a training forward: 'auto' turns it on where a CUDA card has bf16, never on a CPU."""
+    on = name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The frozen models' dtype: 'auto' is bf16 on a CUDA card that has it, else float32."""
     if name == "auto":
@@ -42,6 +51,13 @@ class ProcessInfo:
 
         state = PartialState(cpu=bool(cpu))
         return cls(state.process_index, state.num_processes, state.device)
+
+    def wait(self) -> None:
+        """Barrier across processes (nothing to wait for in a single process)."""
+        if self.count > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
 
 
 def shard(items: list, info: ProcessInfo) -> list:

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -36,7 +36,9 @@ from hdb_core.training.base_model import BaseModel, load_base_model, photo_laten
 from hdb_core.training.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from hdb_core.training.injector import LowRankInjector
 from hdb_core.training.objective import draw, pick_latents
-from hdb_core.training.runtime import DTYPES, LossLog, ProcessInfo, resolve_dtype, shard, state_dir, write_json
+from hdb_core.training.prepared import PreparedData, is_prepared
+from hdb_core.training.runtime import (AUTOCAST, DTYPES, LossLog, ProcessInfo, autocast, resolve_dtype, shard,
+                                       state_dir, write_json)
 from hdb_core.training.seeding import generator
 
 log = logging.getLogger("hdb")
@@ -61,6 +63,8 @@ class PreoptimizeSettings:
     min_size: int = 128
     checkpoint_every: int = 50
     dtype: str = "auto"
+    autocast: str = "auto"          # bf16 autocast of the forward: auto = on CUDA cards with bf16, off on CPU
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -80,11 +84,13 @@ class PreoptimizeSettings:
             raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
         if self.dtype not in DTYPES:
             raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
+        if self.autocast not in AUTOCAST:
+            raise HDBError(f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}.")
 
     def fingerprint(self) -> str:
         """Everything that changes the numbers (not batch size: it does not change them)."""
         d = asdict(self)
-        for k in ("batch_size", "checkpoint_every", "min_size"):
+        for k in ("batch_size", "checkpoint_every", "min_size", "gradient_checkpointing"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -145,13 +151,23 @@ def diffusion_loss(base: BaseModel, injector: LowRankInjector, factors, input_id
 def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, settings: PreoptimizeSettings,
                 base_config: str | None = None, process: ProcessInfo | None = None, progress: bool = True,
                 on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train the LiDBs of this process's share of `data_dir` into `output`; returns a summary dict."""
+    """Train the LiDBs of this process's share of `data_dir` into `output`; returns a summary dict.
+
+    `data_dir` is a folder made by `hdb prepare` (latents are read from it) or a face folder
+    (each chunk's photos are decoded, checked and VAE-encoded when the chunk starts).
+    """
     from tqdm.auto import tqdm
 
     settings.validate()
     process = process or ProcessInfo()
     skips = data.Skips()
-    identities = data.scan(data_dir, settings.min_size, skips)           # fails fast: empty / all tiny
+    prepared = PreparedData(data_dir) if is_prepared(data_dir) else None
+    if prepared is not None:
+        settings = replace(settings, resolution=prepared.resolution, face_check=prepared.settings["face_check"],
+                           min_size=int(prepared.settings["min_size"]))
+        identities = [data.Identity(i, ()) for i in prepared.ids]
+    else:
+        identities = data.scan(data_dir, settings.min_size, skips)       # fails fast: empty / all tiny
     base = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, base_config)
     device = torch.device(process.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -188,11 +204,15 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     trained = 0
     bar = tqdm(total=len(chunks) * settings.steps, disable=not progress, position=process.index,
                desc=f"stage 0 [{process.index + 1}/{process.count}]", unit="step", dynamic_ncols=True)
-    with injector:
+    with injector, base.checkpointing(settings.gradient_checkpointing):
         for chunk in chunks:
             chunk_name = hashlib.sha256("|".join(chunk).encode()).hexdigest()[:12]
             ids, latents = [], []
             for ident in chunk:
+                if prepared is not None:
+                    ids.append(ident)
+                    latents.append(prepared.identity_latents(ident))
+                    continue
                 images = data.load_identity(by_id[ident], settings.resolution, settings.face_check, skips)
                 if images is not None:
                     ids.append(ident)
@@ -219,8 +239,9 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
             input_ids = tokenize(base, [prompt] * len(ids), device)
             for step in range(step0, settings.steps):
                 lat, noise, ts = draw_batch(ids, latents, base.num_timesteps, settings.seed, step, settings.flip)
-                per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
-                                            noise.to(device), ts.to(device), dtype, settings.text_encoder)
+                with autocast(settings.autocast, device):
+                    per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
+                                                noise.to(device), ts.to(device), dtype, settings.text_encoder)
                 optimizer.zero_grad(set_to_none=True)
                 per_sample.sum().backward()
                 optimizer.step()

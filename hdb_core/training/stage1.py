@@ -10,8 +10,11 @@ gradient was thousands of times the diffusion term's, which made stage 1 plain
 regression onto the stage-0 LiDBs. So the weight term is balanced at the predicted
 weights: its gradient there is rescaled to `beta` times the diffusion gradient's
 norm (beta 1: equal shares), whatever the model size; the raw ratio is logged.
-The CLIP vision encoder is frozen. Every usable photo of an identity is trained
-on; a photo that fails the checks is skipped up front, the same way on every process.
+Data flow: the photos are prepared once (`training.prepared`: face check, latents and
+the frozen image encoder's features of each photo and its mirror), so a step runs no
+VAE and no image encoder, and a `Samples` data loader reads one sample at a time from
+the shards: memory does not grow with the dataset. A few identities are held out; their
+loss (raw and EMA weights) is logged at every checkpoint next to the training loss.
 
 Data-parallel under `accelerate launch`: the model is wrapped in DDP, each
 process takes its slice of every global batch. Batches and random draws are a
@@ -23,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -31,17 +35,22 @@ import torch
 from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.hypernet.file import save_hypernet
+from hdb_core.hypernet.image_encoder import EncoderSpec, spec_from_hf_config
 from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
 from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
 from hdb_core.lidb.batch import stack_train, train_factors
-from hdb_core.lidb.weights import LiDB, aux_for_layers
+from hdb_core.lidb.weights import aux_for_layers
 from hdb_core.training import data
-from hdb_core.training.base_model import BaseModel, load_base_model, photo_latents, tokenize
+from hdb_core.training.base_model import BaseModel, load_base_model, tokenize
 from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
                                           save_checkpoint)
+from hdb_core.training.ema import EMA
 from hdb_core.training.objective import draw
-from hdb_core.training.runtime import DTYPES, LossLog, resolve_dtype, state_dir
+from hdb_core.training.prepared import PreparedData, PrepareSettings, is_prepared, prepare
+from hdb_core.training.runtime import (AUTOCAST, DTYPES, LossLog, ProcessInfo, autocast, loss_curve, resolve_dtype,
+                                       state_dir)
+from hdb_core.training.stage0 import lidb_path
 from hdb_core.training.seeding import generator
 
 log = logging.getLogger("hdb")
@@ -70,6 +79,11 @@ class HypernetSettings:
     min_size: int = 128
     checkpoint_every: int = 500
     dtype: str = "auto"
+    autocast: str = "auto"         # bf16 autocast of the forward: auto = on CUDA cards with bf16, off on CPU
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.999       # 0: no averaged weights
+    val_identities: int = 32       # held out for validation (never more than a fifth of the identities)
+    workers: int = -1              # data-loader worker processes; -1: 4 on CUDA, 0 on CPU
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -86,6 +100,12 @@ class HypernetSettings:
             raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
         if self.dtype not in DTYPES:
             raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
+        if self.autocast not in AUTOCAST:
+            raise HDBError(f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}.")
+        if not 0 <= self.ema_decay < 1:
+            raise HDBError(f"EMA decay is {self.ema_decay}; use a value in [0, 1), such as 0.999 (0: no EMA).")
+        if self.val_identities < 0:
+            raise HDBError(f"held-out identities is {self.val_identities}; use 0 or more.")
         HyperNetConfig(self.width, self.depth, self.heads, self.iterations)
 
     def net_config(self) -> HyperNetConfig:
@@ -94,49 +114,20 @@ class HypernetSettings:
     def resume_key(self) -> dict:
         """Settings a resumed run must share with the checkpoint (the rest may change)."""
         d = asdict(self)
-        for k in ("steps", "checkpoint_every", "min_size"):
+        for k in ("steps", "checkpoint_every", "min_size", "gradient_checkpointing", "workers"):
             d.pop(k)
         return d
 
 
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    images: tuple[str, ...]     # the identity's usable photos
-    lidb: LiDB
+def check_targets(ids: list[str], lidb_dir: str, base: BaseModel):
+    """(layers, LiDB config, (mean A, mean B)) of the identities' stage-0 LiDBs, read one at a time.
 
-
-def usable_photos(paths, resolution: int, face_check: str, skips: data.Skips) -> tuple[str, ...]:
-    """The photos that pass loading and the face check (the others are skipped with their reason)."""
-    usable = []
-    for path in paths:
-        try:
-            data.prepare_image(path, resolution, face_check)
-            usable.append(path)
-        except ValueError as e:
-            skips.add(path, str(e))
-    return tuple(usable)
-
-
-def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, skips: data.Skips,
-               resolution: int | None = None, face_check: str = "none") -> list[Pair]:
-    """(usable photos, stage-0 LiDB) per identity; clear errors when the folders do not fit the base model.
-
-    With a resolution, every photo is checked up front, so all processes agree on the list
-    and training never meets a bad photo; identities left without a usable photo are dropped.
+    Every LiDB must fit the base model and share one layout; nothing but the running sum is kept.
     """
-    identities = data.scan(data_dir, min_size, skips)
-    if not os.path.isdir(lidb_dir):
-        raise HDBError(f"Stage-0 folder '{lidb_dir}' does not exist; run `hdb preoptimize` first and pass its "
-                       f"output folder.")
-    layers = None
-    pairs = []
-    missing = 0
-    for ident in identities:
-        path = os.path.join(lidb_dir, f"{ident.id}.safetensors")
-        if not os.path.exists(path):
-            missing += 1
-            continue
+    layers = config = None
+    sum_a = sum_b = None
+    for ident in ids:
+        path = lidb_path(lidb_dir, ident)
         lidb = load_lidb(path)
         if layers is None:
             te = any(s.component in TEXT_ENCODERS for s in lidb.layers)
@@ -148,27 +139,118 @@ def find_pairs(data_dir: str, lidb_dir: str, base: BaseModel, min_size: int, ski
         elif lidb.layers != layers or lidb.config != config:
             raise HDBError(f"The stage-0 LiDB '{path}' was made with other layers or a/b/rank/seed than the others; "
                            f"pre-optimise all identities with the same settings.")
-        photos = usable_photos(ident.paths, resolution, face_check, skips) if resolution else ident.paths
-        if not photos:
-            skips.add(ident.id, "identity without usable photos")
-            continue
-        pairs.append(Pair(ident.id, tuple(photos), lidb))
-    if not pairs:
-        raise HDBError(f"None of the {len(identities)} identities in '{data_dir}' has a stage-0 LiDB in "
-                       f"'{lidb_dir}' (expected <identity>.safetensors); run `hdb preoptimize` on the same data.")
-    if missing:
-        log.warning("%d identities have no stage-0 LiDB yet and are left out", missing)
-    return pairs
+        a, b = stack_train([lidb])
+        sum_a = a if sum_a is None else {n: sum_a[n] + v for n, v in a.items()}
+        sum_b = b if sum_b is None else {n: sum_b[n] + v for n, v in b.items()}
+    mean = ({n: v[0] / len(ids) for n, v in sum_a.items()}, {n: v[0] / len(ids) for n, v in sum_b.items()})
+    return layers, config, mean
 
 
-def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
-    """Dataset indices of the global batch of `step`: epochs of seeded permutations, a pure function of step."""
-    out = []
-    for pos in range(step * global_batch, (step + 1) * global_batch):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=generator(seed, "epoch", epoch))
-        out.append(int(perm[offset]))
-    return out
+def _check_lidb_folder(lidb_dir: str, base: BaseModel) -> None:
+    """Fail before any preparing or training when the stage-0 folder is missing, empty or for another model."""
+    if not os.path.isdir(lidb_dir):
+        raise HDBError(f"Stage-0 folder '{lidb_dir}' does not exist; run `hdb preoptimize` first and pass its "
+                       f"output folder.")
+    names = sorted(n for n in os.listdir(lidb_dir) if n.endswith(".safetensors"))
+    if not names:
+        raise HDBError(f"No identity has a stage-0 LiDB in '{lidb_dir}' (expected <identity>.safetensors); run "
+                       f"`hdb preoptimize` on the same data.")
+    check_targets([names[0][: -len(".safetensors")]], lidb_dir, base)
+
+
+def _check_encoder(image_encoder, prepared_with: EncoderSpec, data_dir: str) -> None:
+    """An encoder given with prepared data must be the one the features came from."""
+    if isinstance(image_encoder, str):
+        from transformers import CLIPVisionConfig
+
+        try:
+            spec = spec_from_hf_config(CLIPVisionConfig.from_pretrained(image_encoder, local_files_only=True))
+        except (OSError, ValueError) as e:
+            raise HDBError(f"Could not read the CLIP vision config in '{image_encoder}' ({e}); give a local folder "
+                           f"with config.json, or leave --image-encoder out with prepared data.") from None
+    else:
+        spec = image_encoder.spec
+    why = prepared_with.mismatch(spec)
+    if why:
+        raise HDBError(f"'{data_dir}' holds features of {prepared_with.name} ({prepared_with.summary()}), but the "
+                       f"image encoder given {why}; pass the encoder it was prepared with, or leave it out.")
+
+
+def split_held_out(ids: list[str], count: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) identities: up to `count` held out, never more than a fifth, chosen by the seed."""
+    k = min(count, len(ids) // 5)
+    order = torch.randperm(len(ids), generator=generator(seed, "held-out")).tolist()
+    held = {ids[i] for i in order[:k]}
+    return [i for i in ids if i not in held], sorted(held)
+
+
+class Samples(torch.utils.data.Dataset):
+    """Sample `pos` of a run (global batch `pos // global_batch`): its identity, draws, features and target.
+
+    Everything is read from the prepared shards and the stage-0 files when the sample is asked
+    for, so memory does not grow with the dataset, and a sample depends only on (seed, pos):
+    the same on any number of processes or loader workers, and after a resume.
+    """
+
+    def __init__(self, prepared: PreparedData, ids: list[str], lidb_dir: str, settings: HypernetSettings,
+                 world: int, num_timesteps: int, latent_shape: tuple[int, ...]):
+        self.prepared, self.ids, self.lidb_dir, self.s = prepared, ids, lidb_dir, settings
+        self.global_batch = settings.batch_size * world
+        self.num_timesteps, self.latent_shape = num_timesteps, latent_shape
+        self._epoch: tuple[int, list[int]] = (-1, [])
+
+    def __len__(self) -> int:
+        return self.s.steps * self.global_batch
+
+    def identity(self, pos: int) -> str:
+        """Epochs of seeded permutations of the identities: a pure function of the position."""
+        epoch, offset = divmod(pos, len(self.ids))
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, torch.randperm(len(self.ids), generator=generator(self.s.seed, "epoch",
+                                                                                    epoch)).tolist())
+        return self.ids[self._epoch[1][offset]]
+
+    def __getitem__(self, pos: int) -> dict:
+        return self.sample(self.identity(pos), generator(self.s.seed, "stage1", pos // self.global_batch, pos))
+
+    def sample(self, ident: str, gen: torch.Generator) -> dict:
+        d = draw(gen, self.prepared.num_photos(ident), self.s.flip, self.num_timesteps, self.latent_shape)
+        lidb = load_lidb(lidb_path(self.lidb_dir, ident))
+        return {"features": self.prepared.features(ident, d.photo, d.mirrored),
+                "latents": self.prepared.latents(ident, d.photo)[int(d.mirrored)],
+                "noise": d.noise, "timestep": d.timestep,
+                "a": {n: v.float() for n, v in lidb.a_train.items()},
+                "b": {n: v.float() for n, v in lidb.b_train.items()}}
+
+    def positions(self, step: int, rank: int = 0) -> list[int]:
+        """This process's slice of the global batch of `step`."""
+        first = step * self.global_batch + rank * self.s.batch_size
+        return list(range(first, first + self.s.batch_size))
+
+    def batch(self, step: int, rank: int = 0) -> dict:
+        return collate([self[p] for p in self.positions(step, rank)])
+
+    def held_out_batch(self, ids: list[str]) -> dict:
+        """One fixed sample per held-out identity (the same draws at every validation)."""
+        return collate([self.sample(i, generator(self.s.seed, "held-out", i)) for i in ids])
+
+
+def collate(samples: list[dict]) -> dict:
+    return torch.utils.data.default_collate(samples)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The positions of this process's batches from step `start` on (a batch sampler for the DataLoader)."""
+
+    def __init__(self, samples: Samples, start: int, rank: int):
+        self.samples, self.start, self.rank = samples, start, rank
+
+    def __iter__(self):
+        for step in range(self.start, self.samples.s.steps):
+            yield self.samples.positions(step, self.rank)
+
+    def __len__(self) -> int:
+        return self.samples.s.steps - self.start
 
 
 def lr_factor(step: int, settings: HypernetSettings) -> float:
@@ -187,56 +269,18 @@ def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
     return total
 
 
-class _Samples:
-    """Loads photos, caches their latents, and draws the per-sample photo, mirror, timestep and noise."""
-
-    def __init__(self, pairs, base, encoder, settings, device):
-        self.pairs, self.base, self.encoder = pairs, base, encoder
-        self.s, self.device = settings, device
-        self.images: dict[tuple[int, int], torch.Tensor] = {}
-        self.latents: dict[tuple[int, int], torch.Tensor] = {}
-
-    def photo(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity i's photo k [H, W, 3] and its latents [2, C, h, w] (index 1: mirrored)."""
-        if (i, k) not in self.images:
-            path = self.pairs[i].images[k]
-            try:
-                img = data.prepare_image(path, self.s.resolution, self.s.face_check)
-            except ValueError as e:     # it passed the up-front check: the file changed since
-                raise HDBError(f"The photo {path} of identity '{self.pairs[i].id}' cannot be used any more "
-                               f"({e}); restore it or remove it, then resume.") from None
-            self.images[i, k] = img
-            self.latents[i, k] = photo_latents(self.base, img[None], self.device, self.s.flip)[0].cpu()
-        return self.images[i, k], self.latents[i, k]
-
-    def batch(self, indices: list[int], positions: list[int], step: int):
-        imgs, lat, noise, ts = [], [], [], []
-        side = self.s.resolution // 8
-        shape = (int(self.base.vae.config.latent_channels), side, side)
-        for i, pos in zip(indices, positions):
-            d = draw(generator(self.s.seed, "stage1", step, pos), len(self.pairs[i].images), self.s.flip,
-                     self.base.num_timesteps, shape)
-            img, latents = self.photo(i, d.photo)
-            imgs.append(img.flip(1) if d.mirrored else img)
-            lat.append(latents[1 if d.mirrored else 0])
-            noise.append(d.noise)
-            ts.append(d.timestep)
-        return torch.stack(imgs), torch.stack(lat), torch.stack(noise), torch.tensor(ts, dtype=torch.long)
-
-
 def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_name: str,
-                 pairs: list[Pair] | None = None) -> HyperNetwork:
+                 mean: tuple[dict, dict] | None = None) -> HyperNetwork:
     """The untrained network; seeded, so every process starts from identical weights.
 
-    With the training pairs, it predicts their mean stage-0 LiDB from the start and learns
-    each identity's offset from it.
+    With the mean stage-0 LiDB (A, B) of the training identities, it predicts that mean from
+    the start and learns each identity's offset from it.
     """
     torch.manual_seed(settings.seed)
     net = HyperNetwork(settings.net_config(), layers, config, encoder_spec)
     net.base_model = base_name
-    if pairs:
-        a, b = stack_train([p.lidb for p in pairs])
-        net.set_offset({n: v.mean(0) for n, v in a.items()}, {n: v.mean(0) for n, v in b.items()})
+    if mean is not None:
+        net.set_offset(*mean)
     return net
 
 
@@ -257,16 +301,14 @@ class Objective:
     doc) and back-propagates once through the UNet and once through the hypernetwork.
     """
 
-    def __init__(self, pairs, base: BaseModel, encoder, settings: HypernetSettings, device, dtype):
-        self.pairs, self.base, self.encoder = pairs, base, encoder
-        self.s, self.device, self.dtype = settings, device, dtype
-        self.layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
+    def __init__(self, layers, config, base: BaseModel, settings: HypernetSettings, device, dtype):
+        self.base, self.s, self.device, self.dtype = base, settings, device, dtype
+        self.layers = layers
         self.names = [s.name for s in self.layers]
         self.injector = base.injector(self.layers, "The stage-0 LiDBs")
         self.aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, self.layers).items()}
-        self.samples = _Samples(pairs, base, encoder, settings, device)
         prompt = settings.prompt.format(trigger=settings.trigger)
-        self.input_ids = tokenize(base, [prompt] * settings.batch_size, device)
+        self.input_ids = tokenize(base, [prompt], device)
 
     def __enter__(self) -> "Objective":
         self.injector.attach()
@@ -275,23 +317,20 @@ class Objective:
     def __exit__(self, *exc) -> None:
         self.injector.remove()
 
-    def terms(self, net, step: int, rank: int = 0, world: int = 1) -> Terms:
-        """Batches and draws depend only on (seed, step, rank)."""
-        s, device, base = self.s, self.device, self.base
-        global_batch = s.batch_size * world
-        idx = batch_indices(step, len(self.pairs), global_batch, s.seed)
-        positions = list(range(step * global_batch, (step + 1) * global_batch))
-        lo, hi = rank * s.batch_size, (rank + 1) * s.batch_size
-        mine = idx[lo:hi]
-        images, lat, noise, ts = self.samples.batch(mine, positions[lo:hi], step)
-        a_hat, b_hat = net(self.encoder.encode(images))
-        a_t, b_t = stack_train([self.pairs[i].lidb for i in mine], device)
+    def terms(self, net, batch: dict) -> Terms:
+        """The losses of one batch from `Samples` (features, latents, noise, timestep, stage-0 a/b)."""
+        device, base = self.device, self.base
+        a_hat, b_hat = net(batch["features"].to(device, non_blocking=True))
+        a_t = {n: v.to(device, non_blocking=True) for n, v in batch["a"].items()}
+        b_t = {n: v.to(device, non_blocking=True) for n, v in batch["b"].items()}
         w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
-        if s.alpha > 0:
+        if self.s.alpha > 0:
             self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
-            context = base.text_encoder(self.input_ids)[0]
-            d_loss = base.loss(lat.to(device), noise.to(device), ts.to(device), context, self.dtype)
-            self.injector.clear()
+            context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
+            # The factors stay set until the next batch: gradient checkpointing reruns the UNet's
+            # forward during the backward pass, which must see the same residuals.
+            d_loss = base.loss(batch["latents"].to(device), batch["noise"].to(device),
+                               batch["timestep"].to(device), context, self.dtype)
         else:
             d_loss = torch.zeros_like(w_loss)
         return Terms(d_loss, w_loss, [*a_hat.values(), *b_hat.values()])
@@ -320,41 +359,80 @@ def _norm(grads) -> float:
     return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads)))
 
 
+def ema_path(output: str) -> str:
+    """Where the averaged weights go: `hypernet.safetensors` -> `hypernet.ema.safetensors` (same format)."""
+    return output[: -len(".safetensors")] + ".ema.safetensors"
+
+
+@torch.no_grad()
+def held_out_loss(objective: Objective, net, batch: dict, settings: HypernetSettings, device) -> list[float]:
+    """[loss, diffusion, weight] of the held-out identities' fixed samples, in chunks of the batch size."""
+    n = len(batch["timestep"])
+    sums = torch.zeros(3)
+    for lo in range(0, n, settings.batch_size):
+        part = {k: ({n_: v[lo:lo + settings.batch_size] for n_, v in x.items()} if isinstance(x, dict)
+                    else x[lo:lo + settings.batch_size]) for k, x in batch.items()}
+        with autocast(settings.autocast, device):
+            terms = objective.terms(net, part)
+        k = len(part["timestep"])
+        sums += k * torch.tensor([float(objective.value(terms)), float(terms.diffusion.mean()),
+                                  float(terms.weight.mean())])
+    return (sums / n).tolist()
+
+
 def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, image_encoder, output: str,
                    settings: HypernetSettings, base_config: str | None = None, accelerator=None,
                    progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train (or resume) a hypernetwork and write it to `output`; returns a summary dict.
+    """Train (or resume) a hypernetwork and write it (and its EMA twin) to `output`; returns a summary dict.
 
-    `image_encoder` is a local CLIP vision folder or an `image_encoder.ClipImageEncoder`.
-    Checkpoints and the loss log go to `<output>.state/`.
+    `data_dir` is a folder made by `hdb prepare`, or a face folder, which is then prepared first
+    into `<output>.state/prepared` with `image_encoder` (a local CLIP vision folder or an
+    `image_encoder.ClipImageEncoder`). Checkpoints and the loss logs go to `<output>.state/`.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from hdb_core.hypernet.image_encoder import ClipImageEncoder
-
+    started = time.time()
     settings.validate()
     if not output.endswith(".safetensors"):
         raise HDBError(f"The hypernetwork output '{output}' must end in .safetensors.")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     dtype = resolve_dtype(settings.dtype, device)
-    skips = data.Skips()
     base = base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, base_config)
-    pairs = find_pairs(data_dir, lidb_dir, base, settings.min_size, skips, settings.resolution, settings.face_check)
-    if isinstance(image_encoder, str):
-        if not os.path.exists(image_encoder):
-            raise HDBError(f"Image encoder '{image_encoder}' does not exist; pass --image-encoder with a local CLIP "
-                           f"vision folder (config.json + model.safetensors) - nothing is downloaded.")
-        image_encoder = ClipImageEncoder.from_pretrained(image_encoder, device=device)
-    else:
-        image_encoder.model.to(device)
-    base.to(device, dtype)
-    layers, config = pairs[0].lidb.layers, pairs[0].lidb.config
-
-    net = new_hypernet(settings, layers, config, image_encoder.spec, base.name, pairs)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     state = state_dir(output)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    _check_lidb_folder(lidb_dir, base)
+    if not is_prepared(data_dir):
+        if image_encoder is None:
+            raise HDBError(f"'{data_dir}' is a face folder, not a prepared one: pass --image-encoder so it can be "
+                           f"prepared first, or run `hdb prepare` and pass its output as --data.")
+        faces, data_dir = data_dir, os.path.join(state, "prepared")
+        prepare(faces, base, image_encoder, data_dir, PrepareSettings(settings.resolution, settings.face_check,
+                                                             settings.min_size, dtype=settings.dtype),
+                process=ProcessInfo(rank, world, device), progress=progress)
+    elif image_encoder is not None:
+        _check_encoder(image_encoder, PreparedData(data_dir).encoder, data_dir)
+    prepared = PreparedData(data_dir)
+    settings = replace(settings, resolution=prepared.resolution, face_check=prepared.settings["face_check"],
+                       min_size=int(prepared.settings["min_size"]))
+    with_lidb = [i for i in prepared.ids if os.path.exists(lidb_path(lidb_dir, i))]
+    if not with_lidb:
+        raise HDBError(f"None of the {len(prepared.ids)} identities has a stage-0 LiDB in '{lidb_dir}' (expected "
+                       f"<identity>.safetensors); run `hdb preoptimize` on the same data.")
+    if len(with_lidb) < len(prepared.ids) and main:
+        log.warning("%d identities have no stage-0 LiDB yet and are left out", len(prepared.ids) - len(with_lidb))
+    train_ids, held_out = split_held_out(with_lidb, settings.val_identities, settings.seed)
+    layers, config, mean = check_targets(train_ids, lidb_dir, base)
+    if held_out and check_targets(held_out, lidb_dir, base)[:2] != (layers, config):
+        raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' were made with different settings; pre-optimise all "
+                       f"identities with the same settings.")
+    base.to(device, dtype)
+
+    net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    ema = EMA(net, settings.ema_decay) if settings.ema_decay > 0 else None
     ckpt_path = os.path.join(state, "checkpoint.safetensors")
     start = 0
     found = load_checkpoint(ckpt_path)
@@ -366,25 +444,37 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
                            f"use the same settings to resume, or delete that folder to start again.")
         net.load_state_dict(prefixed(tensors, "net"))
         load_optimizer_state(optimizer, tensors, st["optimizer"])
+        if ema is not None:
+            ema.shadow = prefixed(tensors, "ema")
         start = st["step"]
-        if accelerator.is_main_process:
+        if main:
             log.info("resuming stage 1 from step %d", start)
     net, optimizer = accelerator.prepare(net, optimizer)
     raw = accelerator.unwrap_model(net)
 
-    loss_log = None
-    if accelerator.is_main_process:
+    loss_log = val_log = None
+    if main:
         loss_log = LossLog(os.path.join(state, "loss.csv"),
                            ["step", "loss", "diffusion", "weight", "lr", "weight_to_diffusion_grad"])
         loss_log.keep(lambda r: int(r["step"]) <= start)
-    objective = Objective(pairs, base, image_encoder, settings, device, dtype)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bar = tqdm(total=settings.steps, initial=start, disable=not (progress and accelerator.is_main_process),
+        if held_out:
+            val_log = LossLog(os.path.join(state, "validation.csv"), VALIDATION_COLUMNS)
+            val_log.keep(lambda r: int(r["step"]) <= start)
+    side = prepared.resolution // 8
+    samples = Samples(prepared, train_ids, lidb_dir, settings, world, base.num_timesteps,
+                      (int(base.vae.config.latent_channels), side, side))
+    workers = settings.workers if settings.workers >= 0 else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(samples, batch_sampler=StepBatches(samples, start, rank),
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    held_batch = samples.held_out_batch(held_out) if held_out and main else None
+    objective = Objective(layers, config, base, settings, device, dtype)
+    bar = tqdm(total=settings.steps, initial=start, disable=not (progress and main),
                desc="stage 1", unit="step", dynamic_ncols=True)
     net.train()
-    with objective:
-        for step in range(start, settings.steps):
-            terms = objective.terms(net, step, rank, world)
+    with objective, base.checkpointing(settings.gradient_checkpointing):
+        for step, batch in zip(range(start, settings.steps), loader):
+            with autocast(settings.autocast, device):
+                terms = objective.terms(net, batch)
             optimizer.zero_grad(set_to_none=True)
             lr = settings.learning_rate * lr_factor(step, settings)
             for group in optimizer.param_groups:
@@ -393,6 +483,8 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
             if settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(net.parameters(), settings.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update(raw, step)
             raw_ratio = norms["raw_ratio"] if math.isfinite(norms["raw_ratio"]) else 0.0
             with torch.no_grad():
                 values = [float(objective.value(terms)), float(terms.diffusion.mean()), float(terms.weight.mean())]
@@ -405,27 +497,66 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
             bar.update(1)
             bar.set_postfix(loss=f"{logged[0]:.4f}")
             done = step + 1
-            if done % settings.checkpoint_every == 0 and done < settings.steps:
-                _checkpoint(accelerator, ckpt_path, raw, optimizer, done, settings)
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                if main:
+                    _validate_and_plot(objective, raw, ema, held_batch, val_log, loss_log, done, settings, device)
+                # Also at the end: the same command run again then finds nothing left to do.
+                _checkpoint(accelerator, ckpt_path, raw, optimizer, ema, done, settings)
             if on_step is not None:
                 on_step({"step": done, "loss": logged[0], "diffusion": logged[1], "weight": logged[2], "net": raw,
                          "rank": rank})
     bar.close()
     accelerator.wait_for_everyone()
-    summary = {"steps": settings.steps, "identities": len(pairs), "skipped": skips.summary(),
-               "output": output, "state_dir": state}
-    if accelerator.is_main_process:
-        raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(pairs)), "steps": str(settings.steps),
-                    "alpha": str(settings.alpha), "beta": str(settings.beta), "trigger": settings.trigger,
+    summary = {"steps": settings.steps, "identities": len(train_ids), "held_out": len(held_out),
+               "skipped": _skipped(prepared), "output": output, "state_dir": state,
+               "ema_output": ema_path(output) if ema is not None else None}
+    if main:
+        raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(train_ids)),
+                    "held_out": str(len(held_out)), "steps": str(settings.steps), "alpha": str(settings.alpha),
+                    "beta": str(settings.beta), "trigger": settings.trigger,
                     "prompt": settings.prompt.format(trigger=settings.trigger)}
         save_hypernet(raw, output)
+        if ema is not None:
+            averaged = ema.averaged(raw)
+            averaged.info = {**raw.info, "weights": f"EMA, decay {settings.ema_decay:g}"}
+            save_hypernet(averaged, ema_path(output))
     accelerator.wait_for_everyone()
+    summary["seconds"] = round(time.time() - started, 1)
     return summary
 
 
-def _checkpoint(accelerator, path, raw, optimizer, step, settings) -> None:
+VALIDATION_COLUMNS = ["step", "loss", "diffusion", "weight", "ema_loss", "ema_diffusion", "ema_weight"]
+
+
+def _skipped(prepared: PreparedData) -> str:
+    counts = prepared.skip_counts
+    if not counts:
+        return "no images skipped"
+    return f"{sum(counts.values())} skipped ({', '.join(f'{n} {why}' for why, n in sorted(counts.items()))})"
+
+
+def _validate_and_plot(objective, raw, ema, held_batch, val_log, loss_log, step, settings, device) -> None:
+    """Held-out loss of the raw and averaged weights into validation.csv, and loss.png redrawn."""
+    from hdb_core.plots import save_loss_png
+
+    validation = {}
+    if held_batch is not None:
+        values = held_out_loss(objective, raw, held_batch, settings, device)
+        ema_values = held_out_loss(objective, ema.averaged(raw), held_batch, settings, device) if ema else [""] * 3
+        val_log.append(step, *(f"{v:.6g}" if v != "" else v for v in (*values, *ema_values)))
+        rows = val_log.rows()
+        validation["held-out"] = [(int(r["step"]), float(r["loss"])) for r in rows]
+        if ema is not None:
+            validation["held-out, EMA"] = [(int(r["step"]), float(r["ema_loss"])) for r in rows]
+    save_loss_png(loss_curve(loss_log.path), "stage 1: loss per step",
+                  os.path.join(os.path.dirname(loss_log.path), "loss.png"), validation)
+
+
+def _checkpoint(accelerator, path, raw, optimizer, ema, step, settings) -> None:
     if accelerator.is_main_process:
         tensors, opt_meta = optimizer_state(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         tensors.update({f"net.{k}": v for k, v in raw.state_dict().items()})
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
         save_checkpoint(path, tensors, {"step": step, "optimizer": opt_meta, "settings": settings.resume_key()})
     accelerator.wait_for_everyone()
