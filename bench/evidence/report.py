@@ -42,6 +42,11 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
         rows.append((name, arms[f"hypernet+{p}"], f"{lrs[f'hypernet+{p}']:g}" if p else ""))
     for p in s.zero_points:
         rows.append((f"zero start + {p} steps", arms[f"zero+{p}"], f"{lrs[f'zero+{p}']:g}"))
+    if s.single_pass_network:
+        k = s.key_steps[0]
+        rows += [("hypernet trained with s = 1, only", arms["hypernet(s=1)+0"], ""),
+                 (f"hypernet trained with s = 1, + {k} steps", arms[f"hypernet(s=1)+{k}"],
+                  f"{lrs[f'hypernet+{k}']:g}")]
     rows += [("teacher (generated the photos)", refs["teacher"], ""),
              ("control: another identity's teacher", refs["another identity's teacher"], ""),
              ("control: another identity's hypernet prediction", refs["another identity's hypernet prediction"], "")]
@@ -94,7 +99,7 @@ def goals_text(result: dict, s: Settings) -> str:
     return "\n".join(f"goal {'REACHED' if ok else 'NOT reached'}: {name}" for name, ok in goals(result, s).items())
 
 
-COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200)}
+COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60)}
 
 
 def plot_tradeoff(result: dict, path: str) -> str:

@@ -56,6 +56,7 @@ class Settings:
     stage1_beta: float = 1.0
     width: int = 128
     iterations: int = 4
+    single_pass_network: bool = True      # also train a network with 1 refinement pass and compare it
     ft_rank: int = 4
     hyper_points: tuple[int, ...] = (0, 10, 20, 40)
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
@@ -79,7 +80,8 @@ def quick() -> Settings:
     return Settings(world=W.WorldSpec(identities=40, held_out=8, vae_steps=300, gallery=12), validation=2,
                     stage0_steps=80, stage0_batch=32, stage1_steps=200, stage1_batch=8, width=64,
                     hyper_points=(0, 10, 40), zero_points=(40, 100), hyper_lrs=(1e-3, 3e-3),
-                    zero_lrs=(3e-3, 1e-2), eval_samples=6, eval_draws=4, lda_dims=16, bootstrap=1000)
+                    zero_lrs=(3e-3, 1e-2), single_pass_network=False, eval_samples=6, eval_draws=4, lda_dims=16,
+                    bootstrap=1000)
 
 
 def factors_of(lidb) -> dict:
@@ -251,18 +253,24 @@ def run(out: str, settings: Settings, log=print) -> dict:
                                     checkpoint_every=10 ** 6, **common), progress=False)
     timings["stage0"] = time.time() - t0
     t0 = time.time()
-    hypernet_path = os.path.join(out, "hypernet.safetensors")
-    if not os.path.exists(hypernet_path):
-        train_hypernet(manifest["photos"], stage0, manifest["base"], manifest["image_encoder"], hypernet_path,
-                       HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch, learning_rate=s.stage1_lr,
-                                        warmup_steps=s.stage1_steps // 10, alpha=s.stage1_alpha, beta=s.stage1_beta,
-                                        width=s.width, heads=4, iterations=s.iterations,
-                                        checkpoint_every=10 ** 6, val_identities=0, ema_decay=0, **common),
-                       progress=False)    # the evidence keeps its own validation identities, raw weights only
+    nets = {"hypernet": s.iterations}
+    if s.single_pass_network:
+        nets["hypernet(s=1)"] = 1      # its own network trained with one pass, not the s = 4 one truncated
+    for kind, iterations in nets.items():
+        path = os.path.join(out, f"{kind}.safetensors")
+        if not os.path.exists(path):
+            train_hypernet(manifest["photos"], stage0, manifest["base"], manifest["image_encoder"], path,
+                           HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch,
+                                            learning_rate=s.stage1_lr, warmup_steps=s.stage1_steps // 10,
+                                            alpha=s.stage1_alpha, beta=s.stage1_beta, width=s.width, heads=4,
+                                            iterations=iterations, checkpoint_every=10 ** 6, val_identities=0,
+                                            ema_decay=0, **common),
+                           progress=False)    # the evidence keeps its own validation identities, raw weights only
     timings["stage1"] = time.time() - t0
 
     t0 = time.time()
-    net = load_hypernet(hypernet_path)
+    networks = {kind: load_hypernet(os.path.join(out, f"{kind}.safetensors")) for kind in nets}
+    net = networks["hypernet"]
     encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
     input_ids = tokenize(base, [W.PROMPT], "cpu")
     val, test = held[: s.validation], held[s.validation:]
@@ -271,7 +279,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     def start_of(kind, ident, photos):
         if kind == "zero":
             return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
-        return net.predict_lidb(encoder.encode(photos[:1]))
+        return networks[kind].predict_lidb(encoder.encode(photos[:1]))
 
     def arm_scores(kind, ident, lr, points):
         photos = photos_of(ident)
@@ -294,10 +302,14 @@ def run(out: str, settings: Settings, log=print) -> dict:
                 chosen[(kind, p)] = max(lrs, key=lambda lr: sum(val_cos[(kind, p, lr)]))
         arms: dict[str, dict[str, list[float]]] = {}
         for n, ident in enumerate(test):
-            for kind, points in (("hypernet", s.hyper_points), ("zero", s.zero_points)):
+            runs = [("hypernet", s.hyper_points), ("zero", s.zero_points)]
+            if s.single_pass_network:
+                runs.append(("hypernet(s=1)", (0, k)))    # at the learning rates chosen for the s = 4 network
+            for kind, points in runs:
                 by_lr: dict[float, list[int]] = {}
                 for p in points:
-                    by_lr.setdefault(chosen[(kind, p)] if p else s.hyper_lrs[0], []).append(p)
+                    by_lr.setdefault(chosen[("zero" if kind == "zero" else "hypernet", p)] if p else s.hyper_lrs[0],
+                                     []).append(p)
                 for lr, pts in by_lr.items():
                     for p, sc in arm_scores(kind, ident, lr, pts).items():
                         add(arms, f"{kind}+{p}", sc)
@@ -312,7 +324,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
     cis = {}
     for label, a, b in ((f"hypernet+{k} - zero+{long}", arms[f"hypernet+{k}"], arms[f"zero+{long}"]),
                         (f"hypernet+{k} - zero+{k}", arms[f"hypernet+{k}"], arms[f"zero+{k}"]),
-                        ("hypernet+0 - base", arms["hypernet+0"], refs["base"])):
+                        ("hypernet+0 - base", arms["hypernet+0"], refs["base"]),
+                        *([(f"hypernet+{k} - hypernet(s=1)+{k}", arms[f"hypernet+{k}"], arms[f"hypernet(s=1)+{k}"]),
+                           ("hypernet+0 - hypernet(s=1)+0", arms["hypernet+0"], arms["hypernet(s=1)+0"])]
+                          if s.single_pass_network else [])):
         for metric in ("cos", "rank1", "style", "styled_cos", "drift"):
             cis[f"{label} [{metric}]"] = bootstrap_ci([x - y for x, y in zip(a[metric], b[metric])], s.bootstrap,
                                                       s.seed)
