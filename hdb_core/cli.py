@@ -72,6 +72,9 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0,
                    help="the L2 term's gradient relative to the diffusion term's, at the predicted weights "
                         "(1: equal shares; the raw ratio is logged as weight_to_diffusion_grad)")
+    p.add_argument("--weight-space", choices=("factors", "delta"), default="factors",
+                   help="the L2 term on the A/B factors (the paper) or on each layer's weight change dW, which "
+                        "ignores how a rank-1 update is split between its factors")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
     p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
@@ -274,8 +277,8 @@ def cmd_train_hypernet(args) -> int:
     settings = HypernetSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
-        grad_clip=args.grad_clip, resolution=args.resolution, width=args.width, depth=args.depth,
-        heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
+        weight_space=args.weight_space, grad_clip=args.grad_clip, resolution=args.resolution, width=args.width,
+        depth=args.depth, heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
         dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing,
         ema_decay=args.ema_decay, val_identities=args.val_identities, workers=args.workers)

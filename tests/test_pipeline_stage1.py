@@ -93,6 +93,37 @@ def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0,
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
 
 
+def test_delta_weight_term_is_the_dw_distance_and_blind_to_the_factors_gauge():
+    """--weight-space delta: sum over layers of ||dW_hat - dW||_F^2, computed without forming dW, and the
+    same when a rank-1 update is split differently between its factors (A c, B / c)."""
+    from hdb_core.lidb.batch import train_factors
+    from hdb_core.lidb.targets import LayerSpec
+    from hdb_core.lidb.weights import aux_for_layers
+    from hdb_core.training.stage1 import delta_weight_loss, weight_loss
+
+    layers = (LayerSpec("unet.x.to_q", 24, 16), LayerSpec("unet.x.to_out.0", 16, 24))
+    config = LiDBConfig(a=8, b=6, rank=1)
+    aux = aux_for_layers(config, layers)
+    names = [s.name for s in layers]
+    g = torch.Generator().manual_seed(0)
+    a_hat = {n: torch.randn(3, 8, 1, generator=g) for n in names}
+    b_hat = {n: torch.randn(3, 1, 6, generator=g) for n in names}
+    a_t = {n: torch.randn(3, 8, 1, generator=g) for n in names}
+    b_t = {n: torch.randn(3, 1, 6, generator=g) for n in names}
+    got = delta_weight_loss(aux, a_hat, b_hat, a_t, b_t, names)
+    hat, target = train_factors(aux, a_hat, b_hat), train_factors(aux, a_t, b_t)
+    want = sum((hat[n][1] @ hat[n][0] - target[n][1] @ target[n][0]).pow(2).sum((1, 2)) for n in names)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    regauged_a = {n: 3.0 * v for n, v in a_t.items()}
+    regauged_b = {n: v / 3.0 for n, v in b_t.items()}
+    torch.testing.assert_close(delta_weight_loss(aux, a_hat, b_hat, regauged_a, regauged_b, names), got,
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(weight_loss(a_hat, b_hat, regauged_a, regauged_b, names),
+                              weight_loss(a_hat, b_hat, a_t, b_t, names))
+    with pytest.raises(Exception, match="weight space must be one of factors, delta"):
+        HypernetSettings(weight_space="dw").validate()
+
+
 def test_loader_workers_give_the_same_network(stage0, base, tmp_path):
     """Samples are a function of (seed, position) only: worker processes change nothing."""
     from safetensors.torch import load_file

@@ -67,6 +67,7 @@ class HypernetSettings:
     weight_decay: float = 0.0
     alpha: float = 1.0             # diffusion reconstruction weight (0: weight regression only)
     beta: float = 1.0              # weight term's gradient norm relative to the diffusion term's
+    weight_space: str = "factors"  # the weight term on the A/B factors (the paper) or on each layer's dW
     grad_clip: float = 1.0
     resolution: int = defaults.RESOLUTION
     width: int = 512
@@ -92,6 +93,8 @@ class HypernetSettings:
             raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-4.")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise HDBError(f"alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0.")
+        if self.weight_space not in WEIGHT_SPACES:
+            raise HDBError(f"weight space must be one of {', '.join(WEIGHT_SPACES)}, not {self.weight_space!r}.")
         if self.resolution < 64 or self.resolution % 64:
             raise HDBError(f"resolution {self.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
         if self.checkpoint_every < 1:
@@ -261,11 +264,30 @@ def lr_factor(step: int, settings: HypernetSettings) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - settings.warmup_steps) / span)))
 
 
+WEIGHT_SPACES = ("factors", "delta")
+
+
 def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
     """Per-sample ||theta_hat - theta||^2 summed over every number of the LiDB [B] (the paper's L2 term)."""
     total = 0.0
     for n in names:
         total = total + (a_hat[n] - a_t[n]).pow(2).flatten(1).sum(1) + (b_hat[n] - b_t[n]).pow(2).flatten(1).sum(1)
+    return total
+
+
+def delta_weight_loss(aux, a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
+    """Per-sample sum over layers of ||dW_hat - dW||_F^2 [B]: blind to the factors' gauge.
+
+    A/B are only defined up to A -> A c, B -> B / c (and rotations for rank > 1); dW is not.
+    With U = [up_hat, -up] and D = [down_hat; down], ||U D||^2 = sum((U^T U) * (D D^T)),
+    so no [out, in] matrix is ever formed.
+    """
+    hat, target = train_factors(aux, a_hat, b_hat), train_factors(aux, a_t, b_t)
+    total = 0.0
+    for n in names:
+        (d1, u1), (d2, u2) = hat[n], target[n]
+        u, d = torch.cat([u1, -u2], -1), torch.cat([d1, d2], -2)
+        total = total + ((u.transpose(-1, -2) @ u) * (d @ d.transpose(-1, -2))).sum((-1, -2))
     return total
 
 
@@ -323,7 +345,10 @@ class Objective:
         a_hat, b_hat = net(batch["features"].to(device, non_blocking=True))
         a_t = {n: v.to(device, non_blocking=True) for n, v in batch["a"].items()}
         b_t = {n: v.to(device, non_blocking=True) for n, v in batch["b"].items()}
-        w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
+        if self.s.weight_space == "delta":
+            w_loss = delta_weight_loss(self.aux, a_hat, b_hat, a_t, b_t, self.names)
+        else:
+            w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
         if self.s.alpha > 0:
             self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
             context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
