@@ -8,9 +8,11 @@ the families HyperDreamBooth covers beyond the UNets. Scales:
   mid   a Flux-architecture transformer of tens of millions of parameters (bench)
   full  the real shapes (counting targets on the meta device; MODEL only)
 
-Text encoders are ComfyUI's own classes: CLIP-L (+ CLIP-G) and T5 at width 32 for Flux.1 and
-SD3.5; the LLM encoders of Flux.2 / Z-Image / Qwen-Image are not built here (tests give those
-families an SD1 CLIP-L stand-in only where a prompt must be encoded; see `stand_in_clip`).
+Text encoders are ComfyUI's own classes at width 32: CLIP-L + T5 for Flux.1, CLIP-L + CLIP-G for
+SD3.5 (built without its optional T5, whose output must be 4096 wide to join theirs), Qwen3 for
+Z-Image. Flux.2 and Qwen-Image get the same tiny Qwen3 encoder as a stand-in: ComfyUI 0.3.75
+ships Flux.2's Mistral encoder (Klein's Qwen3 came later) and a Qwen2.5-VL for Qwen-Image, and
+what matters to HyperDreamBooth is only that they are LLM encoders, never targets.
 """
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ from devtools.tiny_models import TINY_TEXT
 
 FAMILIES = ("flux1", "sd35", "flux2", "zimage", "qwenimage")
 TINY_T5 = dict(d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2, vocab_size=32128)
+TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1)
+_SD3_TINY = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
+                 context_embedder_config={"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": 128}},
+                 num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, qk_norm="rms",
+                 x_block_self_attn_layers=[0])
 
 _CONFIGS = {
     "flux1": {
@@ -33,25 +42,65 @@ _CONFIGS = {
                      hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
                      axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
     },
+    "sd35": {    # MMDiT: width = 64 x depth; SD3.5 Medium's extra self-attention (attn2) in block 0
+        "tiny": _SD3_TINY,
+        "full": dict(_SD3_TINY, depth=38, adm_in_channels=2048, num_patches=36864, pos_embed_max_size=192,
+                     x_block_self_attn_layers=[],
+                     context_embedder_config={"target": "torch.nn.Linear",
+                                              "params": {"in_features": 4096, "out_features": 2432}}),
+    },
+    "flux2": {   # Klein 4B's shapes at full size (5 double, 20 single blocks, width 3072)
+        "tiny": dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=32,
+                     hidden_size=32, mlp_ratio=3.0, num_heads=2, depth=2, depth_single_blocks=2,
+                     axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+                     global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+                     ref_index_scale=10.0),
+        "full": dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=7680,
+                     hidden_size=3072, mlp_ratio=3.0, num_heads=24, depth=5, depth_single_blocks=20,
+                     axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+                     global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+                     ref_index_scale=10.0),
+    },
+    "zimage": {
+        # width 256: Z-Image's modulation reads a 256-wide time embedding through a min(width, 256) input
+        "tiny": dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=32, n_layers=2,
+                     n_refiner_layers=1, n_heads=4, n_kv_heads=4, multiple_of=16, ffn_dim_multiplier=8.0 / 3.0,
+                     qk_norm=True, axes_dims=[16, 24, 24], axes_lens=[64, 32, 32], rope_theta=256.0,
+                     z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
+        "full": dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30,
+                     n_refiner_layers=2, n_heads=30, n_kv_heads=30, multiple_of=256, ffn_dim_multiplier=8.0 / 3.0,
+                     qk_norm=True, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+                     z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
+    },
+    "qwenimage": {
+        "tiny": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 6, 6]),
+        "full": dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                     axes_dims_rope=[16, 56, 56]),
+    },
 }
 
 
 @torch.no_grad()
 def init_all(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Every parameter set deterministically (ComfyUI's layers leave them empty): norm weights and
-    scales 1, biases 0, everything else small normal."""
+    """Every parameter set deterministically (ComfyUI's layers leave them empty): norm weights, scales
+    and gammas 1, biases 0, everything else small normal."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         norm = "norm" in type(m).__name__.lower()
         for name, p in m.named_parameters(recurse=False):
             if p.device.type == "meta":
                 continue
-            if norm and name in ("weight", "scale"):
+            if norm and name in ("weight", "scale", "gamma"):
                 p.fill_(1.0)
             elif name == "bias" or norm:
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in m.named_buffers(recurse=False):
+            if name == "pos_embed" and b.device.type != "meta":    # SD3's fixed embedding, left empty by ComfyUI
+                b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype):
@@ -59,10 +108,12 @@ def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype):
     import comfy.model_patcher
     import comfy.supported_models
 
-    if family == "flux1":
-        config_class, base_class = comfy.supported_models.Flux, comfy.model_base.Flux
-    else:
+    sm, mb = comfy.supported_models, comfy.model_base
+    classes = {"flux1": (sm.Flux, mb.Flux), "sd35": (sm.SD3, mb.SD3), "flux2": (sm.Flux2, mb.Flux2),
+               "zimage": (sm.ZImage, mb.Lumina2), "qwenimage": (sm.QwenImage, mb.QwenImage)}
+    if family not in classes:
         raise ValueError(f"unknown family {family!r}")
+    config_class, base_class = classes[family]
     model_config = config_class(dict(_CONFIGS[family][scale]))
     model_config.set_inference_dtype(dtype, None)
     if device == "meta":
@@ -79,11 +130,20 @@ def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype):
 def _clip(family: str, seed: int):
     import comfy.sd
     import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.z_image
     from comfy.supported_models_base import ClipTarget
 
     if family == "flux1":
         target = ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
         options = {"clip_l_model_config": dict(TINY_TEXT), "t5xxl_model_config": dict(TINY_T5)}
+    elif family == "sd35":
+        target = ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                            comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
+        options = {"clip_l_model_config": dict(TINY_TEXT), "clip_g_model_config": dict(TINY_TEXT)}
+    elif family in ("zimage", "flux2", "qwenimage"):
+        target = ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer, comfy.text_encoders.z_image.te())
+        options = {"qwen3_4b_model_config": dict(TINY_QWEN3)}
     else:
         raise ValueError(f"no tiny text encoder for {family!r}")
     clip = comfy.sd.CLIP(target=target, model_options={**options, "dtype": torch.float32})
@@ -91,17 +151,31 @@ def _clip(family: str, seed: int):
     return clip
 
 
-def _vae(latent_channels: int, seed: int):
+def _vae(latent_channels: int, seed: int, downscale: int = 8):
+    """A small KL autoencoder with the family's latent channels and downscale (Flux.2: 128 channels at 1/16)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
+    levels = {8: 4, 16: 5}[downscale]
     ddconfig = {'double_z': True, 'z_channels': latent_channels, 'resolution': 256, 'in_channels': 3, 'out_ch': 3,
-                'ch': 32, 'ch_mult': [1, 1, 1, 1], 'num_res_blocks': 1, 'attn_resolutions': [], 'dropout': 0.0}
+                'ch': 32, 'ch_mult': [1] * levels, 'num_res_blocks': 1, 'attn_resolutions': [], 'dropout': 0.0}
     ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=latent_channels)
     init_all(ae, seed + 2, std=0.05)
     vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": {"ddconfig": ddconfig, "embed_dim": latent_channels}})
     vae.latent_channels = latent_channels
+    vae.downscale_ratio = vae.upscale_ratio = downscale
     return vae
+
+
+def _wan_vae(seed: int):
+    """Qwen-Image's VAE kind: a (narrow) Wan 2.1 VAE, 16 channels, video-shaped latents [B, 16, 1, h, w]."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    ae = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                temperal_downsample=[False, True, True])
+    init_all(ae, seed + 2, std=0.05)
+    return comfy.sd.VAE(sd=ae.state_dict())
 
 
 def comfy_dit_checkpoint(family: str, scale: str = "tiny", seed: int = 0, device: str = "cpu",
@@ -111,4 +185,5 @@ def comfy_dit_checkpoint(family: str, scale: str = "tiny", seed: int = 0, device
     if device == "meta":
         return model, None, None
     channels = model.model.latent_format.latent_channels
-    return model, _clip(family, seed), _vae(channels, seed)
+    vae = _wan_vae(seed) if family == "qwenimage" else _vae(channels, seed, 16 if family == "flux2" else 8)
+    return model, _clip(family, seed), vae

@@ -87,6 +87,7 @@ def dit_targets(model) -> dict[str, Target]:
     LoRA key table: named by the table's diffusers key, q/k/v of fused weights as row slices."""
     base = model.model
     table = comfy.lora.model_lora_keys_unet(base, {})
+    weights = set(base.state_dict())   # the table also lists layers a config leaves out (SD3's attn2, last proj)
     paths: dict[str, set[str]] = {c: set() for c in DIT_COMPONENTS}
     for key in table:
         prefix, _, path = key.partition(".")
@@ -99,6 +100,8 @@ def dit_targets(model) -> dict[str, Target]:
                 continue
             dest = table[f"{component}.{path}"]
             weight_key, rows = (dest, None) if isinstance(dest, str) else (dest[0], dest[1])
+            if weight_key not in weights:
+                continue
             if rows is not None:
                 if rows[0] != 0:
                     continue                       # only row slices are LiDB layers

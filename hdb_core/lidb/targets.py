@@ -40,9 +40,10 @@ DIFFUSION_COMPONENTS = (UNET,) + DIT_COMPONENTS
 COMPONENTS = (UNET, TE, TE1, TE2) + DIT_COMPONENTS
 TEXT_ENCODERS = (TE, TE1, TE2)
 # diffusers names of a DiT's attention projections: q, k, v and out of the image stream (to_*) and of
-# the text stream of joint blocks (add_*_proj, to_add_out); `attention.` is Lumina 2 / Z-Image's spelling.
+# the text stream of joint blocks (add_*_proj, to_add_out); `attention.` is Lumina 2 / Z-Image's spelling,
+# `attn2.` SD3.5 Medium's second self-attention.
 DIT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-DIT_ATTENTION = ("attn", "attention")
+DIT_ATTENTION = ("attn", "attn2", "attention")
 
 # Cross-attention width of a UNet -> its family (kohya's ss_base_model_version beside it).
 FAMILIES = {768: ("SD1.x", "sd_v1"), 1024: ("SD2.x", "sd_v2"), 2048: ("SDXL", "sdxl_base_v1-0")}
