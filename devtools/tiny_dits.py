@@ -103,7 +103,10 @@ def init_all(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
                 b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
-def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype):
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "scaled_fp8", "fp8_mixed")
+
+
+def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype, weight_format: str = "fp32"):
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
@@ -122,9 +125,43 @@ def _model(family: str, scale: str, seed: int, device: str, dtype: torch.dtype):
     else:
         base = base_class(model_config, device=device)
         init_all(base.diffusion_model, seed)
+        if weight_format != "fp32":
+            base = stored_as(base, config_class(dict(_CONFIGS[family][scale])), base_class, weight_format, device)
     base.eval()
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device),
                                             offload_device=torch.device("cpu" if device == "meta" else device))
+
+
+def stored_as(base, model_config, base_class, weight_format: str, device: str):
+    """The same weights as a checkpoint in `weight_format` gives them, through ComfyUI's own operations:
+    bf16/fp16 (manual cast to fp32), ComfyUI's scaled fp8 (`scaled_fp8` marker, `scale_weight` per Linear)
+    or the fp8 mixed-precision format (`_quantization_metadata`: every Linear a QuantizedTensor with a
+    `weight_scale`; its Linear is not a torch.nn.Linear). Loaded with BaseModel.load_model_weights as
+    the checkpoint loaders do after detecting the format (tiny configs cannot be detected from weights)."""
+    sd = base.diffusion_model.state_dict()
+    linears = [path for path, m in base.diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    fp8 = torch.float8_e4m3fn
+    if weight_format in ("bf16", "fp16"):
+        stored = torch.bfloat16 if weight_format == "bf16" else torch.float16
+        sd = {k: v.to(stored) if v.is_floating_point() else v for k, v in sd.items()}
+        model_config.set_inference_dtype(stored, torch.float32)
+    elif weight_format == "scaled_fp8":
+        model_config.scaled_fp8 = fp8
+        for path in linears:
+            sd[f"{path}.weight"] = sd[f"{path}.weight"].to(fp8)
+            sd[f"{path}.scale_weight"] = torch.tensor(1.0)
+        model_config.set_inference_dtype(fp8, torch.float32)
+    elif weight_format == "fp8_mixed":
+        model_config.layer_quant_config = {path: {"format": "float8_e4m3fn"} for path in linears}
+        for path in linears:
+            sd[f"{path}.weight"] = sd[f"{path}.weight"].to(fp8)
+            sd[f"{path}.weight_scale"] = torch.tensor(1.0)
+        model_config.set_inference_dtype(fp8, torch.float32)
+    else:
+        raise ValueError(f"unknown weight format {weight_format!r}")
+    stored_base = base_class(model_config, device=device)
+    stored_base.load_model_weights({f"diffusion_model.{k}": v for k, v in sd.items()}, "diffusion_model.")
+    return stored_base
 
 
 def _clip(family: str, seed: int):
@@ -179,9 +216,11 @@ def _wan_vae(seed: int):
 
 
 def comfy_dit_checkpoint(family: str, scale: str = "tiny", seed: int = 0, device: str = "cpu",
-                         dtype: torch.dtype = torch.float32):
-    """(MODEL, CLIP, VAE) of a DiT family; on the meta device (full-size counting) only the MODEL (others None)."""
-    model = _model(family, scale, seed, device, dtype)
+                         dtype: torch.dtype = torch.float32, weight_format: str = "fp32"):
+    """(MODEL, CLIP, VAE) of a DiT family; on the meta device (full-size counting) only the MODEL (others None).
+
+    `weight_format` stores the transformer's weights as a checkpoint of that kind would (see `stored_as`)."""
+    model = _model(family, scale, seed, device, dtype, weight_format)
     if device == "meta":
         return model, None, None
     channels = model.model.latent_format.latent_channels

@@ -57,6 +57,7 @@ def ct(comfy):
 
 
 def random_lidb(ct, model, clip, seed=0, rank=1, scale=0.05):
+    """A random LiDB for the model (and CLIP, if given): every target, the family recorded."""
     specs = [t.spec for t in ct.model_targets(model).values()]
     specs += [t.spec for t in ct.clip_targets(clip).values()] if clip is not None else []
     g = torch.Generator().manual_seed(seed)
@@ -289,3 +290,78 @@ def test_random_hypernetwork_predicts_a_lidb_for_the_dit_and_is_refused_elsewher
     assert new_model.patches
     with pytest.raises(hdb_core.HDBError, match=rf"^This LiDB was made for an? {NAMES[family]} transformer"):
         comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=tiny_sd[0], clip=tiny_sd[1], lidb=lidb)
+
+
+@pytest.mark.parametrize("weight_format", [f for f in tiny_dits.WEIGHT_FORMATS if f != "fp32"])
+def test_stored_weight_formats_train_apply_and_export_alike(comfy, node, ct, family, photo, weight_format,
+                                                            hash_weights, caplog):
+    """bf16, fp16, ComfyUI's scaled fp8 and the fp8 mixed-precision format (QuantizedTensor weights in a
+    Linear that is not a torch.nn.Linear): same targets, finetune learns, Apply == Export + LoraLoader."""
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        reference = tiny_dits.comfy_dit_checkpoint(family, "tiny", seed=0)
+        model, clip, vae = tiny_dits.comfy_dit_checkpoint(family, "tiny", seed=0, weight_format=weight_format)
+    assert {n: t.spec for n, t in ct.model_targets(model).items()} == \
+        {n: t.spec for n, t in ct.model_targets(reference[0]).items()}
+    before = hash_weights(model.model)
+    lidb, _ = comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=photo,
+                                      trigger="a ohwx face", steps=3, learning_rate=1e-2, relaxed_rank=2,
+                                      train_text_encoder=False, resolution=64, seed=0)
+    still = {n for n in ct.model_targets(model) if lidb.delta(n).abs().max() == 0}
+    assert lidb.is_finite() and still == DEAD_END.get(family, set())
+    assert hash_weights(model.model) == before
+
+    strong = random_lidb(ct, model, None, seed=1, scale=0.3)
+    base_out = dit_output(model, clip)
+    m0, _ = comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=strong, strength_model=0.0)
+    assert torch.equal(dit_output(m0, clip), base_out)
+    ours, _ = comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=strong)
+    prefix = f"dit/{family}_{weight_format}"
+    comfy_runtime.call_node(node("HDB_ExportLoRA"), lidb=strong, filename_prefix=prefix)
+    name = max(n for n in comfy["folder_paths"].get_filename_list("loras")
+               if n.startswith(f"hyperdreambooth/{prefix}_"))
+    with caplog.at_level(logging.WARNING):
+        theirs, _ = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    out = dit_output(ours, clip)
+    assert not torch.equal(out, base_out)
+    torch.testing.assert_close(dit_output(theirs, clip), out, atol=1e-5, rtol=1e-4)
+    assert hash_weights(model.model) == before
+
+
+def test_a_unet_in_fp8_mixed_precision_is_found_trained_and_patched(comfy, node, ct, tiny_sd, photo, caplog):
+    """SD1.5 stored in the fp8 mixed-precision format: its Linear is not a torch.nn.Linear, and the pack used
+    to answer 'no attention projections'."""
+    import nodes as comfy_nodes
+    from comfy import model_base, model_patcher, supported_models
+
+    reference, clip, vae = tiny_sd
+    cfg = tiny_models.comfy_unet_config("tiny")
+    config = supported_models.SD15(cfg)
+    config.unet_config.update(num_heads=cfg["num_heads"], num_head_channels=-1)
+    with torch.inference_mode():
+        base = tiny_dits.stored_as(reference.model, config, model_base.BaseModel, "fp8_mixed", "cpu")
+    model = model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    assert type(base.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q).__mro__[1] is \
+        torch.nn.Module
+    targets = ct.model_targets(model)
+    assert {n: t.spec for n, t in targets.items()} == {n: t.spec for n, t in ct.model_targets(reference).items()}
+    lidb, _ = comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=photo,
+                                      trigger="a ohwx face", steps=3, learning_rate=1e-2, relaxed_rank=2,
+                                      train_text_encoder=False, resolution=64, seed=0)
+    assert all(lidb.delta(n).abs().max() > 0 for n in targets)
+    strong = random_lidb(ct, model, None, seed=2, scale=0.3)
+    comfy_runtime.call_node(node("HDB_ExportLoRA"), lidb=strong, filename_prefix="unet_fp8_mixed")
+    name = max(n for n in comfy["folder_paths"].get_filename_list("loras")
+               if n.startswith("hyperdreambooth/unet_fp8_mixed_"))
+    with caplog.at_level(logging.WARNING):
+        theirs, _ = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    ours, _ = comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=strong)
+    base_sd = patched_state(model)        # unloads the model finetuning loaded, as sampling another would
+    sa, sb = patched_state(theirs), patched_state(ours)
+    plain = lambda t: t.dequantize() if hasattr(t, "dequantize") else t  # noqa: E731  (QuantizedTensor)
+    assert len([k for k in sa if not torch.equal(plain(sa[k]), plain(base_sd[k]))]) == len(targets)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k

@@ -1,6 +1,6 @@
 """Which layers a LiDB adapts, and what they are called.
 
-Targets are found from a model's structure: every nn.Linear that is an attention
+Targets are found from a model's structure: every Linear that is an attention
 q/k/v/out projection (diffusers/ComfyUI UNet names `to_q, to_k, to_v, to_out.0`,
 CLIP names `q_proj, k_proj, v_proj, out_proj`). New architectures with the same
 attention naming work without a table.
@@ -83,10 +83,19 @@ def is_dit_projection(path: str, all_paths: "set[str]") -> bool:
     return False
 
 
-def find_attention_projections(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+def is_linear(m: torch.nn.Module) -> bool:
+    """A torch Linear, or a Linear-like layer that is not one (ComfyUI's fp8 mixed-precision Linear holds a
+    quantised 2-D weight and in/out_features but subclasses only torch.nn.Module)."""
+    if isinstance(m, torch.nn.Linear):
+        return True
+    weight = getattr(m, "weight", None)
+    return (isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
+def find_attention_projections(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(module path, Linear) for every attention projection inside `module`, in module order."""
-    return [(path, m) for path, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and is_projection_path(path)]
+    return [(path, m) for path, m in module.named_modules() if is_projection_path(path) and is_linear(m)]
 
 
 def discover(modules: Mapping[str, torch.nn.Module]) -> dict[str, tuple[LayerSpec, torch.nn.Linear]]:
