@@ -33,7 +33,7 @@ _SD3_TINY = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_s
 _CONFIGS = {
     "flux1": {
         "tiny": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
-                     hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
+                     hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
                      theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True),
         "mid": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=256, context_in_dim=256,
                     hidden_size=512, mlp_ratio=4.0, num_heads=8, depth=4, depth_single_blocks=8,
