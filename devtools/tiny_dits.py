@@ -164,7 +164,7 @@ def stored_as(base, model_config, base_class, weight_format: str, device: str):
     return stored_base
 
 
-def _clip(family: str, seed: int):
+def _clip(family: str, seed: int, width: int = 32):
     import comfy.sd
     import comfy.text_encoders.flux
     import comfy.text_encoders.sd3_clip
@@ -173,7 +173,8 @@ def _clip(family: str, seed: int):
 
     if family == "flux1":
         target = ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
-        options = {"clip_l_model_config": dict(TINY_TEXT), "t5xxl_model_config": dict(TINY_T5)}
+        clip_l = dict(TINY_TEXT, hidden_size=width, intermediate_size=2 * width, projection_dim=width)
+        options = {"clip_l_model_config": clip_l, "t5xxl_model_config": dict(TINY_T5, d_model=width, d_ff=2 * width)}
     elif family == "sd35":
         target = ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
                             comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
@@ -225,4 +226,5 @@ def comfy_dit_checkpoint(family: str, scale: str = "tiny", seed: int = 0, device
         return model, None, None
     channels = model.model.latent_format.latent_channels
     vae = _wan_vae(seed) if family == "qwenimage" else _vae(channels, seed, 16 if family == "flux2" else 8)
-    return model, _clip(family, seed), vae
+    width = _CONFIGS[family][scale].get("context_in_dim", 32)      # mid Flux: 256-wide CLIP-L and T5
+    return model, _clip(family, seed, width), vae
