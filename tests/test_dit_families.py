@@ -365,3 +365,23 @@ def test_a_unet_in_fp8_mixed_precision_is_found_trained_and_patched(comfy, node,
     assert len([k for k in sa if not torch.equal(plain(sa[k]), plain(base_sd[k]))]) == len(targets)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_a_family_not_covered_is_refused_in_one_sentence(node, ct, tiny_sd, photo):
+    """Wan 2.1 (video): ComfyUI's table has no diffusers attention names for it, so nothing is a target."""
+    from comfy import model_base, model_patcher, supported_models
+
+    config = supported_models.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", dim=32, ffn_dim=64,
+                                             num_heads=2, num_layers=1, text_dim=32, freq_dim=32))
+    with torch.device("meta"):
+        wan = model_base.WAN21(config, device="meta")
+    model = model_patcher.ModelPatcher(wan, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    sd_model, clip, vae = tiny_sd
+    lidb = random_lidb(ct, sd_model, clip)
+    expect = r"^The connected model \(WAN21_T2V\) is a family HyperDreamBooth does not cover yet; it supports .*\.$"
+    with pytest.raises(hdb_core.HDBError, match=expect):
+        comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb)
+    with pytest.raises(hdb_core.HDBError, match=expect):
+        comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=photo,
+                                trigger="a ohwx face", steps=1, learning_rate=1e-2, relaxed_rank=1,
+                                train_text_encoder=False, resolution=64, seed=0)
