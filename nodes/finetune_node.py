@@ -62,14 +62,15 @@ class FastFinetune(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=True,
                                  tooltip="Also adapt the CLIP text encoder, as in the paper."),
                 io.Int.Input("resolution", default=defaults.RESOLUTION, min=64, max=2048, step=64,
-                             tooltip="Training resolution in pixels (512 for SD1.x, 1024 for SDXL)."),
+                             tooltip="Training resolution in pixels (512 for SD1.x; 1024 for SDXL and the "
+                                     "DiTs, or 512 to save memory)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
                              tooltip="Seed of noise, timesteps, mirroring and new rank components. On the CPU, "
                                      "the same inputs, seed and torch thread count give the same LiDB; GPUs "
                                      "and other thread counts differ in the last digits."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute UNet blocks in the backward pass: less VRAM, about 30% "
-                                         "slower. Turn on if training runs out of memory."),
+                                 tooltip="Recompute UNet or transformer blocks in the backward pass: less VRAM, "
+                                         "about 30% slower. Turn on if training runs out of memory."),
                 io.Boolean.Input("mirror", default=defaults.MIRROR, optional=True,
                                  tooltip="Also train on the mirrored photo (as the hypernetwork's training "
                                          "does). Turn off for faces whose asymmetry matters."),
