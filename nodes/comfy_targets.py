@@ -59,7 +59,7 @@ class Target:
 
 
 # Model config classes of ComfyUI -> the family name users know (messages, LiDB and hypernet files).
-_FAMILIES = {"SD3": "SD3.5", "Flux": "Flux.1", "FluxSchnell": "Flux.1", "FluxInpaint": "Flux.1 Fill",
+_FAMILIES = {"SD3": "SD3.5", "Flux": "Flux.1", "FluxSchnell": "Flux.1", "FluxInpaint": "Flux.1",
              "Flux2": "Flux.2", "Lumina2": "Lumina 2", "ZImage": "Z-Image", "QwenImage": "Qwen-Image"}
 
 
