@@ -101,7 +101,9 @@ class LoadLiDB(io.ComfyNode):
 def describe_for_ui(lidb) -> str:
     """The line under Load LiDB: the phrase to prompt with, and what the file holds."""
     trigger = lidb.info.get("trigger") or "(none stored)"
-    return f"trigger: {trigger} | rank {lidb.config.rank}, {len(lidb.layers)} layers, {lidb.info.get('source', '?')}"
+    family = f"{lidb.info['family']}, " if lidb.info.get("family") else ""
+    return (f"trigger: {trigger} | {family}rank {lidb.config.rank}, {len(lidb.layers)} layers, "
+            f"{lidb.info.get('source', '?')}")
 
 
 class SaveLiDB(io.ComfyNode):
