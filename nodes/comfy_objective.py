@@ -125,7 +125,9 @@ class DiffusionLoss:
 
 def _is_shape_error(e: RuntimeError) -> bool:
     text = str(e)
-    return any(s in text for s in ("cannot be multiplied", "must match the size", "size of tensor", "shape"))
+    # F.linear / layer_norm / rms_norm / cat refusing a text feature of the wrong width
+    return any(s in text for s in ("cannot be multiplied", "must match the size", "size of tensor",
+                                   "normalized_shape", "Sizes of tensors must match"))
 
 
 def text_mismatch(patcher, cond, pooled) -> HDBError:
