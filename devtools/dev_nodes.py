@@ -38,13 +38,15 @@ class TinyDiTCheckpoint(io.ComfyNode):
                 io.Combo.Input("family", options=list(tiny_dits.FAMILIES), default="flux1",
                                tooltip="Which family's ComfyUI classes to build."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+                io.Combo.Input("weight_format", options=list(tiny_dits.WEIGHT_FORMATS), default="fp32",
+                               optional=True, tooltip="How the transformer's weights are stored."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )
 
     @classmethod
-    def execute(cls, family="flux1", seed=0) -> io.NodeOutput:
-        return io.NodeOutput(*tiny_dits.comfy_dit_checkpoint(family, "tiny", seed))
+    def execute(cls, family="flux1", seed=0, weight_format="fp32") -> io.NodeOutput:
+        return io.NodeOutput(*tiny_dits.comfy_dit_checkpoint(family, "tiny", seed, weight_format=weight_format))
 
 
 DEV_NODES = [TinyCheckpoint, TinyDiTCheckpoint]

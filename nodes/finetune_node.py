@@ -127,8 +127,10 @@ class FastFinetune(io.ComfyNode):
                             "without a hypernetwork prediction.", steps, defaults.ZERO_START_STEPS)
         else:
             check_relaxable(init_lidb, relaxed_rank, relaxation)
-            te_parts = {s.component for s in init_lidb.layers} - set(DIFFUSION_COMPONENTS)
-            ct.check_compatible(init_lidb, unet_t, model_parts, "model", family)
+            lidb_parts = {s.component for s in init_lidb.layers}
+            te_parts = lidb_parts - set(DIFFUSION_COMPONENTS)
+            # the start's own diffusion-model layers (a DiT LiDB on a UNet has none of the UNet's)
+            ct.check_compatible(init_lidb, unet_t, (lidb_parts - te_parts) | model_parts, "model", family)
             if te_parts:
                 ct.check_compatible(init_lidb, clip_t, te_parts, "CLIP")
             missing = [s for s in wanted if s.name not in init_lidb.spec_by_name]

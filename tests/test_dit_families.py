@@ -174,9 +174,10 @@ def test_save_then_load_round_trips_with_the_family(comfy, node, ct, ckpt, famil
         assert torch.equal(back.a_train[k], lidb.a_train[k]) and torch.equal(back.b_train[k], lidb.b_train[k])
 
 
-def _graph(family, lidb_name, strength, prefix):
+def _graph(family, lidb_name, strength, prefix, weight_format="fp32"):
     return {
-        "1": {"class_type": "HDBDev_TinyDiTCheckpoint", "inputs": {"family": family, "seed": 0}},
+        "1": {"class_type": "HDBDev_TinyDiTCheckpoint",
+              "inputs": {"family": family, "seed": 0, "weight_format": weight_format}},
         "2": {"class_type": "HDB_LoadLiDB", "inputs": {"lidb_name": lidb_name}},
         "3": {"class_type": "HDB_ApplyLiDB", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lidb": ["2", 0],
                                                         "strength_model": strength, "strength_clip": strength}},
@@ -192,13 +193,15 @@ def _graph(family, lidb_name, strength, prefix):
     }
 
 
-def test_graph_load_apply_ksampler_runs_and_the_lidb_changes_the_image(comfy, ct, family):
+@pytest.mark.parametrize("weight_format", ["fp32", "scaled_fp8", "fp8_mixed"])
+def test_graph_load_apply_ksampler_runs_and_the_lidb_changes_the_image(comfy, ct, family, weight_format):
     folder = os.path.join(comfy["folder_paths"].models_dir, "lidb")
     os.makedirs(folder, exist_ok=True)
     model, clip, _ = tiny_dits.comfy_dit_checkpoint(family, "tiny", seed=0)
     hdb_core.save_lidb(random_lidb(ct, model, clip, scale=0.3), os.path.join(folder, f"dit_{family}.safetensors"))
-    with_id = comfy_runtime.run_prompt(_graph(family, f"dit_{family}.safetensors", 1.0, f"{family}_with"))
-    without = comfy_runtime.run_prompt(_graph(family, f"dit_{family}.safetensors", 0.0, f"{family}_without"))
+    name = f"dit_{family}.safetensors"
+    with_id = comfy_runtime.run_prompt(_graph(family, name, 1.0, f"{family}_with", weight_format))
+    without = comfy_runtime.run_prompt(_graph(family, name, 0.0, f"{family}_without", weight_format))
     assert with_id.success and without.success, (with_id.error, without.error)
     img = lambda r: r.node_output("8")[0]  # noqa: E731
     assert img(with_id).shape == (1, 64, 64, 3) and not torch.equal(img(with_id), img(without))
@@ -248,6 +251,17 @@ def test_a_lidb_of_another_family_is_refused_in_one_sentence(node, ct, ckpt, tin
     with pytest.raises(hdb_core.HDBError, match=rf"^This LiDB was made for an? {NAMES[family]} transformer .*, but "
                                                 rf"the connected model has .*UNet.*\.$"):
         comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=sd_model, clip=sd_clip, lidb=ours)
+    # as an init_lidb, and without a stored family (older files): the layer names tell
+    with pytest.raises(hdb_core.HDBError, match=r"^This LiDB was made for a diffusion transformer .*, but the "
+                                                r"connected model has .*UNet.*\.$"):
+        comfy_runtime.call_node(node("HDB_FastFinetune"), model=sd_model, clip=sd_clip, vae=tiny_sd[2],
+                                image=torch.rand(1, 64, 64, 3), init_lidb=ours.with_info(family=""), steps=1,
+                                resolution=64)
+    other = "SD3.5" if family != "sd35" else "Flux.1"       # the family stored in the file is checked first
+    with pytest.raises(hdb_core.HDBError, match=rf"^This LiDB was made for {other} but the connected model is "
+                                                rf"{NAMES[family]}; connect a {other} model, or use one made for "
+                                                rf"{NAMES[family]}\.$"):
+        comfy_runtime.call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=ours.with_info(family=other))
 
 
 @pytest.mark.parametrize("pair", ["sd15_model_sdxl_clip", "dit_model_sdxl_clip"])
