@@ -86,7 +86,12 @@ _CONFIGS = {
 def init_all(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Every parameter set deterministically (ComfyUI's layers leave them empty): norm weights, scales
     and gammas 1, biases 0, everything else small normal."""
-    g = torch.Generator().manual_seed(seed)
+    generators: dict = {}
+
+    def normal(t: torch.Tensor) -> torch.Tensor:      # drawn where the weight lives (a 12B model on a GPU)
+        g = generators.setdefault(t.device, torch.Generator(device=t.device).manual_seed(seed))
+        return torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32) * std
+
     for m in module.modules():
         norm = "norm" in type(m).__name__.lower()
         for name, p in m.named_parameters(recurse=False):
@@ -97,10 +102,10 @@ def init_all(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
             elif name == "bias" or norm:
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(normal(p))
         for name, b in m.named_buffers(recurse=False):
             if name == "pos_embed" and b.device.type != "meta":    # SD3's fixed embedding, left empty by ComfyUI
-                b.copy_(torch.randn(b.shape, generator=g) * std)
+                b.copy_(normal(b))
 
 
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "scaled_fp8", "fp8_mixed")
@@ -164,7 +169,14 @@ def stored_as(base, model_config, base_class, weight_format: str, device: str):
     return stored_base
 
 
-def _clip(family: str, seed: int, width: int = 32):
+def _text_width(hidden: int, base: dict) -> dict:
+    return dict(base, hidden_size=hidden, intermediate_size=2 * hidden, **(
+        {"projection_dim": hidden} if "projection_dim" in base else {}))
+
+
+def _clip(family: str, seed: int, cfg: dict):
+    """2-layer text encoders of the family's classes whose output widths fit the transformer `cfg`
+    (CLIP-L's pooled vector, T5's / the LLM's tokens): tiny for tiny models, wide for full ones."""
     import comfy.sd
     import comfy.text_encoders.flux
     import comfy.text_encoders.sd3_clip
@@ -173,15 +185,19 @@ def _clip(family: str, seed: int, width: int = 32):
 
     if family == "flux1":
         target = ClipTarget(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip())
-        clip_l = dict(TINY_TEXT, hidden_size=width, intermediate_size=2 * width, projection_dim=width)
-        options = {"clip_l_model_config": clip_l, "t5xxl_model_config": dict(TINY_T5, d_model=width, d_ff=2 * width)}
+        t5_width = cfg["context_in_dim"]
+        options = {"clip_l_model_config": _text_width(cfg["vec_in_dim"], TINY_TEXT),
+                   "t5xxl_model_config": dict(TINY_T5, d_model=t5_width, d_ff=2 * t5_width)}
     elif family == "sd35":
         target = ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
                             comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
-        options = {"clip_l_model_config": dict(TINY_TEXT), "clip_g_model_config": dict(TINY_TEXT)}
+        full = cfg["adm_in_channels"] == 2048          # pooled = CLIP-L 768 + CLIP-G 1280
+        options = {"clip_l_model_config": _text_width(768 if full else 32, TINY_TEXT),
+                   "clip_g_model_config": _text_width(1280 if full else 32, TINY_TEXT)}
     elif family in ("zimage", "flux2", "qwenimage"):
         target = ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer, comfy.text_encoders.z_image.te())
-        options = {"qwen3_4b_model_config": dict(TINY_QWEN3)}
+        width = cfg.get("cap_feat_dim") or cfg.get("context_in_dim") or cfg.get("joint_attention_dim")
+        options = {"qwen3_4b_model_config": _text_width(width, TINY_QWEN3)}
     else:
         raise ValueError(f"no tiny text encoder for {family!r}")
     clip = comfy.sd.CLIP(target=target, model_options={**options, "dtype": torch.float32})
@@ -226,5 +242,4 @@ def comfy_dit_checkpoint(family: str, scale: str = "tiny", seed: int = 0, device
         return model, None, None
     channels = model.model.latent_format.latent_channels
     vae = _wan_vae(seed) if family == "qwenimage" else _vae(channels, seed, 16 if family == "flux2" else 8)
-    width = _CONFIGS[family][scale].get("context_in_dim", 32)      # mid Flux: 256-wide CLIP-L and T5
-    return model, _clip(family, seed, width), vae
+    return model, _clip(family, seed, _CONFIGS[family][scale]), vae
