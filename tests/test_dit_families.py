@@ -399,3 +399,13 @@ def test_a_family_not_covered_is_refused_in_one_sentence(node, ct, tiny_sd, phot
         comfy_runtime.call_node(node("HDB_FastFinetune"), model=model, clip=clip, vae=vae, image=photo,
                                 trigger="a ohwx face", steps=1, learning_rate=1e-2, relaxed_rank=1,
                                 train_text_encoder=False, resolution=64, seed=0)
+
+
+FULL_SIZE = {"flux1": (304, 228), "sd35": (303, 228), "flux2": (120, 90), "zimage": (136, 102), "qwenimage": (480, 0)}
+
+
+def test_full_size_target_counts_docs_quote(ct, family):
+    """The real shapes on the meta device (docs/families.md's table; bench/dit_family_sizes.py adds file sizes)."""
+    model = tiny_dits.comfy_dit_checkpoint(family, "full", device="meta")[0]
+    targets = ct.model_targets(model)
+    assert (len(targets), sum(t.rows is not None for t in targets.values())) == FULL_SIZE[family]
