@@ -1,6 +1,8 @@
-"""The pack on a GPU, in one table: Fast Finetune, its floor and its peer on full-size SD1.5 and SDXL.
+"""The pack on a GPU, in one table: Fast Finetune, its floor and its peer on full-size SD1.5 and SDXL
+(and, on request, the DiTs: `--archs flux1`, `sd35`, `flux2`, `zimage`, `qwenimage`).
 
-Random weights of the real architectures (nothing is downloaded), built by devtools.tiny_models:
+Random weights of the real architectures (nothing is downloaded), built by devtools.tiny_models
+and devtools.tiny_dits (DiTs at full size with 2-layer text encoders of the right widths):
 
   arch   dtype  ckpt  HDB_FastFinetune (steps at 512 px SD1.5 / 1024 px SDXL): wall s, s/step, peak VRAM
                       bare UNet forward+backward at the same size: s/step, peak VRAM
@@ -10,6 +12,7 @@ Random weights of the real architectures (nothing is downloaded), built by devto
 On an NVIDIA machine after scripts/setup.sh (one call, about 5-8 minutes on an H100/H200):
 
     .venv/bin/python bench/gpu_check.py                  # writes bench/out/gpu_check.md too
+    .venv/bin/python bench/gpu_check.py --archs flux1    # full-size Flux.1 (12B) at 1024 px, bf16/fp16
 
 `--tiny` runs the same code paths on tiny models at 64 px on the CPU in seconds; the test
 suite runs it (tests/test_gpu_check.py). Until a GPU run exists, every VRAM figure in the
@@ -89,7 +92,7 @@ def run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device) -
 
 
 def run_bare(ckpt, resolution, steps, autocast, device) -> tuple[float, str]:
-    """One UNet forward + backward to the input: the floor of any method that backpropagates."""
+    """One UNet/DiT forward + backward to the input: the floor of any method that backpropagates."""
     import contextlib
 
     import torch
@@ -104,13 +107,17 @@ def run_bare(ckpt, resolution, steps, autocast, device) -> tuple[float, str]:
         cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
         cond = cond.to(device).clone()
         pooled = pooled.to(device).clone() if pooled is not None else None
-        latent = torch.randn(1, 4, resolution // 8, resolution // 8, device=device)
+        latent = torch.randn(1, *_latent_shape(base, resolution), device=device)
         conds = base.extra_conds(cross_attn=cond, pooled_output=pooled, noise=latent, device=device,
                                  width=resolution, height=resolution, target_width=resolution,
                                  target_height=resolution)
         kwargs = {k: v.process_cond(batch_size=1, device=device, area=None).cond for k, v in conds.items()}
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         times = []
+        # DiT blocks add residuals in place after a LayerNorm: backward to the input needs its input copied
+        autograd = sys.modules[_pack_nodes() + ".comfy_autograd"]
+        stack = contextlib.ExitStack()
+        stack.enter_context(autograd.layer_norm_inputs_copied(None if _is_unet(model) else base.diffusion_model))
         for _ in range(steps):
             t0 = time.perf_counter()
             x = latent.clone().requires_grad_(True)
@@ -120,17 +127,30 @@ def run_bare(ckpt, resolution, steps, autocast, device) -> tuple[float, str]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        stack.close()
     return statistics.median(times[1:] or times), _peak_gib(device)
 
 
+def _is_unet(model) -> bool:
+    return sys.modules[_pack_nodes() + ".comfy_targets"].is_unet(model)
+
+
+def _latent_shape(base, resolution: int) -> tuple:
+    """[C, (1,) h, w] of the model's latent (Flux.2: 128 channels at 1/16; Qwen-Image: video-shaped)."""
+    fmt = base.latent_format
+    down = 16 if fmt.latent_channels == 128 else 8
+    return (fmt.latent_channels, *((1,) if fmt.latent_dimensions == 3 else ()), resolution // down, resolution // down)
+
+
 def run_trainlora(nodes, ckpt, resolution, steps, dtype_name, device) -> tuple[float, str]:
+    """ComfyUI's trainer at rank 1 (on a DiT with its gradient checkpointing: 0.3.75 needs it there)."""
     import torch
 
     from devtools.comfy_runtime import call_node
 
     model, clip, _ = ckpt
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
-    latent = torch.randn(1, 4, resolution // 8, resolution // 8)
+    latent = torch.randn(1, *_latent_shape(model.model, resolution))
     _peak_reset(device)
     clock = StepClock(device)
     try:
@@ -139,7 +159,7 @@ def run_trainlora(nodes, ckpt, resolution, steps, dtype_name, device) -> tuple[f
                   positive=[[[cond, {"pooled_output": pooled}]]], batch_size=[1], grad_accumulation_steps=[1],
                   steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"],
                   seed=[0], training_dtype=[dtype_name], lora_dtype=["fp32"], algorithm=["LoRA"],
-                  gradient_checkpointing=[False], existing_lora=["[None]"])
+                  gradient_checkpointing=[not _is_unet(model)], existing_lora=["[None]"])
     finally:
         clock.close()
     return clock.per_step(), _peak_gib(device)
@@ -153,7 +173,7 @@ def time_aux_and_prediction(model, clip, device) -> tuple[float, float]:
     from hdb_core.lidb.weights import LiDBConfig, aux_for_layers, clear_aux_cache
 
     ct = sys.modules[_pack_nodes() + ".comfy_targets"]
-    layers = [t.spec for t in ct.unet_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
+    layers = [t.spec for t in ct.model_targets(model).values()] + [t.spec for t in ct.clip_targets(clip).values()]
     clear_aux_cache()
     t0 = time.perf_counter()
     aux_for_layers(LiDBConfig(), layers)
@@ -188,7 +208,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from devtools import comfy_runtime, tiny_models
+    from devtools import comfy_runtime, tiny_dits, tiny_models
 
     rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_gpu_check_"))
     nodes = rt["nodes"].NODE_CLASS_MAPPINGS
@@ -206,10 +226,15 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|"]
     extras = []
     for arch in args.archs.split(","):
-        resolution = 64 if args.tiny else {"sd15": 512, "sdxl": 1024}[arch]
+        resolution = 64 if args.tiny else {"sd15": 512}.get(arch, 1024)
         image = torch.rand(1, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
         for dname, dtype in dtypes.items():
-            ckpt = tiny_models.comfy_checkpoint_of(arch, scale, device=str(device), dtype=dtype)
+            if arch in tiny_dits.FAMILIES:
+                # built outside inference mode, like the UNets here: 0.3.75's TrainLoraNode fails on a DiT
+                # loaded under it (Fast Finetune handles both; tests/test_dit_families.py loads under it)
+                ckpt = tiny_dits.comfy_dit_checkpoint(arch, scale, device=str(device), dtype=dtype)
+            else:
+                ckpt = tiny_models.comfy_checkpoint_of(arch, scale, device=str(device), dtype=dtype)
             for checkpointing in (False, True):
                 try:
                     wall, per_step, peak = run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device)
@@ -221,12 +246,14 @@ def main(argv=None) -> int:
             autocast = None if device.type == "cpu" else dtype
             try:
                 per_step, peak = run_bare(ckpt, resolution, max(3, min(steps, 10)), autocast, device)
-                rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | | {per_step:.3f} | {peak} |")
+                what = "bare UNet fwd+bwd" if arch in ("sd15", "sdxl") else "bare DiT fwd+bwd"
+                rows.append(f"| {arch} | {dname} | off | {what} | | {per_step:.3f} | {peak} |")
             except Exception as e:
                 rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | failed: {type(e).__name__} | | |")
             try:
                 per_step, peak = run_trainlora(nodes, ckpt, resolution, max(3, min(steps, 10)), dname, device)
-                rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
+                ckpt_on = "off" if arch not in tiny_dits.FAMILIES else "on"
+                rows.append(f"| {arch} | {dname} | {ckpt_on} | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
             except Exception as e:
                 rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
                             f"{str(e)[:60]} | | |")

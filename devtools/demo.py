@@ -2,7 +2,8 @@
 
     .venv/bin/python -m devtools.demo [--out DIR]
 
-Substitutes: CheckpointLoaderSimple -> a tiny SD1.5-architecture checkpoint, CLIPVisionLoader ->
+Substitutes: CheckpointLoaderSimple -> a tiny SD1.5-architecture checkpoint, UNETLoader /
+DualCLIPLoader / VAELoader -> the parts of a tiny Flux.1 checkpoint, CLIPVisionLoader ->
 a tiny CLIP vision encoder, the hypernetwork file -> a randomly initialised one, the photo ->
 scikit-image's astronaut. Everything else (nodes, executor, files written) is what a user runs.
 The weights are random, so the pictures are noise: this shows the plumbing and the timings,
@@ -25,17 +26,26 @@ from . import comfy_runtime, workflows
 
 STAND_INS = {"CheckpointLoaderSimple": ("HDBDev_TinyCheckpoint", {"scale": "tiny", "seed": 0, "v_prediction": False}),
              "CLIPVisionLoader": ("HDBDev_TinyClipVision", {"seed": 0})}
+# Loaders of one part of a DiT checkpoint -> the tiny Flux.1 checkpoint's output that stands in for that part.
+DIT_PARTS = {"UNETLoader": 0, "DualCLIPLoader": 1, "VAELoader": 2}
 TINY_ENCODER = dict(hidden_size=32, num_tokens=17, image_size=56, name="tiny CLIP vision (dev)")
 
 
 def fast_settings(api: dict, finetune_steps: int = 12) -> dict:
     """Same graph, tiny-model sizes: small images, few sampler and finetune steps."""
     api = json.loads(json.dumps(api))
+    part = {nid: DIT_PARTS[n["class_type"]] for nid, n in api.items() if n["class_type"] in DIT_PARTS}
     for n in api.values():
+        for name, v in n["inputs"].items():           # rewire to the stand-in's MODEL / CLIP / VAE output
+            if isinstance(v, list) and len(v) == 2 and v[0] in part:
+                n["inputs"][name] = [v[0], part[v[0]]]
+    for nid, n in api.items():
         ins = n["inputs"]
-        if n["class_type"] in STAND_INS:
+        if nid in part:
+            n["class_type"], n["inputs"] = "HDBDev_TinyDiTCheckpoint", {"family": "flux1", "seed": 0}
+        elif n["class_type"] in STAND_INS:
             n["class_type"], n["inputs"] = STAND_INS[n["class_type"]][0], dict(STAND_INS[n["class_type"]][1])
-        elif n["class_type"] == "EmptyLatentImage":
+        elif n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             ins.update(width=64, height=64)
         elif n["class_type"] == "KSampler":
             ins.update(steps=4)

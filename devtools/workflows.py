@@ -26,6 +26,11 @@ HYPERNET = "hyperdreambooth_sd15.safetensors"
 PHOTO = "face.png"
 STYLE_LORA = "your_style_lora.safetensors"
 LIDB = "identity_00001_.safetensors"
+# Flux.1 dev as ComfyUI's Flux templates load it (diffusion model, two text encoders, VAE).
+FLUX_MODEL = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
 
 
 def _sampling(model, clip, vae, prompt, prefix, first_id=20):
@@ -85,6 +90,40 @@ def _reuse() -> dict:
     return g
 
 
+def _flux_personalise() -> dict:
+    """Flux.1: one photo -> finetune from zero -> images, LiDB, LoRA (no Flux hypernetwork exists)."""
+    g = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": FLUX_MODEL}},
+        "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5,
+                                                         "type": "flux"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": FLUX_VAE}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": PHOTO}, "title": "Your photo"},
+        "5": {"class_type": "HDB_FaceCrop", "inputs": {"image": ["4", 0], "margin": 0.5, "size": 512}},
+        "6": {"class_type": "HDB_FastFinetune",
+              "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "image": ["5", 0],
+                         "steps": defaults.ZERO_START_STEPS}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "hyperdreambooth_flux_loss"},
+              "title": "Loss curve"},
+        "8": {"class_type": "HDB_SaveLiDB", "inputs": {"lidb": ["6", 0], "filename_prefix": "identity_flux"}},
+        "9": {"class_type": "HDB_ExportLoRA", "inputs": {"lidb": ["6", 0], "filename_prefix": "identity_flux"}},
+        "10": {"class_type": "HDB_ApplyLiDB", "inputs": {"model": ["1", 0], "clip": ["2", 0], "lidb": ["6", 0],
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+        "20": {"class_type": "CLIPTextEncode", "title": "Prompt",
+               "inputs": {"text": f"{defaults.TRIGGER} as a rock star, portrait photo, stage lights",
+                          "clip": ["10", 1]}},
+        "21": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["20", 0], "guidance": 3.5}},
+        "22": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["10", 1]},
+               "title": "Negative prompt (unused at cfg 1)"},
+        "23": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "24": {"class_type": "KSampler", "inputs": {"model": ["10", 0], "positive": ["21", 0], "negative": ["22", 0],
+                                                    "latent_image": ["23", 0], "seed": 42, "steps": 20, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "25": {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["3", 0]}},
+        "26": {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": "hyperdreambooth_flux"}},
+    }
+    return g
+
+
 GRAPHS = {
     "1_photo_to_identity_with_hypernet": ("One photo -> hypernet prediction -> fast finetune -> images, LiDB, LoRA",
                                           lambda: _personalise(True)),
@@ -93,6 +132,8 @@ GRAPHS = {
                                         lambda: _personalise(False)),
     "3_reuse_identity_with_style_lora": ("A saved identity (LiDB) combined with any style LoRA",
                                          _reuse),
+    "4_flux_photo_to_identity": ("Flux.1: one photo -> finetune from zero -> images, LiDB, LoRA",
+                                 _flux_personalise),
 }
 
 

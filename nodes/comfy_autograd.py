@@ -9,7 +9,8 @@ copied, and the model's own tensors are put back afterwards (also on error/Cance
 ComfyUI internals this file relies on (check them on a ComfyUI upgrade):
 * weights are plain torch.Tensor/Parameter in `module._parameters` (quantised weights,
   which are tensor subclasses, are left alone);
-* ComfyUI's CLIP layers add residuals in place (`x += attn(norm(x))`);
+* ComfyUI's CLIP layers and DiT blocks (Flux, ...) add residuals in place (`x += attn(norm(x))`)
+  after a LayerNorm (an nn.LayerNorm subclass) saved x for backward;
 * the UNet's `diffusion_model` children (input/middle/output blocks) are ModuleLists of
   blocks whose forward can be recomputed (gradient checkpointing).
 """
@@ -59,8 +60,9 @@ def trainable_through(*modules: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def layer_norm_inputs_copied(module: torch.nn.Module):
-    """Make in-place residual adds safe for autograd inside `module` (ComfyUI's CLIP layers).
+def layer_norm_inputs_copied(module: torch.nn.Module | None):
+    """Make in-place residual adds safe for autograd inside `module` (ComfyUI's CLIP layers and DiT blocks;
+    None: nothing to do).
 
     The norm keeps its input for backward and the in-place add then changes it; feeding
     every LayerNorm a copy of its input (one [tokens, width] tensor per norm) keeps it intact.
@@ -72,7 +74,7 @@ def layer_norm_inputs_copied(module: torch.nn.Module):
 
     handles = []
     try:
-        for m in module.modules():
+        for m in module.modules() if module is not None else ():
             if isinstance(m, torch.nn.LayerNorm):
                 handles.append(m.register_forward_pre_hook(copy_input))
         yield
@@ -81,9 +83,21 @@ def layer_norm_inputs_copied(module: torch.nn.Module):
             h.remove()
 
 
+def _on_copies(forward):
+    """`forward` on copies of its float tensor inputs: a DiT block adds into its own input in place, and
+    the checkpoint keeps those inputs to recompute the block in backward."""
+    def own(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def run(*args, **kwargs):
+        return forward(*(own(a) for a in args), **{k: own(v) for k, v in kwargs.items()})
+    return run
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
-    """Recompute each top-level UNet block in backward instead of storing its activations."""
+    """Recompute each top-level block (UNet input/middle/output blocks, DiT double/single blocks) in backward
+    instead of storing its activations."""
     if not enabled:
         yield
         return
@@ -97,7 +111,7 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
             original = block.forward
 
             def checkpointed(*args, _f=original, **kwargs):
-                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                return torch.utils.checkpoint.checkpoint(_on_copies(_f), *args, use_reentrant=False, **kwargs)
 
             saved.append((block, had, block.__dict__.get("forward")))
             block.forward = checkpointed

@@ -114,5 +114,26 @@ class DiffusionLoss:
         d = draw(generator, self.latents.shape[0], self.mirror, len(ms.sigmas), self.latents.shape[2:])
         x0 = pick_latents(self.latents, d)[None]
         cond, pooled = self.encode() if self.encode is not None else self.fixed_cond
-        conds = conditioning(self.patcher.model, cond, pooled, x0, self.resolution, self.device)
-        return model_loss(self.patcher, x0, d.noise[None], d.timestep, conds).mean()
+        try:
+            conds = conditioning(self.patcher.model, cond, pooled, x0, self.resolution, self.device)
+            return model_loss(self.patcher, x0, d.noise[None], d.timestep, conds).mean()
+        except RuntimeError as e:
+            if step == 0 and _is_shape_error(e):
+                raise text_mismatch(self.patcher, cond, pooled) from e
+            raise
+
+
+def _is_shape_error(e: RuntimeError) -> bool:
+    text = str(e)
+    # F.linear / layer_norm / rms_norm / cat refusing a text feature of the wrong width
+    return any(s in text for s in ("cannot be multiplied", "must match the size", "size of tensor",
+                                   "normalized_shape", "Sizes of tensors must match"))
+
+
+def text_mismatch(patcher, cond, pooled) -> HDBError:
+    """The one-sentence error for a CLIP from another model (its features do not fit the model's input)."""
+    have = f"{cond.shape[-1]}-wide text features" + (f" and a {pooled.shape[-1]}-wide pooled vector"
+                                                      if pooled is not None else "")
+    return HDBError(f"The connected CLIP gives {have}, which the connected model "
+                    f"({type(patcher.model.model_config).__name__}) cannot read; connect the CLIP (text encoder) "
+                    f"that belongs to this checkpoint.")

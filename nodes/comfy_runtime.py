@@ -49,7 +49,10 @@ def load_for_training(patcher, clip_patcher, latent_shape, checkpointing: bool) 
     factor = 1.5 if checkpointing else 3.0
     need = patcher.model.memory_required(list(latent_shape)) * factor
     models = [patcher] + ([clip_patcher] if clip_patcher is not None else [])
-    comfy.model_management.load_models_gpu(models, memory_required=need, force_full_load=True)
+    # Loaded as ComfyUI loads for sampling (under inference mode): weights it re-creates while loading
+    # (fp8 mixed-precision QuantizedTensors, merged weight patches) stay the kind the rest of ComfyUI expects.
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu(models, memory_required=need, force_full_load=True)
 
 
 def free_cache() -> None:

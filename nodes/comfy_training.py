@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from hdb_core.lidb.targets import UNET
+from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import LiDB
 from hdb_core.training.finetune import FinetuneResult, FinetuneSettings, finetune
 from hdb_core.training.injector import LowRankInjector
@@ -30,13 +30,15 @@ log = logging.getLogger("HyperDreamBooth")
 def training_session(model, clip, layer_names, latent_shape, checkpointing: bool = False):
     """An attached injector over `layer_names` of the loaded model/CLIP, ready for backward."""
     base = model.model
-    unet_t, clip_t = ct.unet_targets(model), ct.clip_targets(clip)
+    unet_t, clip_t = ct.model_targets(model), ct.clip_targets(clip)
     modules = ct.target_modules(base, {n: unet_t[n] for n in layer_names if n in unet_t})
     modules.update(ct.target_modules(clip.cond_stage_model, {n: clip_t[n] for n in layer_names if n in clip_t}))
     runtime.load_for_training(model, clip.patcher, latent_shape, checkpointing)
     try:
+        # DiT blocks add their residuals in place (`x += gate * attn(norm(x))`), as ComfyUI's CLIP layers do.
+        dit = None if ct.is_unet(model) else base.diffusion_model
         with autograd.trainable_through(base, clip.cond_stage_model), LowRankInjector(modules) as injector, \
-                autograd.layer_norm_inputs_copied(clip.cond_stage_model), \
+                autograd.layer_norm_inputs_copied(clip.cond_stage_model), autograd.layer_norm_inputs_copied(dit), \
                 autograd.gradient_checkpointing(base.diffusion_model, checkpointing):
             yield injector
     finally:
@@ -50,7 +52,7 @@ def finetune_on_model(model, clip, latents: torch.Tensor, start: LiDB, prompt: s
     with torch.inference_mode(False):
         latents = latents.detach().clone().to(settings.device)
         names = [s.name for s in start.layers]
-        te_names = [s.name for s in start.layers if s.component != UNET]
+        te_names = [s.name for s in start.layers if s.component not in DIFFUSION_COMPONENTS]
         with training_session(model, clip, names, latents[:1, 0].shape, checkpointing) as injector:
             encode = objective.TextEncoder(clip, prompt)
             fixed = None

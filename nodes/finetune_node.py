@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from hdb_core import defaults
 from hdb_core.errors import HDBError
-from hdb_core.lidb.targets import UNET
+from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import RELAXATIONS, LiDB, aux_for_layers
 from hdb_core.plots import loss_curve_image, loss_curve_pil
 from hdb_core.training.finetune import FinetuneSettings, check_relaxable, zero_start
@@ -37,8 +37,8 @@ class FastFinetune(io.ComfyNode):
                         "Trains through the model's weights and weight patches (LoRAs); sampling-time patches "
                         "such as FreeU, ToMe, HyperTile or Deep Shrink are left out while training.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.x, SD2.x or SDXL); "
-                                                "it is not changed."),
+                io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.x, SD2.x, SDXL, SD3.5, "
+                                                "Flux.1, Flux.2, Z-Image or Qwen-Image); it is not changed."),
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP; encodes the trigger phrase and is "
                                               "adapted too when train_text_encoder is on."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE; encodes the photo into latents."),
@@ -62,14 +62,15 @@ class FastFinetune(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=True,
                                  tooltip="Also adapt the CLIP text encoder, as in the paper."),
                 io.Int.Input("resolution", default=defaults.RESOLUTION, min=64, max=2048, step=64,
-                             tooltip="Training resolution in pixels (512 for SD1.x, 1024 for SDXL)."),
+                             tooltip="Training resolution in pixels (512 for SD1.x; 1024 for SDXL and the "
+                                     "DiTs, or 512 to save memory)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1,
                              tooltip="Seed of noise, timesteps, mirroring and new rank components. On the CPU, "
                                      "the same inputs, seed and torch thread count give the same LiDB; GPUs "
                                      "and other thread counts differ in the last digits."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute UNet blocks in the backward pass: less VRAM, about 30% "
-                                         "slower. Turn on if training runs out of memory."),
+                                 tooltip="Recompute UNet or transformer blocks in the backward pass: less VRAM, "
+                                         "about 30% slower. Turn on if training runs out of memory."),
                 io.Boolean.Input("mirror", default=defaults.MIRROR, optional=True,
                                  tooltip="Also train on the mirrored photo (as the hypernetwork's training "
                                          "does). Turn off for faces whose asymmetry matters."),
@@ -95,17 +96,23 @@ class FastFinetune(io.ComfyNode):
             raise HDBError(f"resolution {resolution} is not a multiple of 8 of at least 64; use 512 (SD1.x) "
                            f"or 1024 (SDXL).")
         trigger = chosen_trigger(trigger, init_lidb)
-        unet_t = ct.unet_targets(model)
-        ct.require_targets(unet_t, "model")
+        unet_t = ct.model_targets(model)
+        ct.require_targets(unet_t, "model", model)
+        family = ct.model_family(model)
+        model_parts = {t.spec.component for t in unet_t.values()}
         if clip is None:
             raise HDBError("No CLIP is connected; connect the checkpoint's CLIP (it encodes the trigger phrase).")
         clip_t = ct.clip_targets(clip)
-        if train_text_encoder:
+        frozen = ct.frozen_text_encoders(clip)
+        if train_text_encoder and frozen:
+            log.info("HyperDreamBooth: text encoder(s) %s stay frozen (only CLIP-family encoders are adapted)%s.",
+                     ", ".join(frozen), "" if clip_t else "; this model's identity is learnt by the transformer alone")
+        elif train_text_encoder and not clip_t:
             ct.require_targets(clip_t, "CLIP")
 
         generator = torch.Generator().manual_seed(int(seed))
         # Text-encoder layers whose output this CLIP never uses would stay zero: they are left out.
-        unused = ct.unused_clip_layers(clip)
+        unused = ct.unused_clip_layers(clip, model)
         if unused and train_text_encoder:
             log.info("HyperDreamBooth: %d text-encoder layers after the CLIP layer in use are not trained.",
                      len(unused))
@@ -113,17 +120,21 @@ class FastFinetune(io.ComfyNode):
             [t.spec for n, t in clip_t.items() if n not in unused] if train_text_encoder else [])
         if init_lidb is None:
             start = zero_start(wanted, relaxed_rank, generator, relaxation, source="trained")
+            if family:
+                start = start.with_info(family=family)
             if steps < defaults.ZERO_START_STEPS // 2:
                 log.warning("HyperDreamBooth: training from zero with only %d steps; about %d are advised "
                             "without a hypernetwork prediction.", steps, defaults.ZERO_START_STEPS)
         else:
             check_relaxable(init_lidb, relaxed_rank, relaxation)
-            te_parts = {s.component for s in init_lidb.layers} - {UNET}
-            ct.check_compatible(init_lidb, unet_t, {UNET}, "model")
+            lidb_parts = {s.component for s in init_lidb.layers}
+            te_parts = lidb_parts - set(DIFFUSION_COMPONENTS)
+            # the start's own diffusion-model layers (a DiT LiDB on a UNet has none of the UNet's)
+            ct.check_compatible(init_lidb, unet_t, (lidb_parts - te_parts) | model_parts, "model", family)
             if te_parts:
                 ct.check_compatible(init_lidb, clip_t, te_parts, "CLIP")
             missing = [s for s in wanted if s.name not in init_lidb.spec_by_name]
-            start = init_lidb.with_info(source="finetuned")
+            start = init_lidb.with_info(source="finetuned", **({"family": family} if family else {}))
             if missing:  # e.g. a UNet-only start with train_text_encoder on: those layers start at zero
                 start = _extend(start, missing, generator)
 
@@ -132,7 +143,8 @@ class FastFinetune(io.ComfyNode):
         latents = objective.encode_photo_latents(vae, model.model, pixels, mirror)
         device = model.load_device
         autocast, loss_scaling = runtime.training_precision(device, runtime.model_dtype(model))
-        components = {UNET} | ({s.component for s in start.layers} - {UNET} if train_text_encoder else set())
+        te_components = {s.component for s in start.layers} - set(DIFFUSION_COMPONENTS)
+        components = model_parts | (te_components if train_text_encoder else set())
         settings = FinetuneSettings(steps=int(steps), learning_rate=float(learning_rate),
                                     relaxed_rank=int(relaxed_rank), relaxation=relaxation, seed=int(seed),
                                     device=device,

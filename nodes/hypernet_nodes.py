@@ -73,8 +73,9 @@ class PredictLiDBWeights(io.ComfyNode):
         check_interrupt()
         load_for_prediction(hypernet)
         info = {"base_model": net.base_model}
-        if net.info.get("trigger"):
-            info["trigger"] = net.info["trigger"]
+        for key in ("trigger", "family"):   # family: a DiT hypernetwork's LiDB is refused on other families
+            if net.info.get(key):
+                info[key] = net.info[key]
         # Outside inference mode, so the LiDB holds ordinary tensors that Fast Finetune can train from.
         with torch.inference_mode(False), torch.no_grad():
             lidb = net.predict_lidb(features.float().clone(),

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from hdb_core.lidb.file import load_lidb, save_lidb
 from hdb_core.lidb.lora_export import save_kohya
-from hdb_core.lidb.targets import UNET
+from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import aux_for_layers
 from . import comfy_targets as ct
 from .comfy_runtime import progress_bar
@@ -26,7 +26,8 @@ class ApplyLiDB(io.ComfyNode):
             node_id="HDB_ApplyLiDB",
             display_name="Apply LiDB (HyperDreamBooth)",
             category=CATEGORY,
-            description="Patch a LiDB identity into the UNet and text encoder, like LoraLoader does for a LoRA.",
+            description="Patch a LiDB identity into the diffusion model (UNet or DiT) and text encoder, like "
+                        "LoraLoader does for a LoRA (fused q/k/v weights get one slice patch each).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (the base the LiDB was made for)."),
                 io.Clip.Input("clip", tooltip="The CLIP text encoder of the same base model."),
@@ -42,16 +43,16 @@ class ApplyLiDB(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lidb, strength_model=1.0, strength_clip=1.0) -> io.NodeOutput:
-        unet_parts = {UNET}
-        te_parts = {s.component for s in lidb.layers} - unet_parts
+        model_parts = {s.component for s in lidb.layers} & set(DIFFUSION_COMPONENTS)
+        te_parts = {s.component for s in lidb.layers} - model_parts
         new_model, new_clip = model, clip
         aux_for_layers(lidb.config, lidb.layers, progress_bar())   # first use of an architecture: a few seconds
-        if strength_model != 0 and any(s.component == UNET for s in lidb.layers):
-            targets = ct.unet_targets(model)
-            ct.require_targets(targets, "model")
-            ct.check_compatible(lidb, targets, unet_parts, "model")
+        if strength_model != 0 and model_parts:
+            targets = ct.model_targets(model)
+            ct.require_targets(targets, "model", model)
+            ct.check_compatible(lidb, targets, model_parts, "model", ct.model_family(model))
             new_model = model.clone()
-            patches = ct.lora_patches(lidb, targets, unet_parts)
+            patches = ct.lora_patches(lidb, targets, model_parts)
             added = new_model.add_patches(patches, strength_model)
             _check_added(patches, added, "model")
         if strength_clip != 0 and te_parts:
@@ -100,7 +101,9 @@ class LoadLiDB(io.ComfyNode):
 def describe_for_ui(lidb) -> str:
     """The line under Load LiDB: the phrase to prompt with, and what the file holds."""
     trigger = lidb.info.get("trigger") or "(none stored)"
-    return f"trigger: {trigger} | rank {lidb.config.rank}, {len(lidb.layers)} layers, {lidb.info.get('source', '?')}"
+    family = f"{lidb.info['family']}, " if lidb.info.get("family") else ""
+    return (f"trigger: {trigger} | {family}rank {lidb.config.rank}, {len(lidb.layers)} layers, "
+            f"{lidb.info.get('source', '?')}")
 
 
 class SaveLiDB(io.ComfyNode):
@@ -137,8 +140,9 @@ class ExportLoRA(io.ComfyNode):
             node_id="HDB_ExportLoRA",
             display_name="Export LiDB as LoRA (HyperDreamBooth)",
             category=CATEGORY,
-            description="Write the identity as a standard (kohya) LoRA into models/loras/hyperdreambooth, "
-                        "usable by LoraLoader, A1111/Forge and diffusers.",
+            description="Write the identity as a standard LoRA into models/loras/hyperdreambooth, usable by "
+                        "LoraLoader and other tools: kohya keys for SD1.x/SD2.x/SDXL (A1111/Forge, diffusers), "
+                        "diffusers/PEFT keys for DiTs (diffusers, ai-toolkit).",
             is_output_node=True,
             inputs=[
                 LIDB.Input("lidb", tooltip="The identity weights to export."),

@@ -45,6 +45,26 @@ def test_row_slices_of_a_fused_projection_equal_separate_residuals():
     assert torch.equal(fused(x), torch.nn.functional.linear(x, fused.weight, fused.bias))
 
 
+def test_slices_that_leave_rows_untouched_as_flux_linear1_does():
+    """q, k, v in the first rows of a wider fused output (Flux's single-block linear1 also holds the MLP
+    input); any subset of them set, in any order: each slice changes, every other row stays."""
+    torch.manual_seed(0)
+    fused = torch.nn.Linear(8, 20)                # q 0-3, k 4-7, v 8-11, MLP input 12-19
+    x = torch.randn(2, 5, 8)
+    factors = {n: (torch.randn(1, 8), torch.randn(4, 1)) for n in ("q", "k", "v")}
+    targets = {n: (fused, (4 * i, 4)) for i, n in reversed(list(enumerate(("q", "k", "v"))))}
+    for chosen in (("q", "k", "v"), ("k",), ("v", "q")):
+        with LowRankInjector(targets) as inj, torch.no_grad():
+            inj.set_factors({n: factors[n] for n in chosen})
+            out = fused(x)
+            delta = torch.zeros(20, 8)
+            for i, n in enumerate(("q", "k", "v")):
+                if n in chosen:
+                    delta[4 * i:4 * i + 4] = factors[n][1] @ factors[n][0]
+            expected = x @ (fused.weight + delta).T + fused.bias
+        assert torch.allclose(out, expected, atol=1e-5), chosen
+
+
 def test_a_second_injector_on_the_same_layer_is_refused_and_removal_is_clean():
     lin = torch.nn.Linear(4, 4)
     with LowRankInjector({"a": lin}):

@@ -107,3 +107,26 @@ def test_comfyui_and_diffusers_name_full_sd15_identically(comfy):
     comfy_targets = comfy["pack"].nodes.comfy_targets.unet_targets(tiny_models.comfy_model("full", device="meta"))
     as_tuples = lambda specs: {(s.name, s.in_features, s.out_features) for s in specs}  # noqa: E731
     assert as_tuples(t.spec for t in comfy_targets.values()) == as_tuples(s for s in specs if s.component == "unet")
+
+
+def test_dit_projections_and_export_keys_from_diffusers_names():
+    """Which diffusers paths of a DiT are attention projections, and the key each layer exports under."""
+    from hdb_core.lidb.targets import is_dit_projection, lora_key
+
+    paths = {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.attn.to_out.0",
+             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
+             "transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.attn.to_q",
+             "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.proj_mlp", "proj_out",
+             "layers.0.attention.to_k", "layers.0.feed_forward.w1", "layers.0.adaLN_modulation.0"}
+    chosen = {p for p in paths if is_dit_projection(p, paths)}
+    assert chosen == {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                      "transformer_blocks.0.attn2.to_v", "transformer_blocks.0.attn.to_out.0",
+                      "transformer_blocks.0.attn.to_add_out", "single_transformer_blocks.0.attn.to_q",
+                      "single_transformer_blocks.0.proj_out", "layers.0.attention.to_k"}
+    name = "transformer.transformer_blocks.0.attn.to_q"
+    assert lora_key(name, dit=True) == name
+    assert lora_key("te1.text_model.encoder.layers.0.self_attn.q_proj", dit=True) == \
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert lora_key("te2.text_model.encoder.layers.0.self_attn.q_proj", dit=True).startswith("text_encoder_2.")
+    assert lora_key("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q", dit=False).startswith("lora_unet_")

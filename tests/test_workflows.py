@@ -34,8 +34,8 @@ def ui_to_api(ui: dict, mappings: dict) -> dict:
     return api
 
 
-def test_three_templates_with_thumbnails_and_no_api_files_among_them():
-    assert [os.path.basename(p)[:2] for p in UI_FILES] == ["1_", "2_", "3_"]
+def test_four_templates_with_thumbnails_and_no_api_files_among_them():
+    assert [os.path.basename(p)[:2] for p in UI_FILES] == ["1_", "2_", "3_", "4_"]
     for path in UI_FILES:
         ui = json.load(open(path))
         assert {"nodes", "links", "version"} <= set(ui), f"{path} is not in the UI format"
@@ -66,12 +66,14 @@ def test_api_twins_run_end_to_end_on_tiny_stand_ins(comfy):
     demo.prepare_stand_ins(comfy)
     fp = comfy["folder_paths"]
     for name in ("1_photo_to_identity_with_hypernet", "2_photo_to_identity_no_hypernet",
-                 "3_reuse_identity_with_style_lora"):
+                 "3_reuse_identity_with_style_lora", "4_flux_photo_to_identity"):
         result = comfy_runtime.run_prompt(demo.fast_settings(demo.load_api(name), finetune_steps=3))
         assert result.success, (name, result.error)
     lidbs = fp.get_filename_list("lidb")
     assert workflows.LIDB in lidbs and "identity_00002_.safetensors" in lidbs
     assert any(n.startswith("hyperdreambooth/identity_") for n in fp.get_filename_list("loras"))
     images = os.listdir(fp.get_output_directory())
-    for prefix in ("hyperdreambooth_0", "hyperdreambooth_loss_", "hyperdreambooth_reuse_"):
+    assert any(n.startswith("identity_flux_") for n in lidbs)
+    for prefix in ("hyperdreambooth_0", "hyperdreambooth_loss_", "hyperdreambooth_reuse_", "hyperdreambooth_flux_0",
+                   "hyperdreambooth_flux_loss_"):
         assert any(f.startswith(prefix) for f in images), prefix

@@ -4,7 +4,8 @@
   metadata  format, format_version, config (JSON: width/depth/heads/iterations/mlp_ratio),
             layers (JSON [[name, in, out], ...]), a, b, rank, seed, aux_generator, arch,
             base_model, encoder (JSON EncoderSpec), info (JSON, free-form: how it was
-            trained), created_by
+            trained), created_by, family (DiT families: "Flux.1", "SD3.5", ...; also in info,
+            which is where readers take it from; older files have none)
 
 The target list and a/b/rank/seed are the architecture signature: a predicted
 LiDB only means something for that base model and those aux bases. The encoder
@@ -44,11 +45,12 @@ def hypernet_metadata(net: HyperNetwork, meta: Mapping[str, str] | None = None) 
         "layers": json.dumps([[s.name, s.in_features, s.out_features] for s in net.layers], separators=(",", ":")),
         "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
         "aux_generator": aux_bases.GENERATOR_VERSION,
-        "arch": describe(net.layers),
+        "arch": describe(net.layers, info.get("family")),
         "base_model": base_model,
         "encoder": json.dumps(net.encoder.to_dict(), sort_keys=True),
         "info": json.dumps({str(k): str(v) for k, v in info.items()}, sort_keys=True),
         "created_by": PACK_NAME,
+        **({"family": str(info["family"])} if info.get("family") else {}),
     }
 
 

@@ -10,7 +10,8 @@ architecture signature and how the LiDB was made travel in string metadata:
             free_down.<in>x<out> [L, rf, in], free_up.<in>x<out> [L, out, rf]
   metadata  format, format_version, layers (JSON [[name, in, out], ...]),
             a, b, rank, seed, aux_generator, aux_checksum, arch, trigger,
-            source, base_model, created_by, relaxation, free_rank
+            source, base_model, created_by, relaxation, free_rank, family (DiT
+            LiDBs: "Flux.1", "SD3.5", ...; older files and UNet LiDBs have none)
 
 A LiDB without a free part is written as version 1, byte-compatible with every
 earlier reader; version 2 files are read by this version and refused, in one
@@ -34,7 +35,7 @@ FORMAT_NAME = "hyperdreambooth.lidb"
 FORMAT_VERSION = 2          # the newest this pack writes and reads
 AUX_ONLY_VERSION = 1        # what a LiDB without a free LoRA part is written as
 PACK_NAME = "ComfyUI-HyperDreamBooth"
-INFO_KEYS = ("trigger", "source", "base_model")
+INFO_KEYS = ("trigger", "source", "base_model", "family")   # family: older files have none
 
 
 def _group_key(a_l: int, b_l: int) -> str:
@@ -70,11 +71,12 @@ def lidb_to_safetensors(lidb: LiDB) -> tuple[dict[str, torch.Tensor], dict[str, 
         "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
         "aux_generator": aux_bases.GENERATOR_VERSION,
         "aux_checksum": lidb.aux_checksum(),
-        "arch": describe(lidb.layers),
+        "arch": describe(lidb.layers, lidb.info.get("family")),
         "created_by": PACK_NAME,
     }
     for k in INFO_KEYS:
-        meta[k] = str(lidb.info.get(k, ""))
+        if k != "family" or lidb.info.get(k):     # UNet LiDBs stay byte-identical to earlier versions
+            meta[k] = str(lidb.info.get(k, ""))
     if free:
         meta.update(relaxation=lidb.relaxation, free_rank=str(lidb.free_rank))
     return tensors, meta

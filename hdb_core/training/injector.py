@@ -83,19 +83,32 @@ class LowRankInjector:
         self.factors = {}
 
     def _hook(self, layers: list[tuple[str, Rows]]):
+        # A fused projection's slices (q, k, v of one Linear) go in with one concatenation per forward:
+        # the fused output (Flux's linear1 is 7x the width) is copied once, not once per slice.
+        whole = [name for name, rows in layers if rows is None]
+        sliced = sorted(((rows, name) for name, rows in layers if rows is not None), key=lambda t: t[0][0])
+        if any(a[0] + a[1] > b[0] for (a, _), (b, _) in zip(sliced, sliced[1:])):
+            raise ValueError(f"overlapping row slices on one module: {[n for _, n in sliced]}")
+
         def hook(module, args, output):
             x = args[0]
-            for name, rows in layers:
+            pieces, end = [], 0
+            for (offset, length), name in sliced:
                 f = self.factors.get(name)
                 if f is None:
                     continue
-                delta = residual(x, *f)
-                if rows is None:
-                    output = output + delta.to(output.dtype)
-                else:
-                    offset, length = rows
-                    output = torch.cat([output[..., :offset], output[..., offset:offset + length]
-                                        + delta.to(output.dtype), output[..., offset + length:]], dim=-1)
+                if offset > end:
+                    pieces.append(output[..., end:offset])
+                pieces.append(output[..., offset:offset + length] + residual(x, *f).to(output.dtype))
+                end = offset + length
+            if pieces:
+                if end < output.shape[-1]:
+                    pieces.append(output[..., end:])
+                output = torch.cat(pieces, dim=-1)
+            for name in whole:
+                f = self.factors.get(name)
+                if f is not None:
+                    output = output + residual(x, *f).to(output.dtype)
             return output
         return hook
 
