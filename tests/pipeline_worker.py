@@ -31,8 +31,8 @@ def weights_hash(module: torch.nn.Module) -> str:
 def run(faces: str, base: str, work: str, batch_size: int) -> list[str]:
     """prepare -> stage 0 -> stage 1 into `work`; `batch_size` photos per process (the global batch is 2).
 
-    Stage 0 trains one identity at a time and stage 1 uses beta 0 (the balancing scale is computed per
-    process), so one process and two give the same numbers up to float summation order.
+    Stage 0 trains one identity at a time and stage 1 balances its two terms with norms summed over
+    processes, so one process and two give the same numbers up to float summation order.
     """
     common = ["--base-model", base, "--resolution", "64", "--face-check", "none", "--min-size", "32",
               "--no-progress", "--cpu"]
@@ -46,7 +46,7 @@ def run(faces: str, base: str, work: str, batch_size: int) -> list[str]:
     accelerator.wait_for_everyone()
     hashes = []
     settings = HypernetSettings(steps=3, batch_size=batch_size, width=32, heads=2, iterations=1, warmup_steps=1,
-                                learning_rate=1e-3, beta=0.0, checkpoint_every=2)
+                                learning_rate=1e-3, checkpoint_every=2)
     train_hypernet(prepared, lidbs, base, None, os.path.join(work, "hn.safetensors"), settings,
                    accelerator=accelerator, progress=False,
                    on_step=lambda info: hashes.append(weights_hash(info["net"])))

@@ -368,20 +368,29 @@ class Objective:
         """Gradients of the balanced loss into the network; returns the gradient norms at the predictions."""
         outputs = terms.predicted
         g_w = torch.autograd.grad(terms.weight.mean(), outputs, retain_graph=True)
-        norm_w = _norm(g_w)
         if self.s.alpha > 0:
             g_d = torch.autograd.grad(self.s.alpha * terms.diffusion.mean(), outputs, retain_graph=True)
-            norm_d = _norm(g_d)
+            norm_w, norm_d = _global_norms(g_w, g_d)
             scale = self.s.beta * norm_d / norm_w if norm_w > 0 and norm_d > 0 else self.s.beta
         else:
             g_d, norm_d, scale = [torch.zeros_like(o) for o in outputs], 0.0, self.s.beta
+            norm_w = _global_norms(g_w)[0]
         torch.autograd.backward(outputs, [d + scale * w for d, w in zip(g_d, g_w)])
         return {"diffusion_grad": norm_d, "weight_grad": norm_w * scale,
                 "raw_ratio": norm_w / norm_d if norm_d > 0 else float("inf")}
 
 
-def _norm(grads) -> float:
-    return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads)))
+def _global_norms(*grads) -> list[float]:
+    """The norm of each gradient list over the whole global batch, the same on every process.
+
+    Each process holds its share of the predictions, so the squared norms are summed over
+    processes: the balancing scale, a ratio of two such norms, is then exactly that of one
+    process with the whole batch (the 1/N of every process's mean cancels in the ratio).
+    """
+    squares = torch.stack([sum(g.float().pow(2).sum() for g in gs) for gs in grads])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    return squares.sqrt().tolist()
 
 
 def ema_path(output: str) -> str:
