@@ -31,13 +31,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.worker_runs import print_rows, run_worker, summarise  # noqa: E402
 
 METHODS = ("bare", "hdb_dit", "hdb_te", "hdb_ckpt", "trainlora")
 LABELS = {"bare": "bare DiT fwd+bwd", "hdb_dit": "HDB_FastFinetune (DiT)",
@@ -151,33 +152,15 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     paired = None
     if args.paired:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "paired", args.scale, str(args.resolution),
-               str(args.paired), str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        paired = json.loads(line[len("RESULT "):])["paired"] if line else None
-        if paired is None:
-            print(f"paired run failed:\n{out.stderr[-3000:]}")
+        result = run_worker(__file__, "paired", args.scale, args.resolution, args.paired, args.threads)
+        paired = result["paired"] if result else None
     for _ in range(args.rounds):
         for method in methods:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, args.scale, str(args.resolution),
-                   str(args.steps), str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{method} failed:\n{out.stderr[-3000:]}")
-                continue
-            runs[method].append(json.loads(line[len("RESULT "):]))
-    rows = {m: {"step_s": statistics.median([t for r in rs for t in r["steps_s"]]),
-                "peak_mb": max(r["peak_mb"] for r in rs), "loaded_mb": min(r["loaded_mb"] for r in rs),
-                "params_m": rs[0]["params_m"]} for m, rs in runs.items() if rs}
-    bare, lora = rows.get("bare"), rows.get("trainlora")
-    for method, r in rows.items():
-        model = f"{args.scale} ({r['params_m']:.1f}M) {args.resolution}px"
-        xb = f"{r['step_s'] / bare['step_s']:.2f}" if bare else "-"
-        xl = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "-"
-        print(f"{model:<24}{LABELS[method]:<32}{r['step_s']:9.3f}{xb:>8}{xl:>12}{r['peak_mb']:13.0f}"
-              f"{r['peak_mb'] - r['loaded_mb']:15.0f}", flush=True)
+            result = run_worker(__file__, method, args.scale, args.resolution, args.steps, args.threads)
+            if result is not None:
+                runs[method].append(result)
+    print_rows(summarise(runs, "params_m"), f"{args.scale} ({{params_m:.1f}}M) {args.resolution}px", LABELS,
+               (24, 32))
     if paired:
         b, h = statistics.median(paired["bare"]), statistics.median(paired["hdb"])
         print(f"\nsame process, taking turns ({len(paired['hdb'])} steps each): bare {b:.3f} s/step, "

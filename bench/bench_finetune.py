@@ -23,14 +23,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.worker_runs import print_rows, run_worker, summarise  # noqa: E402
 
 METHODS = ("bare", "hdb_unet", "hdb_te", "trainlora")
 LABELS = {"bare": "bare UNet fwd+bwd", "hdb_unet": "HDB_FastFinetune (UNet)",
@@ -130,25 +130,10 @@ def main() -> None:
         runs: dict[str, list[dict]] = {m: [] for m in METHODS}
         for _ in range(args.rounds):
             for method in METHODS:
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, scale, str(res), str(steps),
-                       str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{scale}: {method} failed:\n{out.stderr[-3000:]}")
-                    continue
-                runs[method].append(json.loads(line[len("RESULT "):]))
-        rows = {m: {"step_s": statistics.median([t for r in rs for t in r["steps_s"]]),
-                    "peak_mb": max(r["peak_mb"] for r in rs), "loaded_mb": min(r["loaded_mb"] for r in rs),
-                    "unet_params_m": rs[0]["unet_params_m"]} for m, rs in runs.items() if rs}
-        bare, lora = rows.get("bare"), rows.get("trainlora")
-        for method, r in rows.items():
-            model = f"{scale} ({r['unet_params_m']:.1f}M) {res}px"
-            xb = f"{r['step_s'] / bare['step_s']:.2f}" if bare else "-"
-            xl = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "-"
-            print(f"{model:<22}{LABELS[method]:<30}{r['step_s']:9.3f}{xb:>8}{xl:>12}{r['peak_mb']:13.0f}"
-                  f"{r['peak_mb'] - r['loaded_mb']:15.0f}", flush=True)
-
+                result = run_worker(__file__, method, scale, res, steps, args.threads)
+                if result is not None:
+                    runs[method].append(result)
+        print_rows(summarise(runs, "unet_params_m"), f"{scale} ({{params_m:.1f}}M) {res}px", LABELS, (22, 30))
 
 if __name__ == "__main__":
     main()
