@@ -38,7 +38,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.worker_runs import print_rows, run_worker, summarise  # noqa: E402
+from bench.worker_runs import print_rows, run_train_lora_node, run_worker, summarise  # noqa: E402
 
 METHODS = ("bare", "hdb_dit", "hdb_te", "hdb_ckpt", "trainlora")
 LABELS = {"bare": "bare DiT fwd+bwd", "hdb_dit": "HDB_FastFinetune (DiT)",
@@ -112,14 +112,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     elif method in ("hdb_dit", "hdb_te", "hdb_ckpt"):
         hdb(steps, te=method == "hdb_te", ckpt=method == "hdb_ckpt")
     else:
-        node = rt["nodes"].NODE_CLASS_MAPPINGS["TrainLoraNode"]
-        # Two copies of the latent: 0.3.75 crashes on a single latent input (multi_res unset).
-        comfy_runtime.call_node(
-            node, model=[model], latents=[{"samples": latent}, {"samples": latent}],
-            positive=[[[cond, {"pooled_output": pooled}]]], batch_size=[1], grad_accumulation_steps=[1],
-            steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-            training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
-            existing_lora=["[None]"])
+        run_train_lora_node(rt["nodes"], model, latent, cond, pooled, steps, checkpointing=True)
     per_step = [b - a for a, b in zip(stamps, stamps[1:])][-(steps - 1):]
     return {"steps_s": per_step, "peak_mb": rss_mb(), "loaded_mb": loaded,
             "params_m": sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6}

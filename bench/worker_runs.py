@@ -42,3 +42,16 @@ def print_rows(rows: dict[str, dict], model: str, labels: dict[str, str], widths
         xl = f"{r['step_s'] / lora['step_s']:.2f}" if lora else "-"
         print(f"{name:<{widths[0]}}{labels[method]:<{widths[1]}}{r['step_s']:9.3f}{xb:>8}{xl:>12}"
               f"{r['peak_mb']:13.0f}{r['peak_mb'] - r['loaded_mb']:15.0f}", flush=True)
+
+
+def run_train_lora_node(nodes, model, latent, cond, pooled, steps: int, checkpointing: bool) -> None:
+    """ComfyUI's own TrainLoraNode at rank 1, fp32, on one latent (the comparison row of both benches)."""
+    from devtools import comfy_runtime
+
+    # Two copies of the latent: 0.3.75 crashes on a single latent input (multi_res unset).
+    comfy_runtime.call_node(
+        nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"], model=[model],
+        latents=[{"samples": latent}, {"samples": latent}], positive=[[[cond, {"pooled_output": pooled}]]],
+        batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4], rank=[1],
+        optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
+        algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
