@@ -139,3 +139,12 @@ def run_prompt(prompt: dict, executor=None) -> PromptResult:
 
     server.timeline.append((time.monotonic(), None))
     return PromptResult(executor, server, prompt_id)
+
+
+def patched_state(patcher):
+    """The weights a ModelPatcher would run with (patch, copy, unpatch)."""
+    patcher.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+    finally:
+        patcher.unpatch_model()

@@ -17,6 +17,7 @@ import torch
 import hdb_core
 
 from devtools import comfy_runtime, tiny_dits, tiny_models
+from devtools.comfy_runtime import patched_state
 
 FAMILIES = list(tiny_dits.FAMILIES)
 NAMES = {"flux1": "Flux.1", "sd35": "SD3.5", "flux2": "Flux.2", "zimage": "Z-Image", "qwenimage": "Qwen-Image"}
@@ -66,14 +67,6 @@ def random_lidb(ct, model, clip, seed=0, rank=1, scale=0.05):
                                    source="random", family=ct.model_family(model))
         return lidb.with_tensors({k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.a_train.items()},
                                  {k: torch.randn(v.shape, generator=g) * scale for k, v in lidb.b_train.items()})
-
-
-def patched_state(patcher):
-    patcher.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-    finally:
-        patcher.unpatch_model()
 
 
 def dit_output(model, clip, seed=0):

@@ -8,6 +8,7 @@ import torch
 import hdb_core
 
 from devtools import comfy_runtime, tiny_models
+from devtools.comfy_runtime import patched_state
 
 
 def tiny_lidb(comfy, model, clip, seed=0, rank=1, scale=0.05, free_rank=0):
@@ -23,15 +24,6 @@ def tiny_lidb(comfy, model, clip, seed=0, rank=1, scale=0.05, free_rank=0):
                 {s.name: torch.randn(s.out_features, free_rank, generator=g) * scale for s in specs})
         lidb = lidb.with_tensors(lidb.a_train, lidb.b_train, free=free)
     return lidb
-
-
-def patched_state(patcher):
-    """The weights a ModelPatcher would run with (patch, copy, unpatch)."""
-    patcher.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-    finally:
-        patcher.unpatch_model()
 
 
 def unet_output(model, seed=0):
