@@ -1,0 +1,203 @@
+"""Diagnostics of the hypernetwork's targets and predictions in the evidence world (docs/evidence.md).
+
+Run after `bench/bench_evidence.py` has built its world (default: the full run's, bench/out/evidence):
+
+    P=".venv/bin/python bench/evidence_probe.py"
+    $P stage0 --steps 200 --lr 1e-2 --out /tmp/s0          # stage 0 on the first 20 training identities
+    $P score --stage0 /tmp/s0                              # how well those LiDBs identify their people
+    $P stage0 --all --steps 200 --lr 1e-2 --out /tmp/s0all # stage 0 on every training identity
+    $P stage1 --stage0 /tmp/s0all --out /tmp/h.safetensors --set beta=0.1 --set steps=500
+    $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors   # its predictions: training vs held-out
+    $P predictability --stage0 /tmp/s0all                  # how much of the targets a photo can predict
+
+Identity is the bench's recognizer (PCA + LDA fit on the training identities' gallery):
+rank-1 identification among all identities and cosine to the identity's class mean, from 8
+samples per LiDB. One torch thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def load_world(out: str):
+    import torch
+    from safetensors.torch import load_file
+
+    from bench.evidence import world as W
+    from bench.evidence.identity import Recognizer
+
+    with open(os.path.join(out, "world", "world.json")) as f:
+        manifest = json.load(f)
+    spec = W.WorldSpec(**manifest["spec"])
+    names = manifest["train"] + manifest["held_out"]
+    n_train = len(manifest["train"])
+    gallery = load_file(os.path.join(out, "world", "teacher_latents.safetensors"))["gallery"]
+    gallery = gallery.reshape(len(names), spec.gallery, 4, 8, 8)
+    labels = torch.arange(n_train).repeat_interleave(spec.gallery)
+    rec = Recognizer.fit(gallery[:n_train].reshape(-1, 4, 8, 8), labels, 64, 24 if n_train > 100 else 16)
+    rec.enrol(names, gallery)
+    return manifest, spec, rec
+
+
+def subset_folder(manifest: dict, count: int, root: str) -> str:
+    """A face folder of the first `count` training identities (links), the layout `hdb` reads."""
+    os.makedirs(root, exist_ok=True)
+    for ident in manifest["train"][:count]:
+        link = os.path.join(root, ident)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(manifest["photos"], ident), link)
+    return root
+
+
+def cmd_stage0(args, manifest, spec) -> None:
+    from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
+
+    data = manifest["photos"] if args.all else subset_folder(manifest, args.train_ids, args.out + ".faces")
+    preoptimize(data, manifest["base"], args.out, PreoptimizeSettings(
+        steps=args.steps, learning_rate=args.lr, batch_size=46, checkpoint_every=10 ** 6, resolution=64,
+        face_check="none", min_size=64, flip=False, seed=0), progress=True)
+
+
+def cmd_stage1(args, manifest, spec) -> None:
+    from hdb_core.training.stage1 import HypernetSettings, train_hypernet
+
+    values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        kind = type(getattr(HypernetSettings, key))
+        values[key] = (value if kind is str else value.lower() in ("1", "true") if kind is bool
+                       else int(float(value)) if kind is int else kind(value))
+    values.setdefault("warmup_steps", values["steps"] // 10)
+    train_hypernet(manifest["photos"], args.stage0, manifest["base"], manifest["image_encoder"], args.out,
+                   HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
+                                    flip=False, seed=0, val_identities=0, ema_decay=0, **values))
+
+
+def cmd_score(args, manifest, spec, rec) -> None:
+    import torch
+
+    from bench.evidence import world as W
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.training import data
+    from hdb_core.training.base_model import load_base_model
+
+    base = load_base_model(manifest["base"])
+    injector = base.injector(base.layers(True))
+
+    def score(lidb, ident):
+        factors = {s.name: lidb.down_up(s.name) for s in lidb.layers}
+        with injector:
+            x = W.sample(base, injector, factors, [f"{ident}/eval{k}" for k in range(8)], spec)
+        return rec.score(x, ident)
+
+    def line(label, rows):
+        print(f"{label:<44} rank-1 {statistics.fmean(r['rank1'] for r in rows):.2f}  "
+              f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
+              f"median rank {statistics.median(r['rank'] for r in rows):.0f}", flush=True)
+
+    train = [i for i in manifest["train"] if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
+    train = train[: args.train_ids]
+    line(f"stage-0 LiDBs ({len(train)} training identities)",
+         [score(load_lidb(os.path.join(args.stage0, f"{i}.safetensors")), i) for i in train])
+    if args.hypernet:
+        net = load_hypernet(args.hypernet)
+        encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+
+        def predicted(folder, ident):
+            photo = data.prepare_image(os.path.join(folder, ident, "0.png"), W.IMAGE_SIZE, "none")[None]
+            return net.predict_lidb(encoder.encode(photo))
+
+        with torch.no_grad():
+            line("hypernet prediction, training identities",
+                 [score(predicted(manifest["photos"], i), i) for i in train])
+            line(f"hypernet prediction, {len(manifest['held_out'])} held-out identities",
+                 [score(predicted(manifest["held_out_photos"], i), i) for i in manifest["held_out"]])
+
+
+def cmd_predictability(args, manifest, spec) -> None:
+    """Ridge regression from one photo to its identity's stage-0 LiDB, fit on photos 0-2, tested on photo 3."""
+    import torch
+
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.batch import stack_train
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.training import data
+    from hdb_core.training.base_model import encode_latents, load_base_model
+
+    ids = manifest["train"]
+    images = torch.stack([data.prepare_image(os.path.join(manifest["photos"], i, f"{k}.png"), 64, "none")
+                          for i in ids for k in range(spec.photos)])
+    encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
+    base = load_base_model(manifest["base"])
+    with torch.no_grad():
+        features = torch.cat([encoder.encode(images[j:j + 64]) for j in range(0, len(images), 64)])
+        latents = torch.cat([encode_latents(base, data.to_model_range(images[j:j + 64]), "cpu")
+                             for j in range(0, len(images), 64)])
+    a, b = stack_train([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in ids])
+    y = torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1).double()
+    y = (y - y.mean(0)).repeat_interleave(spec.photos, 0)
+    test = torch.arange(len(y)) % spec.photos == spec.photos - 1
+    label = torch.arange(len(y)) // spec.photos
+    for name, x in (("image features (all tokens)", features.flatten(1)), ("VAE latents", latents.flatten(1))):
+        x = x.double()
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        nearest = label[~test][torch.cdist(x[test], x[~test]).argmin(1)]
+        for lam in (100.0, 1000.0):
+            w = torch.linalg.solve(x1[~test].T @ x1[~test] + lam * torch.eye(x1.shape[1], dtype=x.dtype),
+                                   x1[~test].T @ y[~test])
+            r2 = 1 - float((x1[test] @ w - y[test]).pow(2).sum() / y[test].pow(2).sum())
+            print(f"{name:<30} ridge {lam:>6g}: held-out-photo R^2 {r2:.2f}; nearest-photo identification "
+                  f"{float((nearest == label[test]).float().mean()):.2f}", flush=True)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", default=os.path.join(REPO, "bench", "out", "evidence"),
+                   help="a bench_evidence.py output folder (its world/ is used)")
+    p.add_argument("--train-ids", type=int, default=20, help="training identities stage0/score look at")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s0 = sub.add_parser("stage0")
+    s0.add_argument("--steps", type=int, default=200)
+    s0.add_argument("--lr", type=float, default=1e-2)
+    s0.add_argument("--all", action="store_true", help="every training identity (stage 1 needs them)")
+    s0.add_argument("--out", required=True)
+    s1 = sub.add_parser("stage1")
+    s1.add_argument("--stage0", required=True)
+    s1.add_argument("--out", required=True)
+    s1.add_argument("--set", action="append", default=[], help="a HypernetSettings field, e.g. beta=0.1")
+    sc = sub.add_parser("score")
+    sc.add_argument("--stage0", required=True)
+    sc.add_argument("--hypernet")
+    pr = sub.add_parser("predictability")
+    pr.add_argument("--stage0", required=True)
+    pr.add_argument("--encoder", help="another CLIP vision folder to compare")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    manifest, spec, rec = load_world(args.world)
+    if args.cmd == "stage0":
+        cmd_stage0(args, manifest, spec)
+    elif args.cmd == "stage1":
+        cmd_stage1(args, manifest, spec)
+    elif args.cmd == "score":
+        cmd_score(args, manifest, spec, rec)
+    else:
+        cmd_predictability(args, manifest, spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
