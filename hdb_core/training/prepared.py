@@ -38,7 +38,7 @@ from hdb_core.atomic import write_atomic
 from hdb_core.errors import HDBError
 from hdb_core.hypernet.image_encoder import EncoderSpec
 from hdb_core.training import data
-from hdb_core.training.runtime import DTYPES, ProcessInfo, resolve_dtype, write_json
+from hdb_core.training.runtime import ProcessInfo, check_shared_options, resolve_dtype, write_json
 
 log = logging.getLogger("hdb")
 
@@ -58,14 +58,9 @@ class PrepareSettings:
     dtype: str = "auto"             # the image encoder's dtype (the VAE stays float32)
 
     def validate(self) -> None:
-        if self.resolution < 64 or self.resolution % 64:
-            raise HDBError(f"resolution {self.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
-        if self.face_check not in data.FACE_CHECKS:
-            raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
+        check_shared_options(self)
         if self.shard_size < 1 or self.batch_size < 1:
             raise HDBError(f"shard size ({self.shard_size}) and batch size ({self.batch_size}) must be at least 1.")
-        if self.dtype not in DTYPES:
-            raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
 
     def key(self) -> dict:
         """What a resumed run must share with the shards already written (batch size and dtype may change)."""

@@ -15,11 +15,27 @@ from typing import Callable
 import torch
 
 from hdb_core.atomic import write_atomic
+from hdb_core.errors import HDBError
+from hdb_core.training.data import FACE_CHECKS
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 AUTOCAST = ("auto", "bf16", "off")
+
+
+def check_shared_options(settings) -> None:
+    """The options the `hdb` stages share (those `settings` has), each refused in one sentence."""
+    if settings.resolution < 64 or settings.resolution % 64:
+        raise HDBError(f"resolution {settings.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
+    if getattr(settings, "checkpoint_every", 1) < 1:
+        raise HDBError(f"checkpoint interval is {settings.checkpoint_every}; use 1 or more steps.")
+    if settings.face_check not in FACE_CHECKS:
+        raise HDBError(f"face check must be one of {', '.join(FACE_CHECKS)}, not {settings.face_check!r}.")
+    if settings.dtype not in DTYPES:
+        raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}.")
+    if getattr(settings, "autocast", "off") not in AUTOCAST:
+        raise HDBError(f"autocast must be one of {', '.join(AUTOCAST)}, not {settings.autocast!r}.")
 
 
 def autocast(name: str, device: torch.device):

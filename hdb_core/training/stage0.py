@@ -37,7 +37,7 @@ from hdb_core.training.checkpoint import load_checkpoint, load_optimizer_state, 
 from hdb_core.training.injector import LowRankInjector
 from hdb_core.training.objective import draw, pick_latents
 from hdb_core.training.prepared import PreparedData, is_prepared
-from hdb_core.training.runtime import (AUTOCAST, DTYPES, LossLog, ProcessInfo, autocast, resolve_dtype, shard,
+from hdb_core.training.runtime import (LossLog, ProcessInfo, autocast, check_shared_options, resolve_dtype, shard,
                                        state_dir, write_json)
 from hdb_core.training.seeding import generator
 
@@ -67,25 +67,16 @@ class PreoptimizeSettings:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        check_shared_options(self)
         if self.steps < 1:
             raise HDBError(f"steps is {self.steps}; use at least 1 (300 is a good value for stage 0).")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-3.")
         if self.batch_size < 1:
             raise HDBError(f"batch size is {self.batch_size}; use 1 or more identities per batch.")
-        if self.resolution < 64 or self.resolution % 64:
-            raise HDBError(f"resolution {self.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
-        if self.checkpoint_every < 1:
-            raise HDBError(f"checkpoint interval is {self.checkpoint_every}; use 1 or more steps.")
         if "{trigger}" not in self.prompt:
             raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; "
                            f"use e.g. 'a photo of {{trigger}}'.")
-        if self.face_check not in data.FACE_CHECKS:
-            raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
-        if self.dtype not in DTYPES:
-            raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
-        if self.autocast not in AUTOCAST:
-            raise HDBError(f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}.")
 
     def fingerprint(self) -> str:
         """Everything that changes the numbers (not batch size: it does not change them)."""

@@ -41,14 +41,13 @@ from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
 from hdb_core.lidb.batch import stack_train, train_factors
 from hdb_core.lidb.weights import aux_for_layers
-from hdb_core.training import data
 from hdb_core.training.base_model import BaseModel, load_base_model, tokenize
 from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
                                           save_checkpoint)
 from hdb_core.training.ema import EMA
 from hdb_core.training.objective import draw
 from hdb_core.training.prepared import PreparedData, PrepareSettings, is_prepared, prepare
-from hdb_core.training.runtime import (AUTOCAST, DTYPES, LossLog, ProcessInfo, autocast, loss_curve, resolve_dtype,
+from hdb_core.training.runtime import (LossLog, ProcessInfo, autocast, check_shared_options, loss_curve, resolve_dtype,
                                        state_dir)
 from hdb_core.training.stage0 import lidb_path
 from hdb_core.training.seeding import generator
@@ -87,6 +86,7 @@ class HypernetSettings:
     workers: int = -1              # data-loader worker processes; -1: 4 on CUDA, 0 on CPU
 
     def validate(self) -> None:
+        check_shared_options(self)
         if self.steps < 1 or self.batch_size < 1:
             raise HDBError(f"steps ({self.steps}) and batch size ({self.batch_size}) must be at least 1.")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -95,16 +95,6 @@ class HypernetSettings:
             raise HDBError(f"alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0.")
         if self.weight_space not in WEIGHT_SPACES:
             raise HDBError(f"weight space must be one of {', '.join(WEIGHT_SPACES)}, not {self.weight_space!r}.")
-        if self.resolution < 64 or self.resolution % 64:
-            raise HDBError(f"resolution {self.resolution} is not a multiple of 64 (at least 64); use 512 for SD1.5.")
-        if self.checkpoint_every < 1:
-            raise HDBError(f"checkpoint interval is {self.checkpoint_every}; use 1 or more steps.")
-        if self.face_check not in data.FACE_CHECKS:
-            raise HDBError(f"face check must be one of {', '.join(data.FACE_CHECKS)}, not {self.face_check!r}.")
-        if self.dtype not in DTYPES:
-            raise HDBError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}.")
-        if self.autocast not in AUTOCAST:
-            raise HDBError(f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}.")
         if not 0 <= self.ema_decay < 1:
             raise HDBError(f"EMA decay is {self.ema_decay}; use a value in [0, 1), such as 0.999 (0: no EMA).")
         if self.val_identities < 0:
