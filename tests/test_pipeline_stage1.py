@@ -110,13 +110,13 @@ def test_delta_weight_term_is_the_dw_distance_and_blind_to_the_factors_gauge():
     b_hat = {n: torch.randn(3, 1, 6, generator=g) for n in names}
     a_t = {n: torch.randn(3, 8, 1, generator=g) for n in names}
     b_t = {n: torch.randn(3, 1, 6, generator=g) for n in names}
-    got = delta_weight_loss(aux, a_hat, b_hat, a_t, b_t, names)
     hat, target = train_factors(aux, a_hat, b_hat), train_factors(aux, a_t, b_t)
+    got = delta_weight_loss(hat, target, names)
     want = sum((hat[n][1] @ hat[n][0] - target[n][1] @ target[n][0]).pow(2).sum((1, 2)) for n in names)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     regauged_a = {n: 3.0 * v for n, v in a_t.items()}
     regauged_b = {n: v / 3.0 for n, v in b_t.items()}
-    torch.testing.assert_close(delta_weight_loss(aux, a_hat, b_hat, regauged_a, regauged_b, names), got,
+    torch.testing.assert_close(delta_weight_loss(hat, train_factors(aux, regauged_a, regauged_b), names), got,
                                rtol=1e-4, atol=1e-5)
     assert not torch.allclose(weight_loss(a_hat, b_hat, regauged_a, regauged_b, names),
                               weight_loss(a_hat, b_hat, a_t, b_t, names))

@@ -265,17 +265,17 @@ def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
     return total
 
 
-def delta_weight_loss(aux, a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
-    """Per-sample sum over layers of ||dW_hat - dW||_F^2 [B]: blind to the factors' gauge.
+def delta_weight_loss(predicted, target, names) -> torch.Tensor:
+    """Per-sample sum over layers of ||dW_hat - dW||_F^2 [B] from {name: (down, up)} factors
+    (`train_factors`): blind to the A/B factors' gauge.
 
     A/B are only defined up to A -> A c, B -> B / c (and rotations for rank > 1); dW is not.
     With U = [up_hat, -up] and D = [down_hat; down], ||U D||^2 = sum((U^T U) * (D D^T)),
     so no [out, in] matrix is ever formed.
     """
-    hat, target = train_factors(aux, a_hat, b_hat), train_factors(aux, a_t, b_t)
     total = 0.0
     for n in names:
-        (d1, u1), (d2, u2) = hat[n], target[n]
+        (d1, u1), (d2, u2) = predicted[n], target[n]
         u, d = torch.cat([u1, -u2], -1), torch.cat([d1, d2], -2)
         total = total + ((u.transpose(-1, -2) @ u) * (d @ d.transpose(-1, -2))).sum((-1, -2))
     return total
@@ -335,12 +335,14 @@ class Objective:
         a_hat, b_hat = net(batch["features"].to(device, non_blocking=True))
         a_t = {n: v.to(device, non_blocking=True) for n, v in batch["a"].items()}
         b_t = {n: v.to(device, non_blocking=True) for n, v in batch["b"].items()}
-        if self.s.weight_space == "delta":
-            w_loss = delta_weight_loss(self.aux, a_hat, b_hat, a_t, b_t, self.names)
+        delta = self.s.weight_space == "delta"
+        predicted = train_factors(self.aux, a_hat, b_hat) if delta or self.s.alpha > 0 else None
+        if delta:
+            w_loss = delta_weight_loss(predicted, train_factors(self.aux, a_t, b_t), self.names)
         else:
             w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
         if self.s.alpha > 0:
-            self.injector.set_factors(train_factors(self.aux, a_hat, b_hat))
+            self.injector.set_factors(predicted)
             context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
             # The factors stay set until the next batch: gradient checkpointing reruns the UNet's
             # forward during the backward pass, which must see the same residuals.
