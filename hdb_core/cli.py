@@ -75,6 +75,9 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-space", choices=("factors", "delta"), default="factors",
                    help="the L2 term on the A/B factors (the paper) or on each layer's weight change dW, which "
                         "ignores how a rank-1 update is split between its factors")
+    p.add_argument("--diffusion-photo", choices=("input", "other"), default="input",
+                   help="the photo the diffusion term reconstructs: the one the network sees (the paper) or "
+                        "another photo of the same person (identities with one photo use their own)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
     p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
@@ -277,7 +280,8 @@ def cmd_train_hypernet(args) -> int:
     settings = HypernetSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
-        weight_space=args.weight_space, grad_clip=args.grad_clip, resolution=args.resolution, width=args.width,
+        weight_space=args.weight_space, diffusion_photo=args.diffusion_photo, grad_clip=args.grad_clip,
+        resolution=args.resolution, width=args.width,
         depth=args.depth, heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
         dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing,

@@ -188,6 +188,38 @@ def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, ti
     assert prepared.skip_counts == {"no face found": 1}
 
 
+def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(base, tiny_model, tmp_path):
+    """diffusion_photo="other": the latents come from another photo than the features, the other draws are
+    unchanged, and an identity with one photo reconstructs its own."""
+    faces = make_faces(str(tmp_path / "faces"), 2, per_folder=3)
+    make_faces(faces, 1, start=2, per_folder=1)
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    prepare(faces, base, encoder, str(tmp_path / "prepared"), PrepareSettings(resolution=64, face_check="none",
+                                                                               min_size=32), progress=False)
+    prepared = PreparedData(str(tmp_path / "prepared"))
+    preoptimize(str(tmp_path / "prepared"), base, str(tmp_path / "lidbs"), PreoptimizeSettings(
+        steps=1, batch_size=3, learning_rate=1e-2), progress=False)
+
+    def photo_of(ident, sample, tensor):
+        found = [k for k in range(prepared.num_photos(ident)) for m in (0, 1)
+                 if torch.equal(sample[tensor], prepared.features(ident, k, bool(m)) if tensor == "features"
+                                else prepared.latents(ident, k)[m])]
+        return found[0]
+
+    runs = {mode: Samples(prepared, prepared.ids, str(tmp_path / "lidbs"), net_settings(diffusion_photo=mode),
+                          1, base.num_timesteps, (4, 8, 8)) for mode in ("input", "other")}
+    for pos in range(12):
+        same, other = runs["input"][pos], runs["other"][pos]
+        ident = runs["input"].identity(pos)
+        for key in ("features", "noise", "timestep"):
+            assert torch.equal(torch.as_tensor(same[key]), torch.as_tensor(other[key]))
+        assert photo_of(ident, same, "latents") == photo_of(ident, same, "features")
+        many = prepared.num_photos(ident) > 1
+        assert (photo_of(ident, other, "latents") != photo_of(ident, other, "features")) == many
+    with pytest.raises(Exception, match="diffusion photo must be one of input, other"):
+        net_settings(diffusion_photo="same").validate()
+
+
 @pytest.fixture(scope="module")
 def hypernet_file(stage0, tiny_model, tmp_path_factory):
     prepared, lidbs, _ = stage0

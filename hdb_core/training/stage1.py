@@ -67,6 +67,8 @@ class HypernetSettings:
     alpha: float = 1.0             # diffusion reconstruction weight (0: weight regression only)
     beta: float = 1.0              # weight term's gradient norm relative to the diffusion term's
     weight_space: str = "factors"  # the weight term on the A/B factors (the paper) or on each layer's dW
+    diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
+                                    # "other": another photo of the same person, so only identity carries over
     grad_clip: float = 1.0
     resolution: int = defaults.RESOLUTION
     width: int = 512
@@ -95,6 +97,9 @@ class HypernetSettings:
             raise HDBError(f"alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0.")
         if self.weight_space not in WEIGHT_SPACES:
             raise HDBError(f"weight space must be one of {', '.join(WEIGHT_SPACES)}, not {self.weight_space!r}.")
+        if self.diffusion_photo not in DIFFUSION_PHOTOS:
+            raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
+                           f"not {self.diffusion_photo!r}.")
         if not 0 <= self.ema_decay < 1:
             raise HDBError(f"EMA decay is {self.ema_decay}; use a value in [0, 1), such as 0.999 (0: no EMA).")
         if self.val_identities < 0:
@@ -207,10 +212,14 @@ class Samples(torch.utils.data.Dataset):
         return self.sample(self.identity(pos), generator(self.s.seed, "stage1", pos // self.global_batch, pos))
 
     def sample(self, ident: str, gen: torch.Generator) -> dict:
-        d = draw(gen, self.prepared.num_photos(ident), self.s.flip, self.num_timesteps, self.latent_shape)
+        photos = self.prepared.num_photos(ident)
+        d = draw(gen, photos, self.s.flip, self.num_timesteps, self.latent_shape)
+        target = d.photo
+        if self.s.diffusion_photo == "other" and photos > 1:    # drawn last: the other draws stay as they were
+            target = (d.photo + 1 + int(torch.randint(photos - 1, (1,), generator=gen))) % photos
         lidb = load_lidb(lidb_path(self.lidb_dir, ident))
         return {"features": self.prepared.features(ident, d.photo, d.mirrored),
-                "latents": self.prepared.latents(ident, d.photo)[int(d.mirrored)],
+                "latents": self.prepared.latents(ident, target)[int(d.mirrored)],
                 "noise": d.noise, "timestep": d.timestep,
                 "a": {n: v.float() for n, v in lidb.a_train.items()},
                 "b": {n: v.float() for n, v in lidb.b_train.items()}}
@@ -255,6 +264,7 @@ def lr_factor(step: int, settings: HypernetSettings) -> float:
 
 
 WEIGHT_SPACES = ("factors", "delta")
+DIFFUSION_PHOTOS = ("input", "other")
 
 
 def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
@@ -464,8 +474,10 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     found = load_checkpoint(ckpt_path)
     if found is not None:
         tensors, st = found
-        if st["settings"] != settings.resume_key():
-            changed = sorted(k for k in st["settings"] if st["settings"][k] != settings.resume_key().get(k))
+        # a checkpoint from before a setting existed was written with that setting's default
+        saved = {**HypernetSettings().resume_key(), **st["settings"]}
+        if saved != settings.resume_key():
+            changed = sorted(k for k in saved if saved[k] != settings.resume_key().get(k))
             raise HDBError(f"The checkpoint in '{state}' was written with other settings ({', '.join(changed)}); "
                            f"use the same settings to resume, or delete that folder to start again.")
         net.load_state_dict(prefixed(tensors, "net"))
