@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_evidence.py            # full run
     .venv/bin/python bench/bench_evidence.py --quick    # the CI variant
+    .venv/bin/python bench/bench_evidence.py --scaled   # 1,000 training identities, 2,000 stage-1 steps
 
 Builds a world with known identities, fits an identity recognizer on its
 training identities, checks the gate (teacher beats base on identity; exit 2 if
@@ -28,19 +29,24 @@ def main(argv=None) -> int:
     import torch
 
     from bench.evidence import report
-    from bench.evidence.run import Settings, quick, run
+    from bench.evidence.run import Settings, quick, run, scaled
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small world and short training (CI)")
-    p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick])")
+    p.add_argument("--scaled", action="store_true",
+                   help="820 more training identities (photos only) and 2,000 stage-1 steps (about an hour)")
+    p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("hdb").setLevel(logging.ERROR)
-    settings = quick() if args.quick else Settings()
-    out = args.out or os.path.join(REPO, "bench", "out", "evidence-quick" if args.quick else "evidence")
+    if args.quick and args.scaled:
+        p.error("--quick and --scaled are two different sizes; choose one.")
+    settings = quick() if args.quick else scaled() if args.scaled else Settings()
+    out = args.out or os.path.join(REPO, "bench", "out",
+                                   "evidence-quick" if args.quick else "evidence-scaled" if args.scaled else "evidence")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     result = run(out, settings, log=lambda m: print(m, flush=True))

@@ -70,10 +70,14 @@ class WorldSpec:
     gallery: int = 16            # teacher samples per identity for the recognizer
     style_norm: float = 6.0      # length of the style direction " in red" adds (two identities: ~10 apart)
     seed: int = 0
+    extra_train: int = 0         # more training identities: photos for stage 0 and 1 only, no gallery
 
     def ids(self) -> tuple[list[str], list[str]]:
         names = [f"id{i:04d}" for i in range(self.identities)]
         return names[: self.identities - self.held_out], names[self.identities - self.held_out:]
+
+    def extra_ids(self) -> list[str]:
+        return [f"id{i:04d}" for i in range(self.identities, self.identities + self.extra_train)]
 
 
 FAMILY_BASIS = 6
@@ -322,8 +326,11 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
-        if manifest["spec"] == asdict(spec):
+        saved = {**asdict(WorldSpec()), **manifest["spec"]}     # worlds from before a field existed: its default
+        if saved == asdict(spec):
             return manifest
+        if {**saved, "extra_train": spec.extra_train} == asdict(spec) and saved["extra_train"] < spec.extra_train:
+            return _add_extra_identities(manifest, spec, manifest_path)
         raise SystemExit(f"{root} holds a world built with other settings; use a new --out folder.")
     os.makedirs(root, exist_ok=True)
     base_dir, enc_dir = os.path.join(root, "base"), os.path.join(root, "image_encoder")
@@ -385,6 +392,31 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
                 "train": train_ids, "held_out": held_ids, "vae_error": err,
                 "base": base_dir, "image_encoder": enc_dir, "photos": photos_dir, "held_out_photos": held_dir,
                 "teachers": teach_dir}
+    manifest["extra_train"] = []
     with open(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1)
+    return _add_extra_identities(manifest, spec, manifest_path) if spec.extra_train else manifest
+
+
+def _add_extra_identities(manifest: dict, spec: WorldSpec, manifest_path: str) -> dict:
+    """Photos of the training-only identities `spec.extra_ids()` not yet in the world (same teacher family,
+    base model and VAE; the VAE and the world's statistics stay those of the first `spec.identities`)."""
+    base = load_base_model(manifest["base"])
+    layers = base.layers(True)
+    injector = base.injector(layers)
+    names = [n for n in spec.extra_ids() if n not in manifest.get("extra_train", [])]
+    teach = teachers(layers, LiDBConfig(), spec, names)
+    jobs = [(t, name, k) for t, name in zip(teach, names) for k in range(spec.photos)]
+    with injector, torch.no_grad():
+        for j in range(0, len(jobs), 64):
+            chunk = jobs[j:j + 64]
+            images = base.vae.decode(sample(base, injector, [c[0] for c in chunk],
+                                            [f"{c[1]}/photo{c[2]}" for c in chunk], spec)).sample
+            for (_, name, k), image in zip(chunk, images):
+                os.makedirs(os.path.join(manifest["photos"], name), exist_ok=True)
+                _write_png(os.path.join(manifest["photos"], name, f"{k}.png"), image)
+    manifest = {**manifest, "spec": asdict(spec), "extra_train": spec.extra_ids()}
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
     return manifest
