@@ -10,6 +10,9 @@ Run after `bench/bench_evidence.py` has built its world (default: the full run's
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors   # its predictions: training vs held-out
     $P predictability --stage0 /tmp/s0all                  # how much of the targets a photo can predict
 
+With `--world bench/out/evidence-scaled` (after `bench_evidence.py --scaled`) the same on 1,000
+training identities; `--extra-train N` first adds training-only identities to a world.
+
 Identity is the bench's recognizer (PCA + LDA fit on the training identities' gallery):
 rank-1 identification among all identities and cosine to the identity's class mean, from 8
 samples per LiDB. One torch thread.
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--world", default=os.path.join(REPO, "bench", "out", "evidence"),
                    help="a bench_evidence.py output folder (its world/ is used)")
     p.add_argument("--train-ids", type=int, default=20, help="training identities stage0/score look at")
+    p.add_argument("--extra-train", type=int, default=None,
+                   help="first add training-only identities to the world until it has this many (photos only)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s0 = sub.add_parser("stage0")
     s0.add_argument("--steps", type=int, default=200)
@@ -187,6 +192,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    if args.extra_train is not None:
+        from dataclasses import replace
+
+        from bench.evidence import world as W
+
+        with open(os.path.join(args.world, "world", "world.json")) as f:
+            saved = W.WorldSpec(**json.load(f)["spec"])
+        W.build_world(os.path.join(args.world, "world"), replace(saved, extra_train=args.extra_train))
     manifest, spec, rec = load_world(args.world)
     if args.cmd == "stage0":
         cmd_stage0(args, manifest, spec)
