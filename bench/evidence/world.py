@@ -386,7 +386,8 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         f"two teacher samples of one identity {w_raw:.2f}, of two identities {b_raw:.2f} "
         f"(distance ratio {r_raw:.3f}); encoded photos {w_enc:.2f} vs {b_enc:.2f} (ratio {r_enc:.3f}); "
         f"two base-model samples {base_spread:.2f}")
-    manifest = {"spec": asdict(spec), "latent_scale": scale, "photo_distance_within": w_raw,
+    # extra identities are added afterwards, and recorded only once their photos are written
+    manifest = {"spec": {**asdict(spec), "extra_train": 0}, "latent_scale": scale, "photo_distance_within": w_raw,
                 "identity_distance_between": b_raw, "distance_ratio": r_raw, "encoded_distance_within": w_enc,
                 "encoded_distance_between": b_enc, "encoded_distance_ratio": r_enc, "base_spread": base_spread,
                 "train": train_ids, "held_out": held_ids, "vae_error": err,
