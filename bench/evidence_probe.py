@@ -79,7 +79,8 @@ def cmd_stage1(args, manifest, spec) -> None:
         values[key] = (value if kind is str else value.lower() in ("1", "true") if kind is bool
                        else int(float(value)) if kind is int else kind(value))
     values.setdefault("warmup_steps", values["steps"] // 10)
-    train_hypernet(manifest["photos"], args.stage0, manifest["base"], manifest["image_encoder"], args.out,
+    train_hypernet(manifest["photos"], args.stage0, manifest["base"], args.encoder or manifest["image_encoder"],
+                   args.out,
                    HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
                                     flip=False, seed=0, val_identities=0, ema_decay=0, **values))
 
@@ -114,7 +115,7 @@ def cmd_score(args, manifest, spec, rec) -> None:
          [score(load_lidb(os.path.join(args.stage0, f"{i}.safetensors")), i) for i in train])
     if args.hypernet:
         net = load_hypernet(args.hypernet)
-        encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+        encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
 
         def predicted(folder, ident):
             photo = data.prepare_image(os.path.join(folder, ident, "0.png"), W.IMAGE_SIZE, "none")[None]
@@ -183,9 +184,14 @@ def main(argv=None) -> int:
     s1.add_argument("--stage0", required=True)
     s1.add_argument("--out", required=True)
     s1.add_argument("--set", action="append", default=[], help="a HypernetSettings field, e.g. beta=0.1")
+    s1.add_argument("--encoder", help="another CLIP vision folder (see make-encoder)")
+    me = sub.add_parser("make-encoder", help="a random CLIP vision folder like the world's, other patch size")
+    me.add_argument("--patch-size", type=int, default=8)
+    me.add_argument("--out", required=True)
     sc = sub.add_parser("score")
     sc.add_argument("--stage0", required=True)
     sc.add_argument("--hypernet")
+    sc.add_argument("--encoder", help="the CLIP vision folder the hypernetwork was trained with")
     pr = sub.add_parser("predictability")
     pr.add_argument("--stage0", required=True)
     pr.add_argument("--encoder", help="another CLIP vision folder to compare")
@@ -205,6 +211,10 @@ def main(argv=None) -> int:
         cmd_stage0(args, manifest, spec)
     elif args.cmd == "stage1":
         cmd_stage1(args, manifest, spec)
+    elif args.cmd == "make-encoder":
+        from bench.evidence import world as W
+
+        W.save_image_encoder(args.out, spec.seed, args.patch_size)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
     else:

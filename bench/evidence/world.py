@@ -180,12 +180,13 @@ def _save_base(folder: str, spec: WorldSpec, log=print) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def _save_image_encoder(folder: str, seed: int) -> None:
+def save_image_encoder(folder: str, seed: int, patch_size: int = 16) -> None:
+    """The world's frozen random CLIP vision encoder (`patch_size` 16: 4 x 4 patch tokens of a photo)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed + 7)
     cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
-                           projection_dim=32, image_size=IMAGE_SIZE, patch_size=16)
+                           projection_dim=32, image_size=IMAGE_SIZE, patch_size=patch_size)
     CLIPVisionModelWithProjection(cfg).eval().save_pretrained(folder, safe_serialization=True)
 
 
@@ -335,7 +336,7 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     os.makedirs(root, exist_ok=True)
     base_dir, enc_dir = os.path.join(root, "base"), os.path.join(root, "image_encoder")
     _save_base(base_dir, spec, log)
-    _save_image_encoder(enc_dir, spec.seed)
+    save_image_encoder(enc_dir, spec.seed)
     base = load_base_model(base_dir)
     layers = base.layers(True)
     config = LiDBConfig()
