@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     s1.add_argument("--encoder", help="another CLIP vision folder (see make-encoder)")
     me = sub.add_parser("make-encoder", help="a random CLIP vision folder like the world's, other patch size")
     me.add_argument("--patch-size", type=int, default=8)
+    me.add_argument("--width", type=int, default=64)
+    me.add_argument("--layers", type=int, default=2)
     me.add_argument("--out", required=True)
     sc = sub.add_parser("score")
     sc.add_argument("--stage0", required=True)
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     elif args.cmd == "make-encoder":
         from bench.evidence import world as W
 
-        W.save_image_encoder(args.out, spec.seed, args.patch_size)
+        W.save_image_encoder(args.out, spec.seed, args.patch_size, args.width, args.layers)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
     else:

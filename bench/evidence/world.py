@@ -180,13 +180,13 @@ def _save_base(folder: str, spec: WorldSpec, log=print) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def save_image_encoder(folder: str, seed: int, patch_size: int = 16) -> None:
+def save_image_encoder(folder: str, seed: int, patch_size: int = 16, width: int = 64, layers: int = 2) -> None:
     """The world's frozen random CLIP vision encoder (`patch_size` 16: 4 x 4 patch tokens of a photo)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed + 7)
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
-                           projection_dim=32, image_size=IMAGE_SIZE, patch_size=patch_size)
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_attention_heads=2,
+                           num_hidden_layers=layers, projection_dim=32, image_size=IMAGE_SIZE, patch_size=patch_size)
     CLIPVisionModelWithProjection(cfg).eval().save_pretrained(folder, safe_serialization=True)
 
 
