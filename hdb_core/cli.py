@@ -90,8 +90,11 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=-1, help="data-loader processes (-1: 4 on CUDA, 0 on CPU)")
 
 
-STAGE1_FORWARDED = ("warmup_steps", "alpha", "beta", "grad_clip", "width", "depth", "heads", "iterations",
-                    "ema_decay", "val_identities", "workers")
+def _stage1_option_names() -> tuple[str, ...]:
+    """Every option `_stage1_args` defines: `hdb pipeline` hands all of them on to train-hypernet."""
+    p = argparse.ArgumentParser(add_help=False)
+    _stage1_args(p)
+    return tuple(action.dest for action in p._actions)
 
 
 def _trigger_args(p: argparse.ArgumentParser) -> None:
@@ -328,7 +331,7 @@ def cmd_pipeline(args) -> int:
          "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size)],
         ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
          "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
-         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, STAGE1_FORWARDED)],
+         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _stage1_option_names())],
     ]
     process = _process(args.cpu)
     started = time.time()

@@ -326,3 +326,20 @@ def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_pat
 
     with pytest.raises(HDBError, match=r"other settings \(learning_rate\)"):
         train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, learning_rate=1e-2), progress=False)
+
+
+def test_the_pipeline_hands_every_stage1_option_to_train_hypernet(monkeypatch, tmp_path):
+    """`hdb pipeline --weight-space delta --diffusion-photo other ...` reaches stage 1 unchanged."""
+    seen = {}
+    for name in ("prepare", "preoptimize", "train-hypernet"):
+        monkeypatch.setitem(cli.COMMANDS, name, lambda args, name=name: seen.setdefault(name, args) and 0)
+    options = ["--weight-space", "delta", "--diffusion-photo", "other", "--beta", "0.5", "--width", "64",
+               "--heads", "2", "--ema-decay", "0", "--val-identities", "3", "--warmup-steps", "7"]
+    assert cli.main(["pipeline", "--data", str(tmp_path), "--base-model", str(tmp_path), "--image-encoder",
+                     str(tmp_path), "--output", str(tmp_path / "run"), "--cpu", *options]) == 0
+    stage1 = seen["train-hypernet"]
+    expected = cli.build_parser().parse_args(["train-hypernet", "--data", "d", "--lidbs", "l", "--base-model", "b",
+                                              "--output", "o", *options])
+    for name in cli._stage1_option_names():
+        assert getattr(stage1, name) == getattr(expected, name), name
+    assert (stage1.weight_space, stage1.diffusion_photo) == ("delta", "other")
