@@ -327,6 +327,18 @@ def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_pat
     with pytest.raises(HDBError, match=r"other settings \(learning_rate\)"):
         train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, learning_rate=1e-2), progress=False)
 
+    # a checkpoint written before `diffusion_photo` existed resumes with its default, and only with that
+    from hdb_core.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = str(tmp_path / "hn.state" / "checkpoint.safetensors")
+    tensors, state = load_checkpoint(ckpt)
+    del state["settings"]["diffusion_photo"]
+    save_checkpoint(ckpt, tensors, state)
+    with pytest.raises(HDBError, match=r"other settings \(diffusion_photo\)"):
+        train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, diffusion_photo="other"),
+                       progress=False)
+    assert train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4), progress=False)
+
 
 def test_the_pipeline_hands_every_stage1_option_to_train_hypernet(monkeypatch, tmp_path):
     """`hdb pipeline --weight-space delta --diffusion-photo other ...` reaches stage 1 unchanged."""
