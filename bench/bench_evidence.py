@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small world and short training (CI)")
     p.add_argument("--scaled", action="store_true",
-                   help="820 more training identities (photos only) and 2,000 stage-1 steps (about an hour)")
+                   help="820 more training identities (photos only) and 2,000 stage-1 steps (about 45 min)")
     p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")
