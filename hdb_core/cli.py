@@ -90,10 +90,11 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=-1, help="data-loader processes (-1: 4 on CUDA, 0 on CPU)")
 
 
-def _stage1_option_names() -> tuple[str, ...]:
-    """Every option `_stage1_args` defines: `hdb pipeline` hands all of them on to train-hypernet."""
+def _option_names(*groups) -> tuple[str, ...]:
+    """Every option these argument groups define: what `hdb pipeline` hands on to its steps."""
     p = argparse.ArgumentParser(add_help=False)
-    _stage1_args(p)
+    for add in groups:
+        add(p)
     return tuple(action.dest for action in p._actions)
 
 
@@ -323,15 +324,15 @@ def cmd_pipeline(args) -> int:
     hypernet = os.path.join(run, "hypernet.safetensors")
     common = ["--base-model", args.base_model, *_forward(args, ("base_config", "cpu", "no_progress"))]
     data = ["--resolution", str(args.resolution), "--face-check", args.face_check, "--min-size", str(args.min_size)]
-    run_args = _forward(args, ("trigger", "prompt", "seed", "dtype", "no_flip", "autocast", "gradient_checkpointing"))
+    run_args = _forward(args, [n for n in _option_names(_run_args, _gpu_args) if n not in ("cpu", "no_progress")])
     steps = [
         ["prepare", "--data", args.data, "--output", prepared, "--image-encoder", _encoder_path(args), *common, *data,
-         *_forward(args, ("shard_size", "encode_batch")), "--dtype", args.dtype],
+         *_forward(args, _option_names(_prepare_args)), "--dtype", args.dtype],
         ["preoptimize", "--data", prepared, "--output", lidbs, *common, *data, *run_args,
          "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size)],
         ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
          "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
-         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _stage1_option_names())],
+         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _option_names(_stage1_args))],
     ]
     process = _process(args.cpu)
     started = time.time()

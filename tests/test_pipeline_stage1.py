@@ -340,18 +340,31 @@ def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_pat
     assert train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4), progress=False)
 
 
-def test_the_pipeline_hands_every_stage1_option_to_train_hypernet(monkeypatch, tmp_path):
-    """`hdb pipeline --weight-space delta --diffusion-photo other ...` reaches stage 1 unchanged."""
+def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
+    """`hdb pipeline --weight-space delta --autocast off --shard-size 3 ...` reaches each step unchanged."""
     seen = {}
     for name in ("prepare", "preoptimize", "train-hypernet"):
         monkeypatch.setitem(cli.COMMANDS, name, lambda args, name=name: seen.setdefault(name, args) and 0)
-    options = ["--weight-space", "delta", "--diffusion-photo", "other", "--beta", "0.5", "--width", "64",
-               "--heads", "2", "--ema-decay", "0", "--val-identities", "3", "--warmup-steps", "7"]
+    stage1 = ["--weight-space", "delta", "--diffusion-photo", "other", "--beta", "0.5", "--width", "64",
+              "--heads", "2", "--ema-decay", "0", "--val-identities", "3", "--warmup-steps", "7"]
+    run = ["--trigger", "zwx", "--seed", "3", "--dtype", "fp32", "--no-flip", "--autocast", "off",
+           "--gradient-checkpointing"]
     assert cli.main(["pipeline", "--data", str(tmp_path), "--base-model", str(tmp_path), "--image-encoder",
-                     str(tmp_path), "--output", str(tmp_path / "run"), "--cpu", *options]) == 0
-    stage1 = seen["train-hypernet"]
-    expected = cli.build_parser().parse_args(["train-hypernet", "--data", "d", "--lidbs", "l", "--base-model", "b",
-                                              "--output", "o", *options])
-    for name in cli._stage1_option_names():
-        assert getattr(stage1, name) == getattr(expected, name), name
-    assert (stage1.weight_space, stage1.diffusion_photo) == ("delta", "other")
+                     str(tmp_path), "--output", str(tmp_path / "run"), "--cpu", "--shard-size", "3",
+                     "--encode-batch", "5", *stage1, *run]) == 0
+    parse = cli.build_parser().parse_args
+    expected = {
+        "prepare": (parse(["prepare", "--data", "d", "--output", "o", "--base-model", "b", "--shard-size", "3",
+                           "--encode-batch", "5"]), cli._option_names(cli._prepare_args)),
+        "preoptimize": (parse(["preoptimize", "--data", "d", "--output", "o", "--base-model", "b", *run]),
+                        cli._option_names(cli._run_args, cli._gpu_args)),
+        "train-hypernet": (parse(["train-hypernet", "--data", "d", "--lidbs", "l", "--base-model", "b",
+                                  "--output", "o", *stage1, *run]),
+                           cli._option_names(cli._stage1_args, cli._run_args, cli._gpu_args)),
+    }
+    for step, (want, names) in expected.items():
+        for name in names:
+            if name not in ("cpu", "no_progress"):
+                assert getattr(seen[step], name) == getattr(want, name), (step, name)
+    assert (seen["train-hypernet"].weight_space, seen["train-hypernet"].diffusion_photo) == ("delta", "other")
+    assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu
