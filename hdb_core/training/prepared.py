@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -249,6 +249,11 @@ class PreparedData:
     @property
     def resolution(self) -> int:
         return int(self.settings["resolution"])
+
+    def applied_to(self, settings):
+        """`settings` with the resolution, face check and minimum size this data was prepared with (they win)."""
+        return replace(settings, resolution=self.resolution, face_check=self.settings["face_check"],
+                       min_size=int(self.settings["min_size"]))
 
     @property
     def encoder(self) -> EncoderSpec:

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -154,8 +154,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     skips = data.Skips()
     prepared = PreparedData(data_dir) if is_prepared(data_dir) else None
     if prepared is not None:
-        settings = replace(settings, resolution=prepared.resolution, face_check=prepared.settings["face_check"],
-                           min_size=int(prepared.settings["min_size"]))
+        settings = prepared.applied_to(settings)
         identities = [data.Identity(i, ()) for i in prepared.ids]
     else:
         identities = data.scan(data_dir, settings.min_size, skips)       # fails fast: empty / all tiny

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -451,8 +451,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     elif image_encoder is not None:
         _check_encoder(image_encoder, PreparedData(data_dir).encoder, data_dir)
     prepared = PreparedData(data_dir)
-    settings = replace(settings, resolution=prepared.resolution, face_check=prepared.settings["face_check"],
-                       min_size=int(prepared.settings["min_size"]))
+    settings = prepared.applied_to(settings)
     with_lidb = [i for i in prepared.ids if os.path.exists(lidb_path(lidb_dir, i))]
     if not with_lidb:
         raise HDBError(f"None of the {len(prepared.ids)} identities has a stage-0 LiDB in '{lidb_dir}' (expected "
