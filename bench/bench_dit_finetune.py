@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -38,16 +37,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.worker_runs import print_rows, run_train_lora_node, run_worker, summarise  # noqa: E402
+from bench.worker_runs import (bare_steps, photo_and_prompt, print_rows, rss_mb, run_train_lora_node,  # noqa: E402
+                               run_worker, summarise)
 
 METHODS = ("bare", "hdb_dit", "hdb_te", "hdb_ckpt", "trainlora")
 LABELS = {"bare": "bare DiT fwd+bwd", "hdb_dit": "HDB_FastFinetune (DiT)",
           "hdb_te": "HDB_FastFinetune (DiT+CLIP-L)", "hdb_ckpt": "HDB_FastFinetune (DiT, ckpt)",
           "trainlora": "TrainLoraNode rank 1 (ckpt)"}
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -> dict:
@@ -57,7 +53,6 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     from devtools import comfy_runtime, tiny_dits
 
     rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_bench_"))
-    import comfy.model_management as mm
     import comfy.utils
 
     nodes_pkg = rt["pack"].__name__ + ".nodes."
@@ -68,28 +63,15 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     with torch.inference_mode(method != "trainlora"):
         model, clip, vae = tiny_dits.comfy_dit_checkpoint("flux1", scale, seed=0)
         g = torch.Generator().manual_seed(0)
-        image = torch.rand(1, resolution, resolution, 3, generator=g)
-        latent = objective.encode_photo_latents(vae, model.model, photo_input.prepare_pixels(image, resolution),
-                                                mirror=False)[:, 0]
-        cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+        image, latent, cond, pooled = photo_and_prompt(objective, photo_input, model, clip, vae, resolution, g)
     loaded = rss_mb()
     stamps: list[float] = []
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: stamps.append(time.perf_counter()))
 
     def bare(n: int) -> None:
-        with torch.inference_mode(False):
-            lat, c, p = latent.clone(), cond.clone(), pooled.clone()
-            mm.load_models_gpu([model], force_full_load=True)
-            ms = model.model.model_sampling
-            kwargs = objective.conditioning(model.model, c, p, lat, resolution, lat.device)
-            with autograd.trainable_through(model.model), autograd.layer_norm_inputs_copied(model.model):
-                for _ in range(n):
-                    noise = torch.randn(lat.shape, generator=g)
-                    sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])
-                    xt = ms.noise_scaling(sigma, noise, lat).requires_grad_(True)
-                    out = model.model.apply_model(xt, sigma, **kwargs)
-                    ((out - lat) ** 2).mean().backward()
-                    stamps.append(time.perf_counter())
+        bare_steps(autograd, model, latent, lambda lat: objective.conditioning(
+            model.model, cond.clone(), pooled.clone(), lat, resolution, lat.device), n, g, stamps,
+            copy_norm_inputs=True)
 
     def hdb(n: int, te: bool = False, ckpt: bool = False) -> None:
         node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -30,15 +29,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.worker_runs import print_rows, run_train_lora_node, run_worker, summarise  # noqa: E402
+from bench.worker_runs import (bare_steps, photo_and_prompt, print_rows, rss_mb, run_train_lora_node,  # noqa: E402
+                               run_worker, summarise)
 
 METHODS = ("bare", "hdb_unet", "hdb_te", "trainlora")
 LABELS = {"bare": "bare UNet fwd+bwd", "hdb_unet": "HDB_FastFinetune (UNet)",
           "hdb_te": "HDB_FastFinetune (UNet+TE)", "trainlora": "TrainLoraNode rank 1"}
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -> dict:
@@ -49,37 +45,22 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     from devtools import comfy_runtime, tiny_models
 
     rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_bench_"))
-    import comfy.model_management as mm
     import comfy.utils
 
-    pack = rt["pack"]
-    nodes_pkg = pack.__name__ + ".nodes."
+    nodes_pkg = rt["pack"].__name__ + ".nodes."
     autograd, objective = sys.modules[nodes_pkg + "comfy_autograd"], sys.modules[nodes_pkg + "comfy_objective"]
     photo_input = sys.modules[nodes_pkg + "photo_input"]
     with torch.inference_mode():   # loaded as the executor loads checkpoints
         model, clip, vae = tiny_models.comfy_checkpoint(scale, seed=0)
         g = torch.Generator().manual_seed(0)
-        image = torch.rand(1, resolution, resolution, 3, generator=g)
-        latent = objective.encode_photo_latents(vae, model.model, photo_input.prepare_pixels(image, resolution),
-                                                mirror=False)[:, 0]
-        cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+        image, latent, cond, pooled = photo_and_prompt(objective, photo_input, model, clip, vae, resolution, g)
     loaded = rss_mb()
     stamps: list[float] = []
     comfy.utils.set_progress_bar_global_hook(lambda *a, **k: stamps.append(time.perf_counter()))
 
     if method == "bare":
-        with torch.inference_mode(False):
-            lat, c = latent.clone(), cond.clone()
-            mm.load_models_gpu([model], force_full_load=True)
-            ms = model.model.model_sampling
-            with autograd.trainable_through(model.model):
-                for _ in range(steps):
-                    noise = torch.randn(lat.shape, generator=g)
-                    sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])
-                    xt = ms.noise_scaling(sigma, noise, lat).requires_grad_(True)
-                    out = model.model.apply_model(xt, sigma, c_crossattn=c)
-                    ((out - lat) ** 2).mean().backward()
-                    stamps.append(time.perf_counter())
+        bare_steps(autograd, model, latent, lambda lat: {"c_crossattn": cond.clone()}, steps, g, stamps,
+                   copy_norm_inputs=False)
     elif method in ("hdb_unet", "hdb_te"):
         node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]
         comfy_runtime.call_node(node, model=model, clip=clip, vae=vae, image=image, steps=steps,

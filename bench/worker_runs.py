@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,46 @@ def run_train_lora_node(nodes, model, latent, cond, pooled, steps: int, checkpoi
         batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4], rank=[1],
         optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
         algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
+
+
+def rss_mb() -> float:
+    """This process's peak resident memory in MB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def photo_and_prompt(objective, photo_input, model, clip, vae, resolution: int, g):
+    """(image, its latent, cond, pooled): a random photo encoded as the finetune node encodes it, and the
+    trigger prompt. `objective`, `photo_input`: the pack's modules of those names."""
+    import torch
+
+    image = torch.rand(1, resolution, resolution, 3, generator=g)
+    latent = objective.encode_photo_latents(vae, model.model, photo_input.prepare_pixels(image, resolution),
+                                            mirror=False)[:, 0]
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
+    return image, latent, cond, pooled
+
+
+def bare_steps(autograd, model, latent, model_kwargs, steps: int, g, stamps: list, copy_norm_inputs: bool) -> None:
+    """`steps` plain fwd+bwd passes of the model on one noised latent, a timestamp after each: the baseline row.
+
+    `model_kwargs(latent)`: the conditioning; `copy_norm_inputs`: what DiTs need for autograd (as the node does).
+    """
+    import torch
+    import comfy.model_management as mm
+
+    with torch.inference_mode(False):
+        lat = latent.clone()
+        mm.load_models_gpu([model], force_full_load=True)
+        ms = model.model.model_sampling
+        kwargs = model_kwargs(lat)
+        norms = autograd.layer_norm_inputs_copied(model.model if copy_norm_inputs else None)
+        with autograd.trainable_through(model.model), norms:
+            for _ in range(steps):
+                noise = torch.randn(lat.shape, generator=g)
+                sigma = torch.tensor([ms.percent_to_sigma(torch.rand((), generator=g).item() * 0.99 + 0.005)])
+                xt = ms.noise_scaling(sigma, noise, lat).requires_grad_(True)
+                out = model.model.apply_model(xt, sigma, **kwargs)
+                ((out - lat) ** 2).mean().backward()
+                stamps.append(time.perf_counter())
