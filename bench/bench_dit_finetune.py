@@ -27,7 +27,6 @@ this ratio is the steadier one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,8 +36,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.worker_runs import (bare_steps, photo_and_prompt, print_rows, rss_mb, run_train_lora_node,  # noqa: E402
-                               run_worker, summarise)
+from bench.worker_runs import (add_worker_option, bare_steps, photo_and_prompt, print_rows, rss_mb,  # noqa: E402
+                               run_train_lora_node, run_worker, serve_worker, summarise)
 
 METHODS = ("bare", "hdb_dit", "hdb_te", "hdb_ckpt", "trainlora")
 LABELS = {"bare": "bare DiT fwd+bwd", "hdb_dit": "HDB_FastFinetune (DiT)",
@@ -110,11 +109,9 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--paired", type=int, default=4,
                    help="rounds of bare and HDB steps taking turns in one process (0: skip); the steadier ratio")
-    p.add_argument("--worker", nargs=5, metavar=("METHOD", "SCALE", "RES", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    add_worker_option(p)
     args = p.parse_args()
-    if args.worker:
-        m, s, r, n, t = args.worker
-        print("RESULT " + json.dumps(worker(m, s, int(r), int(n), int(t))))
+    if serve_worker(args, worker):
         return
 
     methods = args.methods.split(",")

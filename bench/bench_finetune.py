@@ -20,7 +20,6 @@ median over all rounds of the steps after each run's first; ratios come from thi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,8 +28,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.worker_runs import (bare_steps, photo_and_prompt, print_rows, rss_mb, run_train_lora_node,  # noqa: E402
-                               run_worker, summarise)
+from bench.worker_runs import (add_worker_option, bare_steps, photo_and_prompt, print_rows, rss_mb,  # noqa: E402
+                               run_train_lora_node, run_worker, serve_worker, summarise)
 
 METHODS = ("bare", "hdb_unet", "hdb_te", "trainlora")
 LABELS = {"bare": "bare UNet fwd+bwd", "hdb_unet": "HDB_FastFinetune (UNet)",
@@ -85,11 +84,9 @@ def main() -> None:
                    help="torch threads per process; 1 by default: with 2 on a shared 2-core machine, OpenMP "
                         "barriers made steps up to 200x slower")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--worker", nargs=5, metavar=("METHOD", "SCALE", "RES", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    add_worker_option(p)
     args = p.parse_args()
-    if args.worker:
-        m, s, r, n, t = args.worker
-        print("RESULT " + json.dumps(worker(m, s, int(r), int(n), int(t))))
+    if serve_worker(args, worker):
         return
 
     print(f"CPU, fp32, {args.threads} threads, batch 1, {args.rounds} rounds; median s/step over the steps after "

@@ -99,3 +99,19 @@ def bare_steps(autograd, model, latent, model_kwargs, steps: int, g, stamps: lis
                 out = model.model.apply_model(xt, sigma, **kwargs)
                 ((out - lat) ** 2).mean().backward()
                 stamps.append(time.perf_counter())
+
+
+def add_worker_option(p) -> None:
+    """The hidden `--worker METHOD SCALE RES STEPS THREADS` of a bench script (what `run_worker` passes)."""
+    import argparse
+
+    p.add_argument("--worker", nargs=5, metavar=("METHOD", "SCALE", "RES", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+
+
+def serve_worker(args, worker) -> bool:
+    """In a worker process (`--worker` given): run `worker`, print its RESULT line and return True."""
+    if not args.worker:
+        return False
+    m, s, r, n, t = args.worker
+    print("RESULT " + json.dumps(worker(m, s, int(r), int(n), int(t))))
+    return True
