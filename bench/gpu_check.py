@@ -116,18 +116,17 @@ def run_bare(ckpt, resolution, steps, autocast, device) -> tuple[float, str]:
         times = []
         # DiT blocks add residuals in place after a LayerNorm: backward to the input needs its input copied
         autograd = sys.modules[_pack_nodes() + ".comfy_autograd"]
-        stack = contextlib.ExitStack()
-        stack.enter_context(autograd.layer_norm_inputs_copied(None if _is_unet(model) else base.diffusion_model))
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            x = latent.clone().requires_grad_(True)
-            with ctx:
-                out = base.apply_model(x, torch.tensor([5.0], device=device), **kwargs)
-            out.float().pow(2).mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        stack.close()
+        norms = autograd.layer_norm_inputs_copied(None if _is_unet(model) else base.diffusion_model)
+        with norms:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                x = latent.clone().requires_grad_(True)
+                with ctx:
+                    out = base.apply_model(x, torch.tensor([5.0], device=device), **kwargs)
+                out.float().pow(2).mean().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
     return statistics.median(times[1:] or times), _peak_gib(device)
 
 
@@ -246,13 +245,13 @@ def main(argv=None) -> int:
             autocast = None if device.type == "cpu" else dtype
             try:
                 per_step, peak = run_bare(ckpt, resolution, max(3, min(steps, 10)), autocast, device)
-                what = "bare UNet fwd+bwd" if arch in ("sd15", "sdxl") else "bare DiT fwd+bwd"
+                what = "bare DiT fwd+bwd" if arch in tiny_dits.FAMILIES else "bare UNet fwd+bwd"
                 rows.append(f"| {arch} | {dname} | off | {what} | | {per_step:.3f} | {peak} |")
             except Exception as e:
                 rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | failed: {type(e).__name__} | | |")
             try:
                 per_step, peak = run_trainlora(nodes, ckpt, resolution, max(3, min(steps, 10)), dname, device)
-                ckpt_on = "off" if arch not in tiny_dits.FAMILIES else "on"
+                ckpt_on = "on" if arch in tiny_dits.FAMILIES else "off"
                 rows.append(f"| {arch} | {dname} | {ckpt_on} | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
             except Exception as e:
                 rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
