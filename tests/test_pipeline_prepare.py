@@ -59,6 +59,6 @@ def test_prepare_encodes_once_skips_faceless_photos_and_resumes(faces, base, tin
     assert os.stat(second).st_mtime_ns == stamp
     torch.testing.assert_close(PreparedData(out).latents("id00", 0), prepared.latents("id00", 0))
 
-    with pytest.raises(HDBError, match="prepared with another settings"):
+    with pytest.raises(HDBError, match=r"prepared differently \(settings changed"):
         prepare(faces, base, encoder, out, PrepareSettings(resolution=128, face_check="detect", min_size=32,
                                                            shard_size=2), progress=False)

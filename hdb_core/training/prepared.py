@@ -153,8 +153,8 @@ def _check_or_write_header(output: str, header: dict, process: ProcessInfo) -> N
             found = json.load(f)
         changed = sorted(k for k in ("settings", "base_model", "encoder", "dataset") if found.get(k) != header[k])
         if changed:
-            raise HDBError(f"'{output}' was prepared with another {' and '.join(changed)} "
-                           f"({path}); use a new output folder, or delete that one to prepare again.")
+            raise HDBError(f"'{output}' was prepared differently ({' and '.join(changed)} changed, see {path}); "
+                           f"use a new output folder, or delete that one to prepare again.")
         return
     process.wait()                  # every process has checked before the main one writes
     if process.index == 0:
