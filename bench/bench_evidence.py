@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -38,13 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes for the per-identity evaluation (default: 2 where there are 2 cores); "
+                        "the numbers do not depend on it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("hdb").setLevel(logging.ERROR)
     if args.quick and args.scaled:
         p.error("--quick and --scaled are two different sizes; choose one.")
-    settings = quick() if args.quick else scaled() if args.scaled else Settings()
+    settings = replace(quick() if args.quick else scaled() if args.scaled else Settings(), workers=args.workers)
     out = args.out or os.path.join(REPO, "bench", "out",
                                    "evidence-quick" if args.quick else "evidence-scaled" if args.scaled else "evidence")
     os.makedirs(out, exist_ok=True)

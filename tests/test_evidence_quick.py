@@ -31,12 +31,14 @@ import torch
 
 @pytest.fixture(scope="module")
 def evidence(tmp_path_factory):
+    from dataclasses import replace
+
     from bench.evidence.run import quick, run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = quick()
+        settings = replace(quick(), workers=2)   # evaluation in two forked processes, as the bench runs it
         result = run(str(tmp_path_factory.mktemp("evidence")), settings, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
@@ -99,6 +101,24 @@ def test_editability(evidence):
     # observed: hypernet + k keeps 0.18 ± 0.13 of it, zero + long 0.06 ± 0.09 (paired +0.12, CI +0.08..+0.18)
     d = _diff(arms[f"hypernet+{k}"]["style"], arms[f"zero+{long}"]["style"])
     assert statistics.fmean(d) > 0.05, d
+
+
+def test_workers_return_what_one_process_does():
+    """The bench's evaluation workers: other processes, and the same results in the same order as here."""
+    import os
+
+    from bench.evidence.run import in_workers
+    from hdb_core.training.seeding import generator
+
+    weight = torch.randn(8, 8)     # made here, inherited by the forked workers
+
+    def job(name):
+        return os.getpid(), float((torch.randn(4, 8, generator=generator("job", name)) @ weight).sum())
+
+    names = ["a", "b", "c", "d", "e"]
+    here, forked = in_workers(job, names, 1), in_workers(job, names, 2)
+    assert [v for _, v in forked] == [v for _, v in here]
+    assert {pid for pid, _ in here} == {os.getpid()} and os.getpid() not in {pid for pid, _ in forked}
 
 
 def test_report_and_plot(evidence, tmp_path):
