@@ -9,6 +9,9 @@ Run after `bench/bench_evidence.py` has built its world (default: the full run's
     $P stage1 --stage0 /tmp/s0all --out /tmp/h.safetensors --set beta=0.1 --set steps=500
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors   # its predictions: training vs held-out
     $P predictability --stage0 /tmp/s0all                  # how much of the targets a photo can predict
+    $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors --offset-scale 1,1.2,1.4   # is it shrunk?
+    $P pretrain-encoder --out /tmp/enc                     # an encoder that learnt the training identities
+    $P stage1 --stage0 /tmp/s0all --out /tmp/he.safetensors --encoder /tmp/enc   # (score with --encoder too)
 
 With `--world bench/out/evidence-scaled` (after `bench_evidence.py --scaled`) the same on 1,000
 training identities; `--extra-train N` first adds training-only identities to a world.
@@ -89,6 +92,7 @@ def cmd_score(args, manifest, spec, rec) -> None:
     import torch
 
     from bench.evidence import world as W
+    from bench.evidence.run import Settings
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.file import load_lidb
@@ -105,7 +109,7 @@ def cmd_score(args, manifest, spec, rec) -> None:
         return rec.score(x, ident)
 
     def line(label, rows):
-        print(f"{label:<44} rank-1 {statistics.fmean(r['rank1'] for r in rows):.2f}  "
+        print(f"{label:<52} rank-1 {statistics.fmean(r['rank1'] for r in rows):.2f}  "
               f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
               f"median rank {statistics.median(r['rank'] for r in rows):.0f}", flush=True)
 
@@ -124,8 +128,25 @@ def cmd_score(args, manifest, spec, rec) -> None:
         with torch.no_grad():
             line("hypernet prediction, training identities",
                  [score(predicted(manifest["photos"], i), i) for i in train])
-            line(f"hypernet prediction, {len(manifest['held_out'])} held-out identities",
-                 [score(predicted(manifest["held_out_photos"], i), i) for i in manifest["held_out"]])
+            validation = Settings().validation       # the bench's validation identities: the first held-out ones
+            held = {i: predicted(manifest["held_out_photos"], i) for i in manifest["held_out"]}
+            for c in args.offset_scale:
+                rows = [score(scaled_offset(net, lidb, c) if c != 1 else lidb, i) for i, lidb in held.items()]
+                tag = "" if c == 1 else f" x{c:g}"
+                line(f"hypernet prediction{tag}, {len(rows)} held-out identities", rows)
+                line(f"  of which the bench's {validation} validation identities", rows[:validation])
+
+
+def scaled_offset(net, lidb, scale: float):
+    """`lidb` with its offset from the network's start point (the mean stage-0 LiDB) multiplied by `scale`."""
+    import torch
+
+    from hdb_core.lidb.weights import LiDB
+
+    start_a, start_b = net.ungroup(net.heads_from(torch.zeros(1, len(net.layers), net.config.width)))
+    a = {k: start_a[k][0] + scale * (v - start_a[k][0]) for k, v in lidb.a_train.items()}
+    b = {k: start_b[k][0] + scale * (v - start_b[k][0]) for k, v in lidb.b_train.items()}
+    return LiDB(lidb.layers, lidb.config, a, b, dict(lidb.info))
 
 
 def cmd_predictability(args, manifest, spec) -> None:
@@ -165,6 +186,18 @@ def cmd_predictability(args, manifest, spec) -> None:
                   f"{float((nearest == label[test]).float().mean()):.2f}", flush=True)
 
 
+def cmd_pretrain_encoder(args, manifest, spec) -> None:
+    """Pretrain on every training identity's photos; held-out nearest-photo identification before and after."""
+    from bench.evidence import encoder as E
+
+    train = E.load_photos(manifest["photos"], manifest["train"] + manifest.get("extra_train", []), spec.photos)
+    held = E.load_photos(manifest["held_out_photos"], manifest["held_out"], spec.photos)
+    E.pretrain_encoder(manifest["image_encoder"], args.out, train, spec.photos, spec.seed, args.steps, lr=args.lr)
+    for name, folder in (("random (the world's)", manifest["image_encoder"]), ("pretrained", args.out)):
+        print(f"{name} encoder: held-out nearest-photo identification "
+              f"{E.identification(folder, held, spec.photos):.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -190,10 +223,16 @@ def main(argv=None) -> int:
     me.add_argument("--width", type=int, default=64)
     me.add_argument("--layers", type=int, default=2)
     me.add_argument("--out", required=True)
+    pe = sub.add_parser("pretrain-encoder", help="the world's encoder trained to classify the training identities")
+    pe.add_argument("--steps", type=int, default=1500)
+    pe.add_argument("--lr", type=float, default=1e-3)
+    pe.add_argument("--out", required=True)
     sc = sub.add_parser("score")
     sc.add_argument("--stage0", required=True)
     sc.add_argument("--hypernet")
     sc.add_argument("--encoder", help="the CLIP vision folder the hypernetwork was trained with")
+    sc.add_argument("--offset-scale", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
+                    help="comma-separated factors for the prediction's offset from the mean stage-0 LiDB")
     pr = sub.add_parser("predictability")
     pr.add_argument("--stage0", required=True)
     pr.add_argument("--encoder", help="another CLIP vision folder to compare")
@@ -217,6 +256,8 @@ def main(argv=None) -> int:
         from bench.evidence import world as W
 
         W.save_image_encoder(args.out, spec.seed, args.patch_size, args.width, args.layers)
+    elif args.cmd == "pretrain-encoder":
+        cmd_pretrain_encoder(args, manifest, spec)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
     else:
