@@ -75,6 +75,10 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-space", choices=("factors", "delta"), default="factors",
                    help="the L2 term on the A/B factors (the paper) or on each layer's weight change dW, which "
                         "ignores how a rank-1 update is split between its factors")
+    p.add_argument("--weight-length", choices=("joint", "separate"), default="joint",
+                   help="joint: the paper's L2 on the A/B factors; separate: the same loss, but its gradient pulls "
+                        "the prediction's distance from the mean LiDB to the target's, so an uncertain direction "
+                        "does not shorten it (factors only)")
     p.add_argument("--diffusion-photo", choices=("input", "other"), default="input",
                    help="the photo the diffusion term reconstructs: the one the network sees (the paper) or "
                         "another photo of the same person (identities with one photo use their own)")
@@ -284,7 +288,8 @@ def cmd_train_hypernet(args) -> int:
     settings = HypernetSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
-        weight_space=args.weight_space, diffusion_photo=args.diffusion_photo, grad_clip=args.grad_clip,
+        weight_space=args.weight_space, weight_length=args.weight_length,
+        diffusion_photo=args.diffusion_photo, grad_clip=args.grad_clip,
         resolution=args.resolution, width=args.width,
         depth=args.depth, heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,

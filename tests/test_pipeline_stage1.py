@@ -37,10 +37,10 @@ def stage0(tmp_path_factory, base, tiny_model):
 def objective_parts(prepared_dir, lidbs, base, settings):
     """(untrained net, Samples over every identity, Objective) as train_hypernet builds them."""
     prepared = PreparedData(prepared_dir)
-    layers, config, _ = check_targets(prepared.ids, lidbs, base)
+    layers, config, mean = check_targets(prepared.ids, lidbs, base)
     net = new_hypernet(settings, layers, config, prepared.encoder, "model")
     samples = Samples(prepared, prepared.ids, lidbs, settings, 1, base.num_timesteps, (4, 8, 8))
-    return net, samples, Objective(layers, config, base, settings, "cpu", torch.float32)
+    return net, samples, Objective(layers, config, base, settings, "cpu", torch.float32, mean)
 
 
 def net_settings(**kw) -> HypernetSettings:
@@ -49,9 +49,10 @@ def net_settings(**kw) -> HypernetSettings:
                                       checkpoint_every=100), **kw})
 
 
-def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path):
+@pytest.mark.parametrize("weight_length", ["joint", "separate"])
+def test_stage1_loss_falls(stage0, base, tiny_model, tmp_path, weight_length):
     prepared, lidbs, _ = stage0
-    settings = net_settings()
+    settings = net_settings(weight_length=weight_length)
     out = str(tmp_path / "hn.safetensors")
     log = []
     train_hypernet(prepared, lidbs, base, None, out, settings, progress=False, on_step=log.append)
@@ -122,6 +123,47 @@ def test_delta_weight_term_is_the_dw_distance_and_blind_to_the_factors_gauge():
                               weight_loss(a_hat, b_hat, a_t, b_t, names))
     with pytest.raises(Exception, match="weight space must be one of factors, delta"):
         HypernetSettings(weight_space="dw").validate()
+
+
+def test_separate_weight_length_keeps_the_loss_and_stops_the_shrinking():
+    """--weight-length separate: the factor L2's value, but where the direction is off, plain L2 shortens the
+    offset from the mean while this pulls it to the target's length only."""
+    from hdb_core.training.stage1 import unshrunk_weight_loss, weight_loss
+
+    names = ["unet.x.to_q", "unet.x.to_v"]
+    g = torch.Generator().manual_seed(0)
+    mean = ({n: torch.randn(8, 1, generator=g) for n in names}, {n: torch.randn(1, 6, generator=g) for n in names})
+
+    def lidb(offset):
+        """Factors at the mean + a flat offset [3, 28] (per layer: A's 8 numbers, then B's 6)."""
+        parts = offset.view(3, 2, 14)
+        return ({n: mean[0][n] + parts[:, i, :8].reshape(3, 8, 1) for i, n in enumerate(names)},
+                {n: mean[1][n] + parts[:, i, 8:].reshape(3, 1, 6) for i, n in enumerate(names)})
+
+    o_t = torch.randn(3, 28, generator=g)
+    side = torch.randn(3, 28, generator=g)
+    side = side - (side * o_t).sum(1, keepdim=True) / o_t.pow(2).sum(1, keepdim=True) * o_t
+    side = side / side.norm(dim=1, keepdim=True) * o_t.norm(dim=1, keepdim=True)
+    misdirected = 0.5 * o_t + 0.75 ** 0.5 * side        # the target's length, 60 degrees off (cos 0.5)
+    target = lidb(o_t)
+    for offset in (o_t, misdirected, 0.3 * misdirected):
+        torch.testing.assert_close(unshrunk_weight_loss(*lidb(offset), *target, mean, names),
+                                   weight_loss(*lidb(offset), *target, names), rtol=1e-5, atol=1e-5)
+
+    def grad_of_length(loss, factor):
+        """d loss / d (the offset's length factor) at `factor`."""
+        s = torch.full((3, 1), factor, requires_grad=True)
+        return torch.autograd.grad(loss(*lidb(s * misdirected)).sum(), s)[0].flatten()
+
+    plain = lambda a, b: weight_loss(a, b, *target, names)                   # noqa: E731
+    mine = lambda a, b: unshrunk_weight_loss(a, b, *target, mean, names)     # noqa: E731
+    assert (grad_of_length(plain, 1.0) > 0).all(), "plain L2 shortens a misdirected prediction"
+    torch.testing.assert_close(grad_of_length(mine, 1.0), torch.zeros(3), atol=1e-4, rtol=0)
+    assert (grad_of_length(mine, 0.5) < 0).all() and (grad_of_length(mine, 1.5) > 0).all()
+    with pytest.raises(Exception, match="weight length must be one of joint, separate"):
+        HypernetSettings(weight_length="both").validate()
+    with pytest.raises(Exception, match="use it with weight space 'factors'"):
+        HypernetSettings(weight_length="separate", weight_space="delta").validate()
 
 
 def test_loader_workers_give_the_same_network(stage0, base, tmp_path):

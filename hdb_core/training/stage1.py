@@ -67,6 +67,8 @@ class HypernetSettings:
     alpha: float = 1.0             # diffusion reconstruction weight (0: weight regression only)
     beta: float = 1.0              # weight term's gradient norm relative to the diffusion term's
     weight_space: str = "factors"  # the weight term on the A/B factors (the paper) or on each layer's dW
+    weight_length: str = "joint"   # "separate": the factor L2's gradient pulls the offset from the mean to the
+                                   # target's length, however unsure its direction (see `unshrunk_weight_loss`)
     diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
                                     # "other": another photo of the same person, so only identity carries over
     grad_clip: float = 1.0
@@ -97,6 +99,10 @@ class HypernetSettings:
             raise HDBError(f"alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0.")
         if self.weight_space not in WEIGHT_SPACES:
             raise HDBError(f"weight space must be one of {', '.join(WEIGHT_SPACES)}, not {self.weight_space!r}.")
+        if self.weight_length not in WEIGHT_LENGTHS:
+            raise HDBError(f"weight length must be one of {', '.join(WEIGHT_LENGTHS)}, not {self.weight_length!r}.")
+        if self.weight_length == "separate" and self.weight_space != "factors":
+            raise HDBError("weight length 'separate' works on the A/B factors; use it with weight space 'factors'.")
         if self.diffusion_photo not in DIFFUSION_PHOTOS:
             raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
                            f"not {self.diffusion_photo!r}.")
@@ -264,6 +270,7 @@ def lr_factor(step: int, settings: HypernetSettings) -> float:
 
 
 WEIGHT_SPACES = ("factors", "delta")
+WEIGHT_LENGTHS = ("joint", "separate")
 DIFFUSION_PHOTOS = ("input", "other")
 
 
@@ -273,6 +280,25 @@ def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
     for n in names:
         total = total + (a_hat[n] - a_t[n]).pow(2).flatten(1).sum(1) + (b_hat[n] - b_t[n]).pow(2).flatten(1).sum(1)
     return total
+
+
+def unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, mean, names) -> torch.Tensor:
+    """The factor L2 of `weight_loss`, same value, with the gradient along the prediction's offset from
+    the mean stage-0 LiDB pulling its length to the target offset's length.
+
+    With o, o_t the offsets (all layers' A/B minus the mean), ||o - o_t||^2 = (|o| - |o_t|)^2 +
+    2 |o| |o_t| (1 - cos). When one photo leaves the direction uncertain, plain L2 is lowest for a
+    shorter o (the posterior mean), which identifies the person less (docs/evidence.md). Holding |o|
+    constant in the second term leaves the value unchanged and lets only the first set the length.
+    """
+    mean_a, mean_b = mean
+    o = torch.cat([(a_hat[n] - mean_a[n]).flatten(1) for n in names]
+                  + [(b_hat[n] - mean_b[n]).flatten(1) for n in names], 1)
+    o_t = torch.cat([(a_t[n] - mean_a[n]).flatten(1) for n in names]
+                    + [(b_t[n] - mean_b[n]).flatten(1) for n in names], 1)
+    length, length_t = o.norm(dim=1), o_t.norm(dim=1)
+    cos = torch.nn.functional.cosine_similarity(o, o_t, dim=1, eps=1e-12)
+    return (length - length_t).pow(2) + 2 * length.detach() * length_t * (1 - cos)
 
 
 def delta_weight_loss(predicted, target, names) -> torch.Tensor:
@@ -323,8 +349,11 @@ class Objective:
     doc) and back-propagates once through the UNet and once through the hypernetwork.
     """
 
-    def __init__(self, layers, config, base: BaseModel, settings: HypernetSettings, device, dtype):
+    def __init__(self, layers, config, base: BaseModel, settings: HypernetSettings, device, dtype,
+                 mean: tuple[dict, dict] | None = None):
         self.base, self.s, self.device, self.dtype = base, settings, device, dtype
+        # the mean stage-0 LiDB (A, B), the point offsets are measured from (weight_length "separate")
+        self.mean = None if mean is None else tuple({n: v.to(device) for n, v in m.items()} for m in mean)
         self.layers = layers
         self.names = [s.name for s in self.layers]
         self.injector = base.injector(self.layers, "The stage-0 LiDBs")
@@ -349,6 +378,8 @@ class Objective:
         predicted = train_factors(self.aux, a_hat, b_hat) if delta or self.s.alpha > 0 else None
         if delta:
             w_loss = delta_weight_loss(predicted, train_factors(self.aux, a_t, b_t), self.names)
+        elif self.s.weight_length == "separate":
+            w_loss = unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, self.mean, self.names)
         else:
             w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
         if self.s.alpha > 0:
@@ -504,7 +535,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     loader = torch.utils.data.DataLoader(samples, batch_sampler=StepBatches(samples, start, rank),
                                          num_workers=workers, pin_memory=device.type == "cuda")
     held_batch = samples.held_out_batch(held_out) if held_out and main else None
-    objective = Objective(layers, config, base, settings, device, dtype)
+    objective = Objective(layers, config, base, settings, device, dtype, mean)
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and main),
                desc="stage 1", unit="step", dynamic_ncols=True)
     net.train()
