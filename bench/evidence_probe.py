@@ -126,8 +126,11 @@ def cmd_score(args, manifest, spec, rec) -> None:
             return net.predict_lidb(encoder.encode(photo))
 
         with torch.no_grad():
-            line("hypernet prediction, training identities",
-                 [score(predicted(manifest["photos"], i), i) for i in train])
+            preds = {i: predicted(manifest["photos"], i) for i in train}
+            line("hypernet prediction, training identities", [score(lidb, i) for i, lidb in preds.items()])
+            ratio, cos = offset_agreement(net, preds, args.stage0)
+            print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
+                  f"cosine {cos:.2f}", flush=True)
             validation = Settings().validation       # the bench's validation identities: the first held-out ones
             held = {i: predicted(manifest["held_out_photos"], i) for i in manifest["held_out"]}
             for c in args.offset_scale:
@@ -147,6 +150,27 @@ def scaled_offset(net, lidb, scale: float):
     a = {k: start_a[k][0] + scale * (v - start_a[k][0]) for k, v in lidb.a_train.items()}
     b = {k: start_b[k][0] + scale * (v - start_b[k][0]) for k, v in lidb.b_train.items()}
     return LiDB(lidb.layers, lidb.config, a, b, dict(lidb.info))
+
+
+def offset_agreement(net, predictions: dict, stage0: str) -> tuple[float, float]:
+    """Mean (|o| / |o_t|, cos(o, o_t)) of the predicted and stage-0 LiDBs' dW offsets from the network's
+    start point, all layers' dW in one vector (dW: no factor gauge)."""
+    import torch
+
+    from hdb_core.lidb.file import load_lidb
+
+    start = scaled_offset(net, next(iter(predictions.values())), 0.0)
+
+    def dw(lidb):
+        return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
+
+    ratios, cosines = [], []
+    for ident, lidb in predictions.items():
+        o = dw(lidb) - dw(start)
+        o_t = dw(load_lidb(os.path.join(stage0, f"{ident}.safetensors"))) - dw(start)
+        ratios.append(float(o.norm() / o_t.norm()))
+        cosines.append(float(torch.nn.functional.cosine_similarity(o, o_t, dim=0)))
+    return statistics.fmean(ratios), statistics.fmean(cosines)
 
 
 def cmd_predictability(args, manifest, spec) -> None:
