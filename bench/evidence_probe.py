@@ -128,46 +128,53 @@ def cmd_score(args, manifest, spec, rec) -> None:
         with torch.no_grad():
             preds = {i: predicted(manifest["photos"], i) for i in train}
             line("hypernet prediction, training identities", [score(lidb, i) for i, lidb in preds.items()])
-            ratio, cos = offset_agreement(net, preds, args.stage0)
+            start = start_point(net, next(iter(preds.values())))
+            ratio, cos = offset_agreement(start, preds, args.stage0)
             print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
                   f"cosine {cos:.2f}", flush=True)
             validation = Settings().validation       # the bench's validation identities: the first held-out ones
             held = {i: predicted(manifest["held_out_photos"], i) for i in manifest["held_out"]}
             for c in args.offset_scale:
-                rows = [score(scaled_offset(net, lidb, c) if c != 1 else lidb, i) for i, lidb in held.items()]
+                rows = [score(scaled_offset(start, lidb, c) if c != 1 else lidb, i) for i, lidb in held.items()]
                 tag = "" if c == 1 else f" x{c:g}"
                 line(f"hypernet prediction{tag}, {len(rows)} held-out identities", rows)
                 line(f"  of which the bench's {validation} validation identities", rows[:validation])
 
 
-def scaled_offset(net, lidb, scale: float):
-    """`lidb` with its offset from the network's start point (the mean stage-0 LiDB) multiplied by `scale`."""
+def start_point(net, like):
+    """The LiDB the network predicts from zero weight features (the mean stage-0 LiDB), laid out as `like`."""
     import torch
 
     from hdb_core.lidb.weights import LiDB
 
-    start_a, start_b = net.ungroup(net.heads_from(torch.zeros(1, len(net.layers), net.config.width)))
-    a = {k: start_a[k][0] + scale * (v - start_a[k][0]) for k, v in lidb.a_train.items()}
-    b = {k: start_b[k][0] + scale * (v - start_b[k][0]) for k, v in lidb.b_train.items()}
+    a, b = net.ungroup(net.heads_from(torch.zeros(1, len(net.layers), net.config.width)))
+    return LiDB(like.layers, like.config, {k: v[0] for k, v in a.items()}, {k: v[0] for k, v in b.items()}, {})
+
+
+def scaled_offset(start, lidb, scale: float):
+    """`lidb` with its offset from `start` (the network's start point) multiplied by `scale`."""
+    from hdb_core.lidb.weights import LiDB
+
+    a = {k: start.a_train[k] + scale * (v - start.a_train[k]) for k, v in lidb.a_train.items()}
+    b = {k: start.b_train[k] + scale * (v - start.b_train[k]) for k, v in lidb.b_train.items()}
     return LiDB(lidb.layers, lidb.config, a, b, dict(lidb.info))
 
 
-def offset_agreement(net, predictions: dict, stage0: str) -> tuple[float, float]:
-    """Mean (|o| / |o_t|, cos(o, o_t)) of the predicted and stage-0 LiDBs' dW offsets from the network's
-    start point, all layers' dW in one vector (dW: no factor gauge)."""
+def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, float]:
+    """Mean (|o| / |o_t|, cos(o, o_t)) of the predicted and stage-0 LiDBs' dW offsets from `start`, all
+    layers' dW in one vector (dW: no factor gauge)."""
     import torch
 
     from hdb_core.lidb.file import load_lidb
 
-    start = scaled_offset(net, next(iter(predictions.values())), 0.0)
-
     def dw(lidb):
         return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
 
+    origin = dw(start)
     ratios, cosines = [], []
     for ident, lidb in predictions.items():
-        o = dw(lidb) - dw(start)
-        o_t = dw(load_lidb(os.path.join(stage0, f"{ident}.safetensors"))) - dw(start)
+        o = dw(lidb) - origin
+        o_t = dw(load_lidb(os.path.join(stage0, f"{ident}.safetensors"))) - origin
         ratios.append(float(o.norm() / o_t.norm()))
         cosines.append(float(torch.nn.functional.cosine_similarity(o, o_t, dim=0)))
     return statistics.fmean(ratios), statistics.fmean(cosines)
@@ -177,6 +184,7 @@ def cmd_predictability(args, manifest, spec) -> None:
     """Ridge regression from one photo to its identity's stage-0 LiDB, fit on photos 0-2, tested on photo 3."""
     import torch
 
+    from bench.evidence import encoder as E
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.batch import stack_train
     from hdb_core.lidb.file import load_lidb
@@ -184,12 +192,10 @@ def cmd_predictability(args, manifest, spec) -> None:
     from hdb_core.training.base_model import encode_latents, load_base_model
 
     ids = manifest["train"]
-    images = torch.stack([data.prepare_image(os.path.join(manifest["photos"], i, f"{k}.png"), 64, "none")
-                          for i in ids for k in range(spec.photos)])
-    encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
+    images = E.load_photos(manifest["photos"], ids, spec.photos)
+    features = E.features(ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"]), images)
     base = load_base_model(manifest["base"])
     with torch.no_grad():
-        features = torch.cat([encoder.encode(images[j:j + 64]) for j in range(0, len(images), 64)])
         latents = torch.cat([encode_latents(base, data.to_model_range(images[j:j + 64]), "cpu")
                              for j in range(0, len(images), 64)])
     a, b = stack_train([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in ids])

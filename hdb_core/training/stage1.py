@@ -292,10 +292,12 @@ def unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, mean, names) -> torch.Tensor:
     constant in the second term leaves the value unchanged and lets only the first set the length.
     """
     mean_a, mean_b = mean
-    o = torch.cat([(a_hat[n] - mean_a[n]).flatten(1) for n in names]
-                  + [(b_hat[n] - mean_b[n]).flatten(1) for n in names], 1)
-    o_t = torch.cat([(a_t[n] - mean_a[n]).flatten(1) for n in names]
-                    + [(b_t[n] - mean_b[n]).flatten(1) for n in names], 1)
+
+    def offset(a, b):
+        return torch.cat([(a[n] - mean_a[n]).flatten(1) for n in names]
+                         + [(b[n] - mean_b[n]).flatten(1) for n in names], 1)
+
+    o, o_t = offset(a_hat, b_hat), offset(a_t, b_t)
     length, length_t = o.norm(dim=1), o_t.norm(dim=1)
     cos = torch.nn.functional.cosine_similarity(o, o_t, dim=1, eps=1e-12)
     return (length - length_t).pow(2) + 2 * length.detach() * length_t * (1 - cos)
