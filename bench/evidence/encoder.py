@@ -16,9 +16,11 @@ import os
 
 import torch
 
-from hdb_core.hypernet.image_encoder import ClipImageEncoder, preprocess
+from hdb_core.hypernet.image_encoder import ClipImageEncoder, preprocess, spec_from_hf_config
 from hdb_core.training import data
 from hdb_core.training.seeding import generator
+
+from .world import IMAGE_SIZE
 
 EMBED_DIM = 64
 LOGIT_SCALE = 16.0
@@ -26,7 +28,7 @@ LOGIT_SCALE = 16.0
 
 def load_photos(folder: str, names: list[str], per_identity: int) -> torch.Tensor:
     """[len(names) * per_identity, H, W, 3] photos in 0..1, identity-major."""
-    return torch.stack([data.prepare_image(os.path.join(folder, n, f"{k}.png"), 64, "none")
+    return torch.stack([data.prepare_image(os.path.join(folder, n, f"{k}.png"), IMAGE_SIZE, "none")
                         for n in names for k in range(per_identity)])
 
 
@@ -47,14 +49,13 @@ def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_ide
     from tqdm import tqdm
 
     model = CLIPVisionModelWithProjection.from_pretrained(random_folder, local_files_only=True).train()
-    spec = ClipImageEncoder(model).spec
-    model.train().requires_grad_(True)
-    pixels = preprocess(photos, spec)
+    pixels = preprocess(photos, spec_from_hf_config(model.config))
     pixels = torch.cat([pixels, pixels.flip(-1)])              # the mirrors: prepared data holds both
     labels = (torch.arange(len(photos)) // per_identity).repeat(2)
     n_ids = int(labels.max()) + 1
     g = generator(seed, "encoder-pretrain")
     width = model.config.hidden_size
+    torch.manual_seed(seed)                                     # the head's initial weights: a rerun is identical
     head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, EMBED_DIM))
     classes = torch.nn.Parameter(torch.randn(n_ids, EMBED_DIM, generator=g))
     params = [*model.parameters(), *head.parameters(), classes]
@@ -75,7 +76,6 @@ def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_ide
             correct += int((logits.argmax(1) == labels[idx]).sum())
             total += batch
     accuracy = correct / total
-    model.eval().requires_grad_(False)
     tmp = out + ".tmp"
     model.save_pretrained(tmp, safe_serialization=True)
     if os.path.exists(out):
@@ -89,10 +89,15 @@ def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_ide
 
 
 @torch.no_grad()
+def features(encoder: ClipImageEncoder, photos: torch.Tensor) -> torch.Tensor:
+    """The hypernetwork's input features [N, tokens, hidden] of many photos, 64 at a time."""
+    return torch.cat([encoder.encode(photos[j:j + 64]) for j in range(0, len(photos), 64)])
+
+
+@torch.no_grad()
 def identification(folder: str, photos: torch.Tensor, per_identity: int) -> float:
     """Leave-one-out nearest-photo identification on the encoder's features (all tokens), e.g. of held-out people."""
-    encoder = ClipImageEncoder.from_pretrained(folder)
-    x = torch.cat([encoder.encode(photos[j:j + 64]) for j in range(0, len(photos), 64)]).flatten(1).double()
+    x = features(ClipImageEncoder.from_pretrained(folder), photos).flatten(1).double()
     x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     d = torch.cdist(x, x)
     d.fill_diagonal_(float("inf"))
