@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prepare_args(p)
     p.add_argument("--stage0-steps", type=int, default=defaults.STAGE0_STEPS)
     p.add_argument("--stage0-lr", type=float, default=defaults.STAGE0_LR)
+    p.add_argument("--stage0-lr-schedule", choices=("constant", "cosine"), default=defaults.STAGE0_LR_SCHEDULE)
+    p.add_argument("--stage0-decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START)
     p.add_argument("--stage0-batch-size", type=int, default=8, help="identities trained together per process")
     p.add_argument("--stage1-steps", type=int, default=defaults.STAGE1_STEPS)
     p.add_argument("--stage1-lr", type=float, default=defaults.STAGE1_LR)
@@ -157,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     _gpu_args(p)
     p.add_argument("--steps", type=int, default=defaults.STAGE0_STEPS, help="optimisation steps per identity")
     p.add_argument("--lr", type=float, default=defaults.STAGE0_LR, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.STAGE0_LR_SCHEDULE,
+                   help="cosine: decay the learning rate to zero over the steps")
+    p.add_argument("--decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START,
+                   help="L2 pull of every LiDB toward the common start (0: off); makes the targets reproducible, "
+                        "see docs/evidence.md")
     p.add_argument("--batch-size", type=int, default=8, help="identities trained together per process")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints within a batch")
     p.add_argument("--a", type=int, default=100, help="LiDB down-projection dimension a (paper: 100)")
@@ -264,7 +271,8 @@ def cmd_preoptimize(args) -> int:
 
     settings = PreoptimizeSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,
-        batch_size=args.batch_size, resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
+        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start, batch_size=args.batch_size,
+        resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
         rank=args.rank, lidb_seed=args.lidb_seed, text_encoder=not args.no_text_encoder, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
         dtype=args.dtype, autocast=args.autocast, gradient_checkpointing=args.gradient_checkpointing)
@@ -334,7 +342,8 @@ def cmd_pipeline(args) -> int:
         ["prepare", "--data", args.data, "--output", prepared, "--image-encoder", _encoder_path(args), *common, *data,
          *_forward(args, _option_names(_prepare_args)), "--dtype", args.dtype],
         ["preoptimize", "--data", prepared, "--output", lidbs, *common, *data, *run_args,
-         "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size)],
+         "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size),
+         "--lr-schedule", args.stage0_lr_schedule, "--decay-to-start", str(args.stage0_decay_to_start)],
         ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
          "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
          "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _option_names(_stage1_args))],

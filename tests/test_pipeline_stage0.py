@@ -2,8 +2,10 @@
 chunk resumes from its checkpoint, and bad input fails before any training."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -90,6 +92,58 @@ def test_finished_identities_are_skipped_and_an_interrupted_chunk_resumes(faces,
 
     again = preoptimize(faces, base, str(out), settings(steps=4, batch_size=2), progress=False)
     assert again["trained"] == 0 and again["already_done"] == 3
+
+
+def test_decay_to_start_and_the_cosine_schedule(faces, base, tmp_path):
+    """The pull toward the common start shortens every LiDB's offset from it, the cosine schedule decays the
+    learning rate to ~0, an interrupted run with both resumes to the same LiDBs, and bad values are refused."""
+    from hdb_core.errors import HDBError
+    from hdb_core.lidb.batch import stack_train
+    from hdb_core.training.stage0 import common_start, stage0_lr
+
+    cosine = settings(steps=4, lr_schedule="cosine")
+    assert [stage0_lr(k, cosine) for k in (0, 2)] == pytest.approx([1e-3, 0.5e-3])
+    assert stage0_lr(3, cosine) < 0.15e-3 and stage0_lr(3, settings(steps=4)) == 1e-3
+
+    def offsets(folder):
+        out = {}
+        for ident in ("id00", "id01", "id02"):
+            lidb = load_lidb(str(folder / f"{ident}.safetensors"))
+            start = common_start(lidb.layers, lidb.config, 0)
+            (a, b), (a0, b0) = stack_train([lidb]), stack_train([start])
+            out[ident] = torch.cat([(a[n] - a0[n]).flatten() for n in a] + [(b[n] - b0[n]).flatten() for n in b])
+        return out
+
+    free = tmp_path / "free"
+    preoptimize(faces, base, str(free), settings(steps=4, batch_size=2, learning_rate=1e-2, lr_schedule="cosine"),
+                progress=False)
+    pulled = dict(steps=4, batch_size=2, learning_rate=1e-2, lr_schedule="cosine", decay_to_start=50.0)
+    preoptimize(faces, base, str(tmp_path / "pulled"), settings(**pulled), progress=False)
+    for ident, o in offsets(tmp_path / "pulled").items():
+        assert 0 < o.norm() < 0.9 * offsets(free)[ident].norm()
+
+    out = tmp_path / "interrupted"
+
+    def stop(info):
+        if info["chunk"] == ["id02"] and info["step"] == 3:
+            raise Stop()
+    with pytest.raises(Stop):
+        preoptimize(faces, base, str(out), settings(**pulled), progress=False, on_step=stop)
+    preoptimize(faces, base, str(out), settings(**pulled), progress=False)
+    for ident, o in offsets(out).items():
+        torch.testing.assert_close(o, offsets(tmp_path / "pulled")[ident], rtol=1e-5, atol=1e-7)
+
+    # chunk checkpoints from before these options existed still resume: unset, they leave the fingerprint alone
+    before = {k: v for k, v in asdict(settings()).items() if k not in (
+        "lr_schedule", "decay_to_start", "batch_size", "checkpoint_every", "min_size", "gradient_checkpointing")}
+    assert settings().fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert len({settings(**kw).fingerprint() for kw in ({}, dict(lr_schedule="cosine"),
+                                                         dict(decay_to_start=1e-3))}) == 3
+
+    for bad, words in ((dict(decay_to_start=-1.0), "decay to start is -1.0"),
+                       (dict(lr_schedule="linear"), "Unknown stage-0 learning-rate schedule 'linear'")):
+        with pytest.raises(HDBError, match=words):
+            settings(**bad).validate()
 
 
 def test_gradient_checkpointing_and_bf16_autocast_in_stage0(faces, base, tmp_path):

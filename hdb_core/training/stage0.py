@@ -50,6 +50,8 @@ class PreoptimizeSettings:
     prompt: str = "{trigger}"
     steps: int = defaults.STAGE0_STEPS
     learning_rate: float = defaults.STAGE0_LR
+    lr_schedule: str = defaults.STAGE0_LR_SCHEDULE
+    decay_to_start: float = defaults.STAGE0_DECAY_TO_START
     batch_size: int = 8
     resolution: int = defaults.RESOLUTION
     seed: int = 0
@@ -74,16 +76,37 @@ class PreoptimizeSettings:
             raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-3.")
         if self.batch_size < 1:
             raise HDBError(f"batch size is {self.batch_size}; use 1 or more identities per batch.")
+        if not (self.decay_to_start >= 0 and math.isfinite(self.decay_to_start)):
+            raise HDBError(f"decay to start is {self.decay_to_start}; use 0 (off) or a small positive value "
+                           f"such as 3e-4.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise HDBError(f"Unknown stage-0 learning-rate schedule {self.lr_schedule!r}; use one of "
+                           f"{', '.join(LR_SCHEDULES)}.")
         if "{trigger}" not in self.prompt:
             raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; "
                            f"use e.g. 'a photo of {{trigger}}'.")
 
     def fingerprint(self) -> str:
-        """Everything that changes the numbers (not batch size: it does not change them)."""
+        """Everything that changes the numbers (not batch size: it does not change them). Options added
+        later count only when set, so a chunk checkpoint written before they existed still resumes."""
         d = asdict(self)
         for k in ("batch_size", "checkpoint_every", "min_size", "gradient_checkpointing"):
             d.pop(k)
+        for k, off in (("lr_schedule", "constant"), ("decay_to_start", 0.0)):
+            if d[k] == off:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def stage0_lr(step: int, settings: PreoptimizeSettings) -> float:
+    """The learning rate of `step`: constant, or cosine-decayed to zero so the LiDB each identity ends with is
+    where the optimisation settled rather than wherever Adam's last constant-size steps left it."""
+    if settings.lr_schedule == "constant":
+        return settings.learning_rate
+    return settings.learning_rate * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
 
 
 def lidb_path(output: str, ident: str) -> str:
@@ -111,6 +134,16 @@ def common_start(layers, config: LiDBConfig, seed: int) -> LiDB:
     common point instead of having to guess a random per-identity A.
     """
     return LiDB.trainable_start(layers, config, generator(seed, "stage0-init"))
+
+
+def distance_to_start(a, b, start_a, start_b) -> torch.Tensor:
+    """Per identity [N]: squared distance of the train matrices from the common start.
+
+    Added to the loss (`decay_to_start`), it settles the directions the photos leave free at the start
+    instead of wherever the noise draws pushed them, so two runs on one identity end alike.
+    """
+    return sum((a[n] - start_a[n]).pow(2).flatten(1).sum(1) + (b[n] - start_b[n]).pow(2).flatten(1).sum(1)
+               for n in a)
 
 
 def init_chunk(ids: list[str], layers, config: LiDBConfig, seed: int):
@@ -211,6 +244,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 bar.update(settings.steps)
                 continue
             a, b = init_chunk(ids, layers, config, settings.seed)
+            start_a, start_b = ({n: v.to(device, copy=True) for n, v in t.items()} for t in (a, b))
             params = [t.to(device).requires_grad_(True) for t in (*a.values(), *b.values())]
             a = dict(zip(a, params[:len(a)]))
             b = dict(zip(b, params[len(a):]))
@@ -232,8 +266,13 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 with autocast(settings.autocast, device):
                     per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
                                                 noise.to(device), ts.to(device), dtype, settings.text_encoder)
+                objective = per_sample.sum()
+                if settings.decay_to_start:
+                    objective = objective + settings.decay_to_start * distance_to_start(a, b, start_a, start_b).sum()
                 optimizer.zero_grad(set_to_none=True)
-                per_sample.sum().backward()
+                objective.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = stage0_lr(step, settings)
                 optimizer.step()
                 loss = float(per_sample.detach().mean())
                 if not math.isfinite(loss):
