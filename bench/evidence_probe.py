@@ -63,13 +63,37 @@ def subset_folder(manifest: dict, count: int, root: str) -> str:
     return root
 
 
+def per_photo_folder(manifest: dict, photo: int, root: str) -> str:
+    """A face folder with one "identity" per training photo number `photo` (links), the paper's protocol of
+    one pre-optimised LiDB per image: folder `<id>` for photo 0, `<id>_p<k>` for photo k."""
+    os.makedirs(root, exist_ok=True)
+    for ident in manifest["train"] + manifest.get("extra_train", []):
+        folder = os.path.join(root, ident if photo == 0 else f"{ident}_p{photo}")
+        os.makedirs(folder, exist_ok=True)
+        link = os.path.join(folder, "0.png")
+        if not os.path.exists(link):
+            os.symlink(os.path.join(manifest["photos"], ident, f"{photo}.png"), link)
+    return root
+
+
 def cmd_stage0(args, manifest, spec) -> None:
     from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 
-    data = manifest["photos"] if args.all else subset_folder(manifest, args.train_ids, args.out + ".faces")
+    if args.draw_seed is not None:
+        # A diagnostic stage 0 cannot do by itself: seed 0's common start (the one every target shares) with
+        # another seed's noise and timestep draws, to see how much of a target the draws decide.
+        from hdb_core.training import stage0
+
+        common = stage0.init_chunk
+        stage0.init_chunk = lambda ids, layers, config, seed: common(ids, layers, config, 0)
+    if args.photo is not None:
+        data = per_photo_folder(manifest, args.photo, args.out + ".faces")
+    else:
+        data = manifest["photos"] if args.all else subset_folder(manifest, args.train_ids, args.out + ".faces")
     preoptimize(data, manifest["base"], args.out, PreoptimizeSettings(
-        steps=args.steps, learning_rate=args.lr, batch_size=46, checkpoint_every=10 ** 6, resolution=64,
-        face_check="none", min_size=64, flip=False, seed=0), progress=True)
+        steps=args.steps, learning_rate=args.lr, lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start,
+        batch_size=46, checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64, flip=False,
+        seed=args.seed if args.draw_seed is None else args.draw_seed), progress=True)
 
 
 def cmd_stage1(args, manifest, spec) -> None:
@@ -82,21 +106,15 @@ def cmd_stage1(args, manifest, spec) -> None:
         values[key] = (value if kind is str else value.lower() in ("1", "true") if kind is bool
                        else int(float(value)) if kind is int else kind(value))
     values.setdefault("warmup_steps", values["steps"] // 10)
-    train_hypernet(manifest["photos"], args.stage0, manifest["base"], args.encoder or manifest["image_encoder"],
-                   args.out,
+    train_hypernet(args.faces or manifest["photos"], args.stage0, manifest["base"],
+                   args.encoder or manifest["image_encoder"], args.out,
                    HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
                                     flip=False, seed=0, val_identities=0, ema_decay=0, **values))
 
 
-def cmd_score(args, manifest, spec, rec) -> None:
-    import torch
-
+def identity_scorer(manifest, spec, rec):
+    """score(lidb, ident): the recognizer's verdict on 8 samples of base + lidb (seeds no one trained on)."""
     from bench.evidence import world as W
-    from bench.evidence.run import Settings
-    from hdb_core.hypernet.file import load_hypernet
-    from hdb_core.hypernet.image_encoder import ClipImageEncoder
-    from hdb_core.lidb.file import load_lidb
-    from hdb_core.training import data
     from hdb_core.training.base_model import load_base_model
 
     base = load_base_model(manifest["base"])
@@ -108,11 +126,26 @@ def cmd_score(args, manifest, spec, rec) -> None:
             x = W.sample(base, injector, factors, [f"{ident}/eval{k}" for k in range(8)], spec)
         return rec.score(x, ident)
 
-    def line(label, rows):
-        print(f"{label:<52} rank-1 {statistics.fmean(r['rank1'] for r in rows):.2f}  "
-              f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
-              f"median rank {statistics.median(r['rank'] for r in rows):.0f}", flush=True)
+    return score
 
+
+def line(label, rows):
+    print(f"{label:<52} rank-1 {statistics.fmean(r['rank1'] for r in rows):.2f}  "
+          f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
+          f"median rank {statistics.median(r['rank'] for r in rows):.0f}", flush=True)
+
+
+def cmd_score(args, manifest, spec, rec) -> None:
+    import torch
+
+    from bench.evidence import world as W
+    from bench.evidence.run import Settings
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.training import data
+
+    score = identity_scorer(manifest, spec, rec)
     train = [i for i in manifest["train"] if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
     train = train[: args.train_ids]
     line(f"stage-0 LiDBs ({len(train)} training identities)",
@@ -180,6 +213,84 @@ def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, floa
     return statistics.fmean(ratios), statistics.fmean(cosines)
 
 
+def cmd_code_ceiling(args, manifest, spec, rec) -> None:
+    """What a hypernetwork trained on these targets could reach if it knew each person's hidden code exactly.
+
+    Ridge regression from the world's hidden identity code (u, v) to the stage-0 LiDB, fit on the
+    training identities but the first `--train-ids`; those are the R^2 and score of identities the fit
+    never saw, the held-out ones the score of their code's LiDB. A score below the goal here means
+    the targets, not the photo or the network, are what limits the prediction.
+    """
+    import torch
+
+    from bench.evidence import world as W
+    from hdb_core.lidb.batch import stack_train, unstack_train
+    from hdb_core.lidb.file import load_lidb
+
+    train = [i for i in manifest["train"] + manifest.get("extra_train", [])
+             if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
+    lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train]
+    a, b = stack_train(lidbs)
+    sizes = [v[0].numel() for v in [*a.values(), *b.values()]]
+    y = torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1).double()
+
+    def codes(names):
+        rows = []
+        for name in names:
+            u, v, _ = W.hidden_code(spec, name)
+            feats = [u, v] + ([torch.outer(u, v).flatten()] if args.bilinear else [])
+            rows.append(torch.cat([*feats, torch.ones(1)]))
+        return torch.stack(rows).double()
+
+    x = codes(train)
+    fit, unseen = slice(args.train_ids, None), slice(0, args.train_ids)
+    w = torch.linalg.solve(x[fit].T @ x[fit] + args.ridge * torch.eye(x.shape[1], dtype=x.dtype), x[fit].T @ y[fit])
+    mean = y[fit].mean(0)
+    r2 = 1 - float((x[unseen] @ w - y[unseen]).pow(2).sum() / (y[unseen] - mean).pow(2).sum())
+    print(f"hidden code -> stage-0 LiDB ({len(train) - args.train_ids} identities fit): R^2 {r2:.2f} on "
+          f"{args.train_ids} identities it never saw", flush=True)
+
+    def as_lidbs(pred):
+        parts = dict(zip([*(f"a:{k}" for k in a), *(f"b:{k}" for k in b)], pred.float().split(sizes, 1)))
+        pa = {k: parts[f"a:{k}"].reshape(-1, *a[k].shape[1:]) for k in a}
+        pb = {k: parts[f"b:{k}"].reshape(-1, *b[k].shape[1:]) for k in b}
+        return unstack_train(pa, pb, lidbs[0].layers, lidbs[0].config)
+
+    score = identity_scorer(manifest, spec, rec)
+    with torch.no_grad():
+        line(f"stage-0 LiDBs, those {args.train_ids} identities",
+             [score(lidb, i) for lidb, i in zip(lidbs[unseen], train[unseen])])
+        line("  their hidden code's LiDB (the fit)",
+             [score(lidb, i) for lidb, i in zip(as_lidbs(x[unseen] @ w), train[unseen])])
+        held = manifest["held_out"]
+        line(f"the hidden code's LiDB, {len(held)} held-out identities",
+             [score(lidb, i) for lidb, i in zip(as_lidbs(codes(held) @ w), held)])
+
+
+def cmd_agreement(args, manifest, spec) -> None:
+    """How reproducible stage 0 is: cosine of two runs' dW (all layers, one vector) for the same identity,
+    against that of two different identities in one run."""
+    import torch
+
+    from hdb_core.lidb.file import load_lidb
+
+    def dw(folder, ident):
+        lidb = load_lidb(os.path.join(folder, f"{ident}.safetensors"))
+        return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
+
+    ids = [i for i in manifest["train"] if all(os.path.exists(os.path.join(f, f"{i}.safetensors"))
+                                                for f in (args.stage0, args.other))][: args.train_ids]
+    cos = torch.nn.functional.cosine_similarity
+    first = torch.stack([dw(args.stage0, i) for i in ids])
+    second = torch.stack([dw(args.other, i) for i in ids])
+    for label, x, y in (("dW", first, second),
+                        ("dW offset from the identities' mean", first - first.mean(0), second - second.mean(0))):
+        same = float(cos(x, y, dim=1).mean())
+        other = float(cos(x, x.roll(1, 0), dim=1).mean())
+        print(f"{label} cosine over {len(ids)} identities: one identity, two runs {same:.2f}; "
+              f"two identities, one run {other:.2f}", flush=True)
+
+
 def cmd_predictability(args, manifest, spec) -> None:
     """Ridge regression from one photo to its identity's stage-0 LiDB, fit on photos 0-2, tested on photo 3."""
     import torch
@@ -242,12 +353,18 @@ def main(argv=None) -> int:
     s0.add_argument("--steps", type=int, default=200)
     s0.add_argument("--lr", type=float, default=1e-2)
     s0.add_argument("--all", action="store_true", help="every training identity (stage 1 needs them)")
+    s0.add_argument("--lr-schedule", default="constant", help="constant or cosine (decayed to zero)")
+    s0.add_argument("--decay-to-start", type=float, default=0.0, help="L2 pull toward the common start")
+    s0.add_argument("--seed", type=int, default=0, help="stage 0's draws and common start")
+    s0.add_argument("--draw-seed", type=int, help="another seed's draws from seed 0's common start")
+    s0.add_argument("--photo", type=int, help="one LiDB per training photo of this number (every identity)")
     s0.add_argument("--out", required=True)
     s1 = sub.add_parser("stage1")
     s1.add_argument("--stage0", required=True)
     s1.add_argument("--out", required=True)
     s1.add_argument("--set", action="append", default=[], help="a HypernetSettings field, e.g. beta=0.1")
     s1.add_argument("--encoder", help="another CLIP vision folder (see make-encoder)")
+    s1.add_argument("--faces", help="the face folder stage 0 read (default: the world's photos)")
     me = sub.add_parser("make-encoder", help="a random CLIP vision folder like the world's, other patch size")
     me.add_argument("--patch-size", type=int, default=8)
     me.add_argument("--width", type=int, default=64)
@@ -263,6 +380,13 @@ def main(argv=None) -> int:
     sc.add_argument("--encoder", help="the CLIP vision folder the hypernetwork was trained with")
     sc.add_argument("--offset-scale", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
                     help="comma-separated factors for the prediction's offset from the mean stage-0 LiDB")
+    cc = sub.add_parser("code-ceiling", help="the targets' own limit: stage-0 LiDBs predicted from the hidden code")
+    cc.add_argument("--stage0", required=True)
+    cc.add_argument("--ridge", type=float, default=1.0)
+    cc.add_argument("--bilinear", action="store_true", help="also the code's u x v products as features")
+    ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
+    ag.add_argument("--stage0", required=True)
+    ag.add_argument("--other", required=True)
     pr = sub.add_parser("predictability")
     pr.add_argument("--stage0", required=True)
     pr.add_argument("--encoder", help="another CLIP vision folder to compare")
@@ -290,6 +414,10 @@ def main(argv=None) -> int:
         cmd_pretrain_encoder(args, manifest, spec)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
+    elif args.cmd == "agreement":
+        cmd_agreement(args, manifest, spec)
+    elif args.cmd == "code-ceiling":
+        cmd_code_ceiling(args, manifest, spec, rec)
     else:
         cmd_predictability(args, manifest, spec)
     return 0

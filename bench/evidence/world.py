@@ -190,6 +190,14 @@ def save_image_encoder(folder: str, seed: int, patch_size: int = 16, width: int 
     CLIPVisionModelWithProjection(cfg).eval().save_pretrained(folder, safe_serialization=True)
 
 
+def hidden_code(spec: WorldSpec, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Identity `name`'s hidden code (u, v), and its generator positioned for the teacher's own noise."""
+    gi = generator(spec.seed, "teacher", name)
+    u = torch.randn(spec.code_dim, generator=gi)
+    v = torch.randn(spec.code_dim, generator=gi)
+    return u, v, gi
+
+
 def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> list[LiDB]:
     """Teacher LiDBs from hidden codes (u_i, v_i) through one fixed random linear map per layer (mean dW 0)."""
     g = generator(spec.seed, "teacher-maps")
@@ -200,9 +208,7 @@ def teachers(layers, config: LiDBConfig, spec: WorldSpec, names: list[str]) -> l
                         torch.randn(b_l, spec.code_dim, generator=g) / spec.code_dim ** 0.5)
     out = []
     for name in names:
-        gi = generator(spec.seed, "teacher", name)
-        u = torch.randn(spec.code_dim, generator=gi)
-        v = torch.randn(spec.code_dim, generator=gi)
+        u, v, gi = hidden_code(spec, name)
         a, b = {}, {}
         for s in layers:
             ma, mb = maps[s.name]
