@@ -193,6 +193,13 @@ def scaled_offset(start, lidb, scale: float):
     return LiDB(lidb.layers, lidb.config, a, b, dict(lidb.info))
 
 
+def flat_dw(lidb):
+    """All layers' dW of a LiDB as one vector (no factor gauge)."""
+    import torch
+
+    return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
+
+
 def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, float]:
     """Mean (|o| / |o_t|, cos(o, o_t)) of the predicted and stage-0 LiDBs' dW offsets from `start`, all
     layers' dW in one vector (dW: no factor gauge)."""
@@ -200,14 +207,11 @@ def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, floa
 
     from hdb_core.lidb.file import load_lidb
 
-    def dw(lidb):
-        return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
-
-    origin = dw(start)
+    origin = flat_dw(start)
     ratios, cosines = [], []
     for ident, lidb in predictions.items():
-        o = dw(lidb) - origin
-        o_t = dw(load_lidb(os.path.join(stage0, f"{ident}.safetensors"))) - origin
+        o = flat_dw(lidb) - origin
+        o_t = flat_dw(load_lidb(os.path.join(stage0, f"{ident}.safetensors"))) - origin
         ratios.append(float(o.norm() / o_t.norm()))
         cosines.append(float(torch.nn.functional.cosine_similarity(o, o_t, dim=0)))
     return statistics.fmean(ratios), statistics.fmean(cosines)
@@ -218,8 +222,8 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
 
     Ridge regression from the world's hidden identity code (u, v) to the stage-0 LiDB, fit on the
     training identities but the first `--train-ids`; those are the R^2 and score of identities the fit
-    never saw, the held-out ones the score of their code's LiDB. A score below the goal here means
-    the targets, not the photo or the network, are what limits the prediction.
+    never saw, the held-out ones the score of their code's LiDB. Near zero means the targets are not a
+    (bi)linear function of who the person is: most of a target is something else.
     """
     import torch
 
@@ -275,8 +279,7 @@ def cmd_agreement(args, manifest, spec) -> None:
     from hdb_core.lidb.file import load_lidb
 
     def dw(folder, ident):
-        lidb = load_lidb(os.path.join(folder, f"{ident}.safetensors"))
-        return torch.cat([(u @ d).flatten() for d, u in (lidb.down_up(s.name) for s in lidb.layers)])
+        return flat_dw(load_lidb(os.path.join(folder, f"{ident}.safetensors")))
 
     ids = [i for i in manifest["train"] if all(os.path.exists(os.path.join(f, f"{i}.safetensors"))
                                                 for f in (args.stage0, args.other))][: args.train_ids]

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prepare_args(p)
     p.add_argument("--stage0-steps", type=int, default=defaults.STAGE0_STEPS)
     p.add_argument("--stage0-lr", type=float, default=defaults.STAGE0_LR)
-    p.add_argument("--stage0-lr-schedule", choices=("constant", "cosine"), default=defaults.STAGE0_LR_SCHEDULE)
+    p.add_argument("--stage0-lr-schedule", choices=defaults.STAGE0_LR_SCHEDULES, default=defaults.STAGE0_LR_SCHEDULE)
     p.add_argument("--stage0-decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START)
     p.add_argument("--stage0-batch-size", type=int, default=8, help="identities trained together per process")
     p.add_argument("--stage1-steps", type=int, default=defaults.STAGE1_STEPS)
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gpu_args(p)
     p.add_argument("--steps", type=int, default=defaults.STAGE0_STEPS, help="optimisation steps per identity")
     p.add_argument("--lr", type=float, default=defaults.STAGE0_LR, help="Adam learning rate")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.STAGE0_LR_SCHEDULE,
+    p.add_argument("--lr-schedule", choices=defaults.STAGE0_LR_SCHEDULES, default=defaults.STAGE0_LR_SCHEDULE,
                    help="cosine: decay the learning rate to zero over the steps")
     p.add_argument("--decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START,
                    help="L2 pull of every LiDB toward the common start (0: off); makes the targets reproducible, "

@@ -25,6 +25,7 @@ RESOLUTION = 512                 # SD1.x; SDXL users set 1024
 # Stage 0 (one LiDB per training identity) and stage 1 (the hypernetwork).
 STAGE0_STEPS = 300
 STAGE0_LR = 1e-3
+STAGE0_LR_SCHEDULES = ("constant", "cosine")   # cosine: decayed to zero over the steps
 STAGE0_LR_SCHEDULE = "constant"
 STAGE0_DECAY_TO_START = 0.0
 STAGE1_STEPS = 10000

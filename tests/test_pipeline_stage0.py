@@ -61,18 +61,23 @@ class Stop(Exception):
     pass
 
 
+def stop_at(chunk: list[str], step: int):
+    """An on_step hook that interrupts the run at `step` of `chunk`."""
+    def hook(info):
+        if info["chunk"] == chunk and info["step"] == step:
+            raise Stop()
+    return hook
+
+
 def test_finished_identities_are_skipped_and_an_interrupted_chunk_resumes(faces, base, tmp_path):
     straight = tmp_path / "straight"
     preoptimize(faces, base, str(straight), settings(steps=4, batch_size=2), progress=False)
 
     out = tmp_path / "interrupted"
 
-    def stop_in_second_chunk(info):
-        if info["chunk"] == ["id02"] and info["step"] == 3:
-            raise Stop()
     with pytest.raises(Stop):
         preoptimize(faces, base, str(out), settings(steps=4, batch_size=2), progress=False,
-                    on_step=stop_in_second_chunk)
+                    on_step=stop_at(["id02"], 3))
     assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors")) == ["id00.safetensors",
                                                                                  "id01.safetensors"]
     assert os.path.exists(state_dir(str(out)) + "/stage0-rank0.safetensors")   # step-2 checkpoint of chunk 2
@@ -119,19 +124,17 @@ def test_decay_to_start_and_the_cosine_schedule(faces, base, tmp_path):
                 progress=False)
     pulled = dict(steps=4, batch_size=2, learning_rate=1e-2, lr_schedule="cosine", decay_to_start=50.0)
     preoptimize(faces, base, str(tmp_path / "pulled"), settings(**pulled), progress=False)
-    for ident, o in offsets(tmp_path / "pulled").items():
-        assert 0 < o.norm() < 0.9 * offsets(free)[ident].norm()
+    pulled_offsets, free_offsets = offsets(tmp_path / "pulled"), offsets(free)
+    for ident, o in pulled_offsets.items():
+        assert 0 < o.norm() < 0.9 * free_offsets[ident].norm()
 
     out = tmp_path / "interrupted"
 
-    def stop(info):
-        if info["chunk"] == ["id02"] and info["step"] == 3:
-            raise Stop()
     with pytest.raises(Stop):
-        preoptimize(faces, base, str(out), settings(**pulled), progress=False, on_step=stop)
+        preoptimize(faces, base, str(out), settings(**pulled), progress=False, on_step=stop_at(["id02"], 3))
     preoptimize(faces, base, str(out), settings(**pulled), progress=False)
     for ident, o in offsets(out).items():
-        torch.testing.assert_close(o, offsets(tmp_path / "pulled")[ident], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(o, pulled_offsets[ident], rtol=1e-5, atol=1e-7)
 
     # chunk checkpoints from before these options existed still resume: unset, they leave the fingerprint alone
     before = {k: v for k, v in asdict(settings()).items() if k not in (

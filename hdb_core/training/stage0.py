@@ -79,9 +79,9 @@ class PreoptimizeSettings:
         if not (self.decay_to_start >= 0 and math.isfinite(self.decay_to_start)):
             raise HDBError(f"decay to start is {self.decay_to_start}; use 0 (off) or a small positive value "
                            f"such as 3e-4.")
-        if self.lr_schedule not in LR_SCHEDULES:
+        if self.lr_schedule not in defaults.STAGE0_LR_SCHEDULES:
             raise HDBError(f"Unknown stage-0 learning-rate schedule {self.lr_schedule!r}; use one of "
-                           f"{', '.join(LR_SCHEDULES)}.")
+                           f"{', '.join(defaults.STAGE0_LR_SCHEDULES)}.")
         if "{trigger}" not in self.prompt:
             raise HDBError(f"The prompt {self.prompt!r} has no {{trigger}} placeholder; "
                            f"use e.g. 'a photo of {{trigger}}'.")
@@ -96,9 +96,6 @@ class PreoptimizeSettings:
             if d[k] == off:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def stage0_lr(step: int, settings: PreoptimizeSettings) -> float:
