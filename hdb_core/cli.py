@@ -82,6 +82,9 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion-photo", choices=("input", "other"), default="input",
                    help="the photo the diffusion term reconstructs: the one the network sees (the paper) or "
                         "another photo of the same person (identities with one photo use their own)")
+    p.add_argument("--input-photos", type=int, default=1,
+                   help="show the network 1..N photos of the person at once (a count drawn per step), so that it "
+                        "learns to predict from several photos as the nodes allow (1: one photo, the paper)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--width", type=int, default=512, help="hypernetwork decoder width")
     p.add_argument("--depth", type=int, default=2, help="decoder layers (paper: 2)")
@@ -129,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage0-lr", type=float, default=defaults.STAGE0_LR)
     p.add_argument("--stage0-lr-schedule", choices=defaults.STAGE0_LR_SCHEDULES, default=defaults.STAGE0_LR_SCHEDULE)
     p.add_argument("--stage0-decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START)
-    p.add_argument("--stage0-batch-size", type=int, default=8, help="identities trained together per process")
+    p.add_argument("--stage0-repeats", type=int, default=defaults.STAGE0_REPEATS)
+    p.add_argument("--stage0-batch-size", type=int, default=8,
+                   help="LiDBs trained together per process (identities x repeats)")
     p.add_argument("--stage1-steps", type=int, default=defaults.STAGE1_STEPS)
     p.add_argument("--stage1-lr", type=float, default=defaults.STAGE1_LR)
     p.add_argument("--stage1-batch-size", type=int, default=4, help="photos per process per step")
@@ -164,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay-to-start", type=float, default=defaults.STAGE0_DECAY_TO_START,
                    help="L2 pull of every LiDB toward the common start (0: off); makes the targets reproducible, "
                         "see docs/evidence.md")
-    p.add_argument("--batch-size", type=int, default=8, help="identities trained together per process")
+    p.add_argument("--repeats", type=int, default=defaults.STAGE0_REPEATS,
+                   help="independent runs per identity from the common start, their offsets averaged and scaled back "
+                        "to a run's length: targets with less of stage 0's own noise, at repeats times the compute "
+                        "(see docs/evidence.md)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="LiDBs trained together per process (identities x repeats)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints within a batch")
     p.add_argument("--a", type=int, default=100, help="LiDB down-projection dimension a (paper: 100)")
     p.add_argument("--b", type=int, default=50, help="LiDB up-projection dimension b (paper: 50)")
@@ -271,7 +281,8 @@ def cmd_preoptimize(args) -> int:
 
     settings = PreoptimizeSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,
-        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start, batch_size=args.batch_size,
+        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start, repeats=args.repeats,
+        batch_size=args.batch_size,
         resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
         rank=args.rank, lidb_seed=args.lidb_seed, text_encoder=not args.no_text_encoder, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
@@ -297,7 +308,7 @@ def cmd_train_hypernet(args) -> int:
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
         weight_space=args.weight_space, weight_length=args.weight_length,
-        diffusion_photo=args.diffusion_photo, grad_clip=args.grad_clip,
+        diffusion_photo=args.diffusion_photo, input_photos=args.input_photos, grad_clip=args.grad_clip,
         resolution=args.resolution, width=args.width,
         depth=args.depth, heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
@@ -343,7 +354,8 @@ def cmd_pipeline(args) -> int:
          *_forward(args, _option_names(_prepare_args)), "--dtype", args.dtype],
         ["preoptimize", "--data", prepared, "--output", lidbs, *common, *data, *run_args,
          "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size),
-         "--lr-schedule", args.stage0_lr_schedule, "--decay-to-start", str(args.stage0_decay_to_start)],
+         "--lr-schedule", args.stage0_lr_schedule, "--decay-to-start", str(args.stage0_decay_to_start),
+         "--repeats", str(args.stage0_repeats)],
         ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
          "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
          "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _option_names(_stage1_args))],

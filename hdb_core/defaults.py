@@ -28,5 +28,6 @@ STAGE0_LR = 1e-3
 STAGE0_LR_SCHEDULES = ("constant", "cosine")   # cosine: decayed to zero over the steps
 STAGE0_LR_SCHEDULE = "constant"
 STAGE0_DECAY_TO_START = 0.0
+STAGE0_REPEATS = 1               # runs per identity averaged into its LiDB (docs/evidence.md: denoised targets)
 STAGE1_STEPS = 10000
 STAGE1_LR = 1e-4

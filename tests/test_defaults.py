@@ -43,12 +43,12 @@ def test_the_cli_uses_the_table():
     assert finetune.trigger is None, "hdb finetune takes the --init LiDB's trigger, else defaults.TRIGGER"
     stage0 = _subparser("preoptimize").parse_args(["--data", "d", "--output", "o", "--base-model", "m"])
     assert (stage0.trigger, stage0.steps, stage0.lr, stage0.resolution, not stage0.no_flip, stage0.lr_schedule,
-            stage0.decay_to_start) == (
+            stage0.decay_to_start, stage0.repeats) == (
         defaults.TRIGGER, defaults.STAGE0_STEPS, defaults.STAGE0_LR, defaults.RESOLUTION, defaults.MIRROR,
-        defaults.STAGE0_LR_SCHEDULE, defaults.STAGE0_DECAY_TO_START)
+        defaults.STAGE0_LR_SCHEDULE, defaults.STAGE0_DECAY_TO_START, defaults.STAGE0_REPEATS)
     pipeline = _subparser("pipeline").parse_args(["--data", "d", "--output", "o", "--base-model", "m"])
-    assert (pipeline.stage0_lr_schedule, pipeline.stage0_decay_to_start) == (
-        defaults.STAGE0_LR_SCHEDULE, defaults.STAGE0_DECAY_TO_START)
+    assert (pipeline.stage0_lr_schedule, pipeline.stage0_decay_to_start, pipeline.stage0_repeats) == (
+        defaults.STAGE0_LR_SCHEDULE, defaults.STAGE0_DECAY_TO_START, defaults.STAGE0_REPEATS)
     stage1 = _subparser("train-hypernet").parse_args(["--data", "d", "--lidbs", "l", "--output", "o.safetensors",
                                                       "--base-model", "m"])
     assert (stage1.trigger, stage1.steps, stage1.lr) == (defaults.TRIGGER, defaults.STAGE1_STEPS, defaults.STAGE1_LR)

@@ -138,7 +138,8 @@ def test_decay_to_start_and_the_cosine_schedule(faces, base, tmp_path):
 
     # chunk checkpoints from before these options existed still resume: unset, they leave the fingerprint alone
     before = {k: v for k, v in asdict(settings()).items() if k not in (
-        "lr_schedule", "decay_to_start", "batch_size", "checkpoint_every", "min_size", "gradient_checkpointing")}
+        "lr_schedule", "decay_to_start", "repeats", "batch_size", "checkpoint_every", "min_size",
+        "gradient_checkpointing")}
     assert settings().fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert len({settings(**kw).fingerprint() for kw in ({}, dict(lr_schedule="cosine"),
                                                          dict(decay_to_start=1e-3))}) == 3
@@ -147,6 +148,51 @@ def test_decay_to_start_and_the_cosine_schedule(faces, base, tmp_path):
                        (dict(lr_schedule="linear"), "Unknown stage-0 learning-rate schedule 'linear'")):
         with pytest.raises(HDBError, match=words):
             settings(**bad).validate()
+
+
+def test_repeats_average_the_runs_and_keep_their_length(faces, base, tmp_path):
+    """combine_repeats: the start plus the runs' mean offset, at their mean length; in stage 0 the first run of
+    an identity is the one-run LiDB, an interrupted run resumes to the same LiDBs, and unset it changes nothing."""
+    from hdb_core.errors import HDBError
+    from hdb_core.lidb.batch import stack_train
+    from hdb_core.training.stage0 import combine_repeats, common_start, run_names
+
+    assert run_names(["p", "q"], 2) == ["p", "p#repeat1", "q", "q#repeat1"] and run_names(["p"], 1) == ["p"]
+    gen = torch.Generator().manual_seed(0)
+    start_a, start_b = {"l": torch.randn(1, 3, 1, generator=gen)}, {"l": torch.randn(1, 1, 2, generator=gen)}
+    starts = ({"l": t["l"].expand(6, -1, -1)} for t in (start_a, start_b))
+    start_a, start_b = next(starts), next(starts)
+    a = {"l": start_a["l"] + torch.randn(6, 3, 1, generator=gen)}
+    b = {"l": start_b["l"] + torch.randn(6, 1, 2, generator=gen)}
+    ca, cb = combine_repeats(a, b, start_a, start_b, 3)
+    assert ca["l"].shape == (2, 3, 1) and cb["l"].shape == (2, 1, 2)
+    for i in range(2):
+        runs = torch.cat([(a["l"] - start_a["l"]).flatten(1), (b["l"] - start_b["l"]).flatten(1)], 1)[3 * i:3 * i + 3]
+        got = torch.cat([(ca["l"][i] - start_a["l"][0]).flatten(), (cb["l"][i] - start_b["l"][0]).flatten()])
+        torch.testing.assert_close(got.norm(), runs.norm(dim=1).mean())
+        torch.testing.assert_close(got / got.norm(), runs.mean(0) / runs.mean(0).norm())
+    assert combine_repeats(a, b, start_a, start_b, 1) == (a, b)
+
+    def offset(folder, ident):
+        lidb = load_lidb(str(folder / f"{ident}.safetensors"))
+        (la, lb), (a0, b0) = stack_train([lidb]), stack_train([common_start(lidb.layers, lidb.config, 0)])
+        return torch.cat([(la[n] - a0[n]).flatten() for n in la] + [(lb[n] - b0[n]).flatten() for n in lb])
+
+    kw = dict(steps=3, batch_size=4, learning_rate=1e-2)
+    preoptimize(faces, base, str(tmp_path / "one"), settings(**kw), progress=False)
+    preoptimize(faces, base, str(tmp_path / "three"), settings(repeats=3, **kw), progress=False)
+    out = tmp_path / "interrupted"
+    with pytest.raises(Stop):
+        preoptimize(faces, base, str(out), settings(repeats=3, **kw), progress=False, on_step=stop_at(["id02"], 2))
+    preoptimize(faces, base, str(out), settings(repeats=3, **kw), progress=False)
+    for ident in ("id00", "id01", "id02"):
+        one, three = offset(tmp_path / "one", ident), offset(tmp_path / "three", ident)
+        torch.testing.assert_close(offset(out, ident), three, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(one, three)     # other runs' draws count
+        assert torch.nn.functional.cosine_similarity(one, three, dim=0) > 0.3   # and the first run is among them
+    assert settings(repeats=1).fingerprint() == settings().fingerprint() != settings(repeats=2).fingerprint()
+    with pytest.raises(HDBError, match="repeats is 0"):
+        settings(repeats=0).validate()
 
 
 def test_gradient_checkpointing_and_bf16_autocast_in_stage0(faces, base, tmp_path):

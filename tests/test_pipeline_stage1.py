@@ -262,6 +262,46 @@ def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(base, ti
         net_settings(diffusion_photo="same").validate()
 
 
+def test_the_network_can_see_several_photos_of_the_person_at_once(base, tiny_model, tmp_path):
+    """input_photos=3: every sample of a step shows the same number of photos (1 to 3, drawn per step), the
+    first is the photo the diffusion term uses, the rest are the person's other photos (repeated when there
+    are too few); input_photos=1 gives exactly the one-photo samples; a short run trains."""
+    faces = make_faces(str(tmp_path / "faces"), 2, per_folder=3)
+    make_faces(faces, 1, start=2, per_folder=1)
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
+    prepare(faces, base, encoder, str(tmp_path / "prepared"), PrepareSettings(resolution=64, face_check="none",
+                                                                               min_size=32), progress=False)
+    prepared = PreparedData(str(tmp_path / "prepared"))
+    lidbs = str(tmp_path / "lidbs")
+    preoptimize(str(tmp_path / "prepared"), base, lidbs, PreoptimizeSettings(steps=1, batch_size=3,
+                                                                             learning_rate=1e-2), progress=False)
+    one, many = (Samples(prepared, prepared.ids, lidbs, net_settings(batch_size=3, input_photos=k), 1,
+                         base.num_timesteps, (4, 8, 8)) for k in (1, 3))
+    tokens = prepared.features(prepared.ids[0], 0, False).shape[0]
+    counts = set()
+    for step in range(8):
+        batch = many.batch(step)
+        count = batch["features"].shape[1] // tokens
+        counts.add(count)
+        assert batch["features"].shape[1] == count * tokens and 1 <= count <= 3
+        for pos in many.positions(step):
+            ident, sample, single = many.identity(pos), many[pos], one[pos]
+            assert torch.equal(sample["latents"], single["latents"]) and torch.equal(sample["noise"], single["noise"])
+            assert torch.equal(sample["features"][:tokens], single["features"])
+            shown = {k for k in range(prepared.num_photos(ident)) for m in (0, 1)
+                     for chunk in sample["features"].split(tokens)
+                     if torch.equal(chunk, prepared.features(ident, k, bool(m)))}
+            assert len(shown) == min(count, prepared.num_photos(ident))
+    assert len(counts) > 1
+    log = []
+    train_hypernet(str(tmp_path / "prepared"), lidbs, base, None, str(tmp_path / "hn.safetensors"),
+                   net_settings(steps=4, input_photos=3, ema_decay=0, val_identities=0), progress=False,
+                   on_step=log.append)
+    assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    with pytest.raises(Exception, match="input photos is 0"):
+        net_settings(input_photos=0).validate()
+
+
 @pytest.fixture(scope="module")
 def hypernet_file(stage0, tiny_model, tmp_path_factory):
     prepared, lidbs, _ = stage0
@@ -387,13 +427,14 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
     seen = {}
     for name in ("prepare", "preoptimize", "train-hypernet"):
         monkeypatch.setitem(cli.COMMANDS, name, lambda args, name=name: seen.setdefault(name, args) and 0)
-    stage1 = ["--weight-space", "delta", "--diffusion-photo", "other", "--beta", "0.5", "--width", "64",
+    stage1 = ["--weight-space", "delta", "--diffusion-photo", "other", "--input-photos", "4", "--beta", "0.5",
+              "--width", "64",
               "--heads", "2", "--ema-decay", "0", "--val-identities", "3", "--warmup-steps", "7"]
     run = ["--trigger", "zwx", "--seed", "3", "--dtype", "fp32", "--no-flip", "--autocast", "off",
            "--gradient-checkpointing"]
     assert cli.main(["pipeline", "--data", str(tmp_path), "--base-model", str(tmp_path), "--image-encoder",
                      str(tmp_path), "--output", str(tmp_path / "run"), "--cpu", "--shard-size", "3",
-                     "--encode-batch", "5", *stage1, *run]) == 0
+                     "--encode-batch", "5", "--stage0-repeats", "2", *stage1, *run]) == 0
     parse = cli.build_parser().parse_args
     expected = {
         "prepare": (parse(["prepare", "--data", "d", "--output", "o", "--base-model", "b", "--shard-size", "3",
@@ -409,4 +450,5 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
             if name not in ("cpu", "no_progress"):
                 assert getattr(seen[step], name) == getattr(want, name), (step, name)
     assert (seen["train-hypernet"].weight_space, seen["train-hypernet"].diffusion_photo) == ("delta", "other")
+    assert (seen["preoptimize"].repeats, seen["train-hypernet"].input_photos) == (2, 4)
     assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu

@@ -52,7 +52,8 @@ class PreoptimizeSettings:
     learning_rate: float = defaults.STAGE0_LR
     lr_schedule: str = defaults.STAGE0_LR_SCHEDULE
     decay_to_start: float = defaults.STAGE0_DECAY_TO_START
-    batch_size: int = 8
+    repeats: int = defaults.STAGE0_REPEATS    # independent runs per identity, combined by `combine_repeats`
+    batch_size: int = 8                       # LiDBs trained together: identities x repeats
     resolution: int = defaults.RESOLUTION
     seed: int = 0
     a: int = 100
@@ -76,6 +77,8 @@ class PreoptimizeSettings:
             raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-3.")
         if self.batch_size < 1:
             raise HDBError(f"batch size is {self.batch_size}; use 1 or more identities per batch.")
+        if self.repeats < 1:
+            raise HDBError(f"repeats is {self.repeats}; use 1 (one run per identity) or more (runs averaged).")
         if not (self.decay_to_start >= 0 and math.isfinite(self.decay_to_start)):
             raise HDBError(f"decay to start is {self.decay_to_start}; use 0 (off) or a small positive value "
                            f"such as 3e-4.")
@@ -92,7 +95,7 @@ class PreoptimizeSettings:
         d = asdict(self)
         for k in ("batch_size", "checkpoint_every", "min_size", "gradient_checkpointing"):
             d.pop(k)
-        for k, off in (("lr_schedule", "constant"), ("decay_to_start", 0.0)):
+        for k, off in (("lr_schedule", "constant"), ("decay_to_start", 0.0), ("repeats", 1)):
             if d[k] == off:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -149,8 +152,44 @@ def init_chunk(ids: list[str], layers, config: LiDBConfig, seed: int):
     return stack_train([start] * len(ids))
 
 
+def run_names(ids: list[str], repeats: int) -> list[str]:
+    """One name per trained LiDB of a chunk, identity-major; the first run of an identity is named as the
+    identity itself, so one repeat draws exactly what stage 0 drew before repeats existed."""
+    return [i if r == 0 else f"{i}#repeat{r}" for i in ids for r in range(repeats)]
+
+
+def combine_repeats(a: dict, b: dict, start_a: dict, start_b: dict, repeats: int) -> tuple[dict, dict]:
+    """Per identity, the start plus the mean of its runs' offsets from it, scaled to the runs' mean offset length.
+
+    Independent runs of one identity agree only in part (docs/evidence.md: dW-offset cosine 0.36), so the
+    mean keeps what they share and cancels each run's own draws; but cancelling also shortens it, and a
+    shorter LiDB identifies the person less, so it is scaled back to the length a single run reaches.
+    Tensors are stacked identity-major [N * repeats, ...]; the offset spans every layer's A and B.
+    """
+    if repeats == 1:
+        return a, b
+    names = list(a)
+
+    def per_identity(t: dict, start: dict) -> list[torch.Tensor]:
+        return [(t[n] - start[n]).reshape(-1, repeats, *t[n].shape[1:]) for n in names]
+
+    offsets = per_identity(a, start_a) + per_identity(b, start_b)           # each [N, repeats, ...]
+    run_length = torch.sqrt(sum(o.flatten(2).pow(2).sum(2) for o in offsets)).mean(1)          # [N]
+    mean_length = torch.sqrt(sum(o.mean(1).flatten(1).pow(2).sum(1) for o in offsets))         # [N]
+    scale = torch.where(mean_length > 0, run_length / mean_length.clamp_min(1e-30), torch.zeros_like(run_length))
+
+    def combined(t: dict, start: dict, k: int) -> dict:
+        out = {}
+        for i, n in enumerate(names):
+            mean = offsets[k + i].mean(1)
+            out[n] = start[n][::repeats] + mean * scale.view(-1, *([1] * (mean.dim() - 1)))
+        return out
+
+    return combined(a, start_a, 0), combined(b, start_b, len(names))
+
+
 def draw_batch(ids, latents, num_timesteps: int, seed: int, step: int, flip: bool):
-    """(latents, noise, timesteps) for one step; every identity draws from its own generator."""
+    """(latents, noise, timesteps) for one step; every run (`run_names`) draws from its own generator."""
     lat, noise, ts = [], [], []
     for ident, lat_i in zip(ids, latents):
         d = draw(generator(seed, ident, "step", step), lat_i.shape[0], flip, num_timesteps, lat_i.shape[2:])
@@ -208,7 +247,8 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
 
     ckpt_path = os.path.join(state, f"stage0-rank{process.index}.safetensors")
     loss_log = LossLog(loss_log_path(output, process.index), ["chunk", "step", "loss"])
-    chunks = [[i.id for i in todo[k:k + settings.batch_size]] for k in range(0, len(todo), settings.batch_size)]
+    per_chunk = max(1, settings.batch_size // settings.repeats)
+    chunks = [[i.id for i in todo[k:k + per_chunk]] for k in range(0, len(todo), per_chunk)]
     resume = _resumable(ckpt_path, settings, by_id)
     if resume is not None:
         ids = resume[1]["ids"]
@@ -240,7 +280,9 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
             if not ids:
                 bar.update(settings.steps)
                 continue
-            a, b = init_chunk(ids, layers, config, settings.seed)
+            runs = run_names(ids, settings.repeats)
+            latents = [lat for lat in latents for _ in range(settings.repeats)]
+            a, b = init_chunk(runs, layers, config, settings.seed)
             start_a, start_b = ({n: v.to(device, copy=True) for n, v in t.items()} for t in (a, b))
             params = [t.to(device).requires_grad_(True) for t in (*a.values(), *b.values())]
             a = dict(zip(a, params[:len(a)]))
@@ -257,9 +299,9 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 step0 = st["step"]
                 bar.update(step0)
                 resume = None
-            input_ids = tokenize(base, [prompt] * len(ids), device)
+            input_ids = tokenize(base, [prompt] * len(runs), device)
             for step in range(step0, settings.steps):
-                lat, noise, ts = draw_batch(ids, latents, base.num_timesteps, settings.seed, step, settings.flip)
+                lat, noise, ts = draw_batch(runs, latents, base.num_timesteps, settings.seed, step, settings.flip)
                 with autocast(settings.autocast, device):
                     per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
                                                 noise.to(device), ts.to(device), dtype, settings.text_encoder)
@@ -284,6 +326,8 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                     on_step({"chunk": chunk, "step": step + 1, "loss": loss})
             injector.clear()
             info = dict(trigger=settings.trigger, source="trained", base_model=base.name)
+            with torch.no_grad():
+                a, b = combine_repeats(a, b, start_a, start_b, settings.repeats)
             for ident, lidb in zip(ids, unstack_train(a, b, layers, config, **info)):
                 save_lidb(lidb, lidb_path(output, ident))
             trained += len(ids)

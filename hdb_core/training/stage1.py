@@ -71,6 +71,8 @@ class HypernetSettings:
                                    # target's length, however unsure its direction (see `unshrunk_weight_loss`)
     diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
                                     # "other": another photo of the same person, so only identity carries over
+    input_photos: int = 1          # the network sees 1..input_photos photos of the person at once (one count
+                                   # drawn per step), as `predict_lidb` and the nodes accept several
     grad_clip: float = 1.0
     resolution: int = defaults.RESOLUTION
     width: int = 512
@@ -106,6 +108,8 @@ class HypernetSettings:
         if self.diffusion_photo not in DIFFUSION_PHOTOS:
             raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
                            f"not {self.diffusion_photo!r}.")
+        if self.input_photos < 1:
+            raise HDBError(f"input photos is {self.input_photos}; use 1 (one photo per prediction) or more.")
         if not 0 <= self.ema_decay < 1:
             raise HDBError(f"EMA decay is {self.ema_decay}; use a value in [0, 1), such as 0.999 (0: no EMA).")
         if self.val_identities < 0:
@@ -215,16 +219,27 @@ class Samples(torch.utils.data.Dataset):
         return self.ids[self._epoch[1][offset]]
 
     def __getitem__(self, pos: int) -> dict:
-        return self.sample(self.identity(pos), generator(self.s.seed, "stage1", pos // self.global_batch, pos))
+        step = pos // self.global_batch
+        return self.sample(self.identity(pos), generator(self.s.seed, "stage1", step, pos), self.photo_count(step))
 
-    def sample(self, ident: str, gen: torch.Generator) -> dict:
+    def photo_count(self, step: int) -> int:
+        """How many photos every sample of `step` shows the network (one count per step: equal memory lengths)."""
+        if self.s.input_photos == 1:
+            return 1
+        return int(torch.randint(1, self.s.input_photos + 1, (1,), generator=generator(self.s.seed, "photos", step)))
+
+    def sample(self, ident: str, gen: torch.Generator, count: int = 1) -> dict:
         photos = self.prepared.num_photos(ident)
         d = draw(gen, photos, self.s.flip, self.num_timesteps, self.latent_shape)
         target = d.photo
         if self.s.diffusion_photo == "other" and photos > 1:    # drawn last: the other draws stay as they were
             target = (d.photo + 1 + int(torch.randint(photos - 1, (1,), generator=gen))) % photos
+        seen = [d.photo]
+        if count > 1:    # the drawn photo, then the others in a drawn order (repeated when there are too few)
+            others = [(d.photo + 1 + k) % photos for k in torch.randperm(photos - 1, generator=gen).tolist()]
+            seen = [(seen + others)[k % photos] for k in range(count)]
         lidb = load_lidb(lidb_path(self.lidb_dir, ident))
-        return {"features": self.prepared.features(ident, d.photo, d.mirrored),
+        return {"features": torch.cat([self.prepared.features(ident, p, d.mirrored) for p in seen]),
                 "latents": self.prepared.latents(ident, target)[int(d.mirrored)],
                 "noise": d.noise, "timestep": d.timestep,
                 "a": {n: v.float() for n, v in lidb.a_train.items()},
