@@ -91,7 +91,8 @@ def cmd_stage0(args, manifest, spec) -> None:
     else:
         data = manifest["photos"] if args.all else subset_folder(manifest, args.train_ids, args.out + ".faces")
     preoptimize(data, manifest["base"], args.out, PreoptimizeSettings(
-        steps=args.steps, learning_rate=args.lr, lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start,
+        steps=args.steps, learning_rate=args.lr, rank=args.rank, repeats=args.repeats,
+        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start,
         batch_size=46, checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64, flip=False,
         seed=args.seed if args.draw_seed is None else args.draw_seed), progress=True)
 
@@ -154,9 +155,10 @@ def cmd_score(args, manifest, spec, rec) -> None:
         net = load_hypernet(args.hypernet)
         encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
 
-        def predicted(folder, ident):
-            photo = data.prepare_image(os.path.join(folder, ident, "0.png"), W.IMAGE_SIZE, "none")[None]
-            return net.predict_lidb(encoder.encode(photo))
+        def predicted(folder, ident, count=1):
+            photos = torch.stack([data.prepare_image(os.path.join(folder, ident, f"{k}.png"), W.IMAGE_SIZE, "none")
+                                  for k in range(count)])
+            return net.predict_lidb(encoder.encode(photos))
 
         with torch.no_grad():
             preds = {i: predicted(manifest["photos"], i) for i in train}
@@ -166,11 +168,11 @@ def cmd_score(args, manifest, spec, rec) -> None:
             print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
                   f"cosine {cos:.2f}", flush=True)
             validation = Settings().validation       # the bench's validation identities: the first held-out ones
-            held = {i: predicted(manifest["held_out_photos"], i) for i in manifest["held_out"]}
+            held = {i: predicted(manifest["held_out_photos"], i, args.photos) for i in manifest["held_out"]}
             for c in args.offset_scale:
                 rows = [score(scaled_offset(start, lidb, c) if c != 1 else lidb, i) for i, lidb in held.items()]
                 tag = "" if c == 1 else f" x{c:g}"
-                line(f"hypernet prediction{tag}, {len(rows)} held-out identities", rows)
+                line(f"hypernet prediction{tag}, {len(rows)} held-out identities, {args.photos} photo(s)", rows)
                 line(f"  of which the bench's {validation} validation identities", rows[:validation])
 
 
@@ -294,6 +296,34 @@ def cmd_agreement(args, manifest, spec) -> None:
               f"two identities, one run {other:.2f}", flush=True)
 
 
+def cmd_average(args, manifest, spec) -> None:
+    """Stage-0 runs of the same identities (same common start) combined as `hdb preoptimize --repeats` does:
+    the start plus the runs' mean offset at their mean length. A per-photo folder's `<id>_p<k>` counts as `<id>`."""
+    import torch
+
+    from hdb_core.lidb.batch import stack_train, unstack_train
+    from hdb_core.lidb.file import load_lidb, save_lidb
+    from hdb_core.training.stage0 import combine_repeats, common_start, lidb_path
+
+    def path(folder, ident):
+        found = [p for p in (lidb_path(folder, ident), *(lidb_path(folder, f"{ident}_p{k}") for k in range(1, 9)))
+                 if os.path.exists(p)]
+        return found[0] if found else None
+
+    ids = [i for i in manifest["train"] + manifest.get("extra_train", []) if all(path(f, i) for f in args.runs)]
+    os.makedirs(args.out, exist_ok=True)
+    for ident in ids:
+        runs = [load_lidb(path(f, ident)) for f in args.runs]
+        start = common_start(runs[0].layers, runs[0].config, 0)
+        (a, b), (a0, b0) = stack_train(runs), stack_train([start] * len(runs))
+        if args.plain:     # the mean alone, as short as the runs' draws leave it
+            a, b = ({n: v.mean(0, keepdim=True) for n, v in t.items()} for t in (a, b))
+        else:
+            a, b = combine_repeats(a, b, a0, b0, len(runs))
+        save_lidb(unstack_train(a, b, runs[0].layers, runs[0].config, **runs[0].info)[0], lidb_path(args.out, ident))
+    print(f"{len(ids)} identities: {len(args.runs)} runs each combined into {args.out}", flush=True)
+
+
 def cmd_predictability(args, manifest, spec) -> None:
     """Ridge regression from one photo to its identity's stage-0 LiDB, fit on photos 0-2, tested on photo 3."""
     import torch
@@ -359,6 +389,8 @@ def main(argv=None) -> int:
     s0.add_argument("--lr-schedule", default="constant", help="constant or cosine (decayed to zero)")
     s0.add_argument("--decay-to-start", type=float, default=0.0, help="L2 pull toward the common start")
     s0.add_argument("--seed", type=int, default=0, help="stage 0's draws and common start")
+    s0.add_argument("--repeats", type=int, default=1, help="runs per identity, averaged (hdb preoptimize --repeats)")
+    s0.add_argument("--rank", type=int, default=1, help="the LiDBs' rank (the hypernetwork predicts the same)")
     s0.add_argument("--draw-seed", type=int, help="another seed's draws from seed 0's common start")
     s0.add_argument("--photo", type=int, help="one LiDB per training photo of this number (every identity)")
     s0.add_argument("--out", required=True)
@@ -383,6 +415,7 @@ def main(argv=None) -> int:
     sc.add_argument("--encoder", help="the CLIP vision folder the hypernetwork was trained with")
     sc.add_argument("--offset-scale", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
                     help="comma-separated factors for the prediction's offset from the mean stage-0 LiDB")
+    sc.add_argument("--photos", type=int, default=1, help="held-out predictions from photos 0..N-1 at once")
     cc = sub.add_parser("code-ceiling", help="the targets' own limit: stage-0 LiDBs predicted from the hidden code")
     cc.add_argument("--stage0", required=True)
     cc.add_argument("--ridge", type=float, default=1.0)
@@ -390,6 +423,10 @@ def main(argv=None) -> int:
     ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
     ag.add_argument("--stage0", required=True)
     ag.add_argument("--other", required=True)
+    av = sub.add_parser("average", help="combine stage-0 runs of the same identities as --repeats does")
+    av.add_argument("--out", required=True)
+    av.add_argument("--plain", action="store_true", help="the runs' mean, not scaled back to a run's length")
+    av.add_argument("runs", nargs="+", help="stage-0 folders from the same common start (seed 0)")
     pr = sub.add_parser("predictability")
     pr.add_argument("--stage0", required=True)
     pr.add_argument("--encoder", help="another CLIP vision folder to compare")
@@ -419,6 +456,8 @@ def main(argv=None) -> int:
         cmd_score(args, manifest, spec, rec)
     elif args.cmd == "agreement":
         cmd_agreement(args, manifest, spec)
+    elif args.cmd == "average":
+        cmd_average(args, manifest, spec)
     elif args.cmd == "code-ceiling":
         cmd_code_ceiling(args, manifest, spec, rec)
     else:
