@@ -230,17 +230,25 @@ def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, ti
     assert prepared.skip_counts == {"no face found": 1}
 
 
-def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(base, tiny_model, tmp_path):
-    """diffusion_photo="other": the latents come from another photo than the features, the other draws are
-    unchanged, and an identity with one photo reconstructs its own."""
-    faces = make_faces(str(tmp_path / "faces"), 2, per_folder=3)
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory, base, tiny_model):
+    """(prepared folder, stage-0 LiDB folder): two identities with 3 photos each and one with a single photo."""
+    root = tmp_path_factory.mktemp("photo_sets")
+    faces = make_faces(str(root / "faces"), 2, per_folder=3)
     make_faces(faces, 1, start=2, per_folder=1)
     encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
-    prepare(faces, base, encoder, str(tmp_path / "prepared"), PrepareSettings(resolution=64, face_check="none",
-                                                                               min_size=32), progress=False)
-    prepared = PreparedData(str(tmp_path / "prepared"))
-    preoptimize(str(tmp_path / "prepared"), base, str(tmp_path / "lidbs"), PreoptimizeSettings(
+    prepare(faces, base, encoder, str(root / "prepared"), PrepareSettings(resolution=64, face_check="none",
+                                                                           min_size=32), progress=False)
+    preoptimize(str(root / "prepared"), base, str(root / "lidbs"), PreoptimizeSettings(
         steps=1, batch_size=3, learning_rate=1e-2), progress=False)
+    return str(root / "prepared"), str(root / "lidbs")
+
+
+def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(photo_sets, base):
+    """diffusion_photo="other": the latents come from another photo than the features, the other draws are
+    unchanged, and an identity with one photo reconstructs its own."""
+    prepared_dir, lidbs = photo_sets
+    prepared = PreparedData(prepared_dir)
 
     def photo_of(ident, sample, tensor):
         found = [k for k in range(prepared.num_photos(ident)) for m in (0, 1)
@@ -248,7 +256,7 @@ def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(base, ti
                                 else prepared.latents(ident, k)[m])]
         return found[0]
 
-    runs = {mode: Samples(prepared, prepared.ids, str(tmp_path / "lidbs"), net_settings(diffusion_photo=mode),
+    runs = {mode: Samples(prepared, prepared.ids, lidbs, net_settings(diffusion_photo=mode),
                           1, base.num_timesteps, (4, 8, 8)) for mode in ("input", "other")}
     for pos in range(12):
         same, other = runs["input"][pos], runs["other"][pos]
@@ -262,19 +270,12 @@ def test_the_diffusion_term_can_reconstruct_another_photo_of_the_person(base, ti
         net_settings(diffusion_photo="same").validate()
 
 
-def test_the_network_can_see_several_photos_of_the_person_at_once(base, tiny_model, tmp_path):
+def test_the_network_can_see_several_photos_of_the_person_at_once(photo_sets, base, tmp_path):
     """input_photos=3: every sample of a step shows the same number of photos (1 to 3, drawn per step), the
     first is the photo the diffusion term uses, the rest are the person's other photos (repeated when there
     are too few); input_photos=1 gives exactly the one-photo samples; a short run trains."""
-    faces = make_faces(str(tmp_path / "faces"), 2, per_folder=3)
-    make_faces(faces, 1, start=2, per_folder=1)
-    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"))
-    prepare(faces, base, encoder, str(tmp_path / "prepared"), PrepareSettings(resolution=64, face_check="none",
-                                                                               min_size=32), progress=False)
-    prepared = PreparedData(str(tmp_path / "prepared"))
-    lidbs = str(tmp_path / "lidbs")
-    preoptimize(str(tmp_path / "prepared"), base, lidbs, PreoptimizeSettings(steps=1, batch_size=3,
-                                                                             learning_rate=1e-2), progress=False)
+    prepared_dir, lidbs = photo_sets
+    prepared = PreparedData(prepared_dir)
     one, many = (Samples(prepared, prepared.ids, lidbs, net_settings(batch_size=3, input_photos=k), 1,
                          base.num_timesteps, (4, 8, 8)) for k in (1, 3))
     tokens = prepared.features(prepared.ids[0], 0, False).shape[0]
@@ -294,7 +295,7 @@ def test_the_network_can_see_several_photos_of_the_person_at_once(base, tiny_mod
             assert len(shown) == min(count, prepared.num_photos(ident))
     assert len(counts) > 1
     log = []
-    train_hypernet(str(tmp_path / "prepared"), lidbs, base, None, str(tmp_path / "hn.safetensors"),
+    train_hypernet(prepared_dir, lidbs, base, None, str(tmp_path / "hn.safetensors"),
                    net_settings(steps=4, input_photos=3, ema_decay=0, val_identities=0), progress=False,
                    on_step=log.append)
     assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
