@@ -299,8 +299,6 @@ def cmd_agreement(args, manifest, spec) -> None:
 def cmd_average(args, manifest, spec) -> None:
     """Stage-0 runs of the same identities (same common start) combined as `hdb preoptimize --repeats` does:
     the start plus the runs' mean offset at their mean length. A per-photo folder's `<id>_p<k>` counts as `<id>`."""
-    import torch
-
     from hdb_core.lidb.batch import stack_train, unstack_train
     from hdb_core.lidb.file import load_lidb, save_lidb
     from hdb_core.training.stage0 import combine_repeats, common_start, lidb_path
