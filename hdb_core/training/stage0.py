@@ -76,7 +76,7 @@ class PreoptimizeSettings:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise HDBError(f"learning rate is {self.learning_rate}; use a positive value such as 1e-3.")
         if self.batch_size < 1:
-            raise HDBError(f"batch size is {self.batch_size}; use 1 or more identities per batch.")
+            raise HDBError(f"batch size is {self.batch_size}; use 1 or more LiDBs (identities x repeats) per batch.")
         if self.repeats < 1:
             raise HDBError(f"repeats is {self.repeats}; use 1 (one run per identity) or more (runs averaged).")
         if not (self.decay_to_start >= 0 and math.isfinite(self.decay_to_start)):
