@@ -373,6 +373,8 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
 def main(argv=None) -> int:
     import torch
 
+    from hdb_core import defaults
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", default=os.path.join(REPO, "bench", "out", "evidence"),
                    help="a bench_evidence.py output folder (its world/ is used)")
@@ -384,7 +386,8 @@ def main(argv=None) -> int:
     s0.add_argument("--steps", type=int, default=200)
     s0.add_argument("--lr", type=float, default=1e-2)
     s0.add_argument("--all", action="store_true", help="every training identity (stage 1 needs them)")
-    s0.add_argument("--lr-schedule", default="constant", help="constant or cosine (decayed to zero)")
+    s0.add_argument("--lr-schedule", choices=defaults.STAGE0_LR_SCHEDULES, default=defaults.STAGE0_LR_SCHEDULE,
+                    help="cosine: decayed to zero over the steps")
     s0.add_argument("--decay-to-start", type=float, default=0.0, help="L2 pull toward the common start")
     s0.add_argument("--seed", type=int, default=0, help="stage 0's draws and common start")
     s0.add_argument("--repeats", type=int, default=1, help="runs per identity, averaged (hdb preoptimize --repeats)")

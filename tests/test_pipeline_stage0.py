@@ -159,9 +159,8 @@ def test_repeats_average_the_runs_and_keep_their_length(faces, base, tmp_path, m
 
     assert run_names(["p", "q"], 2) == ["p", "p#repeat1", "q", "q#repeat1"] and run_names(["p"], 1) == ["p"]
     gen = torch.Generator().manual_seed(0)
-    start_a, start_b = {"l": torch.randn(1, 3, 1, generator=gen)}, {"l": torch.randn(1, 1, 2, generator=gen)}
-    starts = ({"l": t["l"].expand(6, -1, -1)} for t in (start_a, start_b))
-    start_a, start_b = next(starts), next(starts)
+    start_a = {"l": torch.randn(1, 3, 1, generator=gen).expand(6, -1, -1)}
+    start_b = {"l": torch.randn(1, 1, 2, generator=gen).expand(6, -1, -1)}
     a = {"l": start_a["l"] + torch.randn(6, 3, 1, generator=gen)}
     b = {"l": start_b["l"] + torch.randn(6, 1, 2, generator=gen)}
     ca, cb = combine_repeats(a, b, start_a, start_b, 3)

@@ -176,7 +176,7 @@ def combine_repeats(a: dict, b: dict, start_a: dict, start_b: dict, repeats: int
     offsets = per_identity(a, start_a) + per_identity(b, start_b)           # each [N, repeats, ...]
     run_length = torch.sqrt(sum(o.flatten(2).pow(2).sum(2) for o in offsets)).mean(1)          # [N]
     mean_length = torch.sqrt(sum(o.mean(1).flatten(1).pow(2).sum(1) for o in offsets))         # [N]
-    scale = torch.where(mean_length > 0, run_length / mean_length.clamp_min(1e-30), torch.zeros_like(run_length))
+    scale = run_length / mean_length.clamp_min(1e-30)      # a zero mean offset stays zero
 
     def combined(t: dict, start: dict, k: int) -> dict:
         out = {}
