@@ -9,6 +9,7 @@ Run after `bench/bench_evidence.py` has built its world (default: the full run's
     $P stage1 --stage0 /tmp/s0all --out /tmp/h.safetensors --set beta=0.1 --set steps=500
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors   # its predictions: training vs held-out
     $P predictability --stage0 /tmp/s0all                  # how much of the targets a photo can predict
+    $P pca --stage0 /tmp/s0all --hypernet /tmp/h.safetensors     # do the targets' top components keep identity?
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors --offset-scale 1,1.2,1.4   # is it shrunk?
     $P pretrain-encoder --out /tmp/enc                     # an encoder that learnt the training identities
     $P stage1 --stage0 /tmp/s0all --out /tmp/he.safetensors --encoder /tmp/enc   # (score with --encoder too)
@@ -114,7 +115,8 @@ def cmd_stage1(args, manifest, spec) -> None:
 
 
 def identity_scorer(manifest, spec, rec):
-    """score(lidb, ident): the recognizer's verdict on 8 samples of base + lidb (seeds no one trained on)."""
+    """score(lidb, ident): the recognizer's verdict on 8 samples of base + lidb (seeds no one trained on);
+    `lidb` may also be LoRA factors {layer: (down, up)}."""
     from bench.evidence import world as W
     from hdb_core.training.base_model import load_base_model
 
@@ -122,7 +124,7 @@ def identity_scorer(manifest, spec, rec):
     injector = base.injector(base.layers(True))
 
     def score(lidb, ident):
-        factors = {s.name: lidb.down_up(s.name) for s in lidb.layers}
+        factors = lidb if isinstance(lidb, dict) else {s.name: lidb.down_up(s.name) for s in lidb.layers}
         with injector:
             x = W.sample(base, injector, factors, [f"{ident}/eval{k}" for k in range(8)], spec)
         return rec.score(x, ident)
@@ -219,6 +221,53 @@ def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, floa
     return statistics.fmean(ratios), statistics.fmean(cosines)
 
 
+class FactorRows:
+    """LiDBs of one layout as rows of one matrix (every layer's A_train and B_train, flattened), and back."""
+
+    def __init__(self, lidbs):
+        import torch
+
+        from hdb_core.lidb.batch import stack_train
+
+        self.like = lidbs[0]
+        a, b = stack_train(lidbs)
+        self.shapes = {**{f"a:{k}": v.shape[1:] for k, v in a.items()}, **{f"b:{k}": v.shape[1:] for k, v in b.items()}}
+        self.rows = torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1).double()
+
+    def weights(self, rows) -> list:
+        """One LiDB per row."""
+        from hdb_core.lidb.batch import unstack_train
+
+        sizes = [s.numel() for s in self.shapes.values()]
+        parts = {key: part.reshape(-1, *self.shapes[key])
+                 for key, part in zip(self.shapes, rows.float().split(sizes, 1))}
+        a = {k[2:]: v for k, v in parts.items() if k.startswith("a:")}
+        b = {k[2:]: v for k, v in parts.items() if k.startswith("b:")}
+        return unstack_train(a, b, self.like.layers, self.like.config)
+
+
+class DeltaRows:
+    """LiDBs as rows of every layer's dW (no factor gauge), and rows back as full-rank LoRA factors."""
+
+    def __init__(self, lidbs):
+        import torch
+
+        self.names = [s.name for s in lidbs[0].layers]
+        deltas = [[lidb.delta(n) for n in self.names] for lidb in lidbs]
+        self.shapes = [d.shape for d in deltas[0]]
+        self.rows = torch.stack([torch.cat([d.flatten() for d in row]) for row in deltas]).double()
+
+    def weights(self, rows) -> list:
+        """One {layer: (down, up)} per row: down the layer's dW, up the identity."""
+        import torch
+
+        out = []
+        for row in rows:
+            parts = row.float().split([s.numel() for s in self.shapes])
+            out.append({n: (p.reshape(s), torch.eye(s[0])) for n, p, s in zip(self.names, parts, self.shapes)})
+        return out
+
+
 def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     """What a hypernetwork trained on these targets could reach if it knew each person's hidden code exactly.
 
@@ -230,15 +279,13 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     import torch
 
     from bench.evidence import world as W
-    from hdb_core.lidb.batch import stack_train, unstack_train
     from hdb_core.lidb.file import load_lidb
 
     train = [i for i in manifest["train"] + manifest.get("extra_train", [])
              if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
     lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train]
-    a, b = stack_train(lidbs)
-    sizes = [v[0].numel() for v in [*a.values(), *b.values()]]
-    y = torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1).double()
+    table = FactorRows(lidbs)
+    y = table.rows
 
     def codes(names):
         rows = []
@@ -256,21 +303,69 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     print(f"hidden code -> stage-0 LiDB ({len(train) - args.train_ids} identities fit): R^2 {r2:.2f} on "
           f"{args.train_ids} identities it never saw", flush=True)
 
-    def as_lidbs(pred):
-        parts = dict(zip([*(f"a:{k}" for k in a), *(f"b:{k}" for k in b)], pred.float().split(sizes, 1)))
-        pa = {k: parts[f"a:{k}"].reshape(-1, *a[k].shape[1:]) for k in a}
-        pb = {k: parts[f"b:{k}"].reshape(-1, *b[k].shape[1:]) for k in b}
-        return unstack_train(pa, pb, lidbs[0].layers, lidbs[0].config)
-
     score = identity_scorer(manifest, spec, rec)
     with torch.no_grad():
         line(f"stage-0 LiDBs, those {args.train_ids} identities",
              [score(lidb, i) for lidb, i in zip(lidbs[unseen], train[unseen])])
         line("  their hidden code's LiDB (the fit)",
-             [score(lidb, i) for lidb, i in zip(as_lidbs(x[unseen] @ w), train[unseen])])
+             [score(lidb, i) for lidb, i in zip(table.weights(x[unseen] @ w), train[unseen])])
         held = manifest["held_out"]
         line(f"the hidden code's LiDB, {len(held)} held-out identities",
-             [score(lidb, i) for lidb, i in zip(as_lidbs(codes(held) @ w), held)])
+             [score(lidb, i) for lidb, i in zip(table.weights(codes(held) @ w), held)])
+
+
+def cmd_pca(args, manifest, spec, rec) -> None:
+    """Does the span of the training targets' top principal components keep the identity and drop the draws?
+
+    Principal components of the stage-0 LiDBs' factors (rows of `FactorRows`; `--space dw`: of their dW,
+    `DeltaRows`), less their mean, fit on the training identities but the first `--train-ids`. Those
+    identities' own targets, and with `--hypernet` the held-out predictions, are scored projected onto the
+    mean plus the top k components: as projected, and with the projected offset lengthened back to the
+    unprojected one's length (as `average` does).
+    """
+    import torch
+
+    from bench.evidence import world as W
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.training import data
+
+    train = [i for i in manifest["train"] + manifest.get("extra_train", [])
+             if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
+    rows_of = DeltaRows if args.space == "dw" else FactorRows
+    table = rows_of([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train])
+    unseen = args.train_ids
+    fit = table.rows[unseen:]
+    mean = fit.mean(0)
+    _, singular, basis = torch.linalg.svd(fit - mean, full_matrices=False)
+    share = (singular ** 2).cumsum(0) / (singular ** 2).sum()
+    print(f"{len(fit)} targets fit; variance share of the top " +
+          ", ".join(f"{k}: {float(share[min(k, len(share)) - 1]):.2f}" for k in args.k), flush=True)
+    score = identity_scorer(manifest, spec, rec)
+
+    def projected(rows, k, lengthen):
+        offset = rows - mean
+        kept = offset @ basis[:k].T @ basis[:k]
+        if lengthen:
+            kept = kept * (offset.norm(dim=1, keepdim=True) / kept.norm(dim=1, keepdim=True))
+        return table.weights(mean + kept)
+
+    groups = [(f"stage-0 LiDBs, {unseen} training identities outside the fit", train[:unseen], table.rows[:unseen])]
+    if args.hypernet:
+        net = load_hypernet(args.hypernet)
+        encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+        held = manifest["held_out"]
+        with torch.no_grad():
+            preds = [net.predict_lidb(encoder.encode(data.prepare_image(
+                os.path.join(manifest["held_out_photos"], i, "0.png"), W.IMAGE_SIZE, "none")[None])) for i in held]
+        groups.append((f"hypernet predictions, {len(held)} held-out identities", held, rows_of(preds).rows))
+    for label, names, rows in groups:
+        line(label, [score(lidb, i) for lidb, i in zip(table.weights(rows), names)])
+        for k in args.k:
+            for lengthen in (False, True):
+                tag = f"  top {k} components" + (", lengthened" if lengthen else "")
+                line(tag, [score(lidb, i) for lidb, i in zip(projected(rows, k, lengthen), names)])
 
 
 def cmd_agreement(args, manifest, spec) -> None:
@@ -421,6 +516,13 @@ def main(argv=None) -> int:
     cc.add_argument("--stage0", required=True)
     cc.add_argument("--ridge", type=float, default=1.0)
     cc.add_argument("--bilinear", action="store_true", help="also the code's u x v products as features")
+    pc = sub.add_parser("pca", help="targets and predictions kept to the top principal components of the targets")
+    pc.add_argument("--stage0", required=True)
+    pc.add_argument("--hypernet")
+    pc.add_argument("--k", type=lambda v: [int(x) for x in v.split(",")], default=[8, 32, 128],
+                    help="comma-separated numbers of components")
+    pc.add_argument("--space", choices=("factors", "dw"), default="factors",
+                    help="rows of the LiDBs' A_train/B_train factors, or of their dW (no factor gauge)")
     ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
     ag.add_argument("--stage0", required=True)
     ag.add_argument("--other", required=True)
@@ -455,6 +557,8 @@ def main(argv=None) -> int:
         cmd_pretrain_encoder(args, manifest, spec)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
+    elif args.cmd == "pca":
+        cmd_pca(args, manifest, spec, rec)
     elif args.cmd == "agreement":
         cmd_agreement(args, manifest, spec)
     elif args.cmd == "average":
