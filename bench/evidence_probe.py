@@ -41,8 +41,7 @@ def load_world(out: str):
     from bench.evidence import world as W
     from bench.evidence.identity import Recognizer
 
-    with open(os.path.join(out, "world", "world.json")) as f:
-        manifest = json.load(f)
+    manifest = W.read_manifest(os.path.join(out, "world"))
     spec = W.WorldSpec(**manifest["spec"])
     names = manifest["train"] + manifest["held_out"]
     n_train = len(manifest["train"])

@@ -325,14 +325,24 @@ def _write_png(path: str, pixels: torch.Tensor) -> None:
     Image.fromarray(np.ascontiguousarray(arr)).save(path)
 
 
+WORLD_FOLDERS = ("base", "image_encoder", "photos", "held_out_photos", "teachers")
+
+
+def read_manifest(root: str) -> dict:
+    """The manifest of the world under `root`, its folders resolved under `root` (so a world folder can be
+    copied or moved; world.json may name the folder it was first built in)."""
+    with open(os.path.join(root, "world.json")) as f:
+        manifest = json.load(f)
+    return {**manifest, **{key: os.path.join(root, key) for key in WORLD_FOLDERS}}
+
+
 def build_world(root: str, spec: WorldSpec, log=print) -> dict:
     """Write base model, image encoder, photos and teachers under `root`; returns the world's manifest."""
     from hdb_core.lidb.file import save_lidb
 
     manifest_path = os.path.join(root, "world.json")
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(root)
         saved = {**asdict(WorldSpec()), **manifest["spec"]}     # worlds from before a field existed: its default
         if saved == asdict(spec):
             return manifest
