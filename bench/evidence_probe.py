@@ -140,12 +140,10 @@ def line(label, rows):
 def cmd_score(args, manifest, spec, rec) -> None:
     import torch
 
-    from bench.evidence import world as W
     from bench.evidence.run import Settings
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.file import load_lidb
-    from hdb_core.training import data
 
     score = identity_scorer(manifest, spec, rec)
     train = [i for i in manifest["train"] if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
@@ -156,25 +154,39 @@ def cmd_score(args, manifest, spec, rec) -> None:
         net = load_hypernet(args.hypernet)
         encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
 
-        def predicted(folder, ident, count=1):
-            photos = torch.stack([data.prepare_image(os.path.join(folder, ident, f"{k}.png"), W.IMAGE_SIZE, "none")
-                                  for k in range(count)])
-            return net.predict_lidb(encoder.encode(photos))
-
         with torch.no_grad():
-            preds = {i: predicted(manifest["photos"], i) for i in train}
+            preds = {i: predicted(net, encoder, manifest["photos"], i) for i in train}
             line("hypernet prediction, training identities", [score(lidb, i) for i, lidb in preds.items()])
             start = start_point(net, next(iter(preds.values())))
             ratio, cos = offset_agreement(start, preds, args.stage0)
             print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
                   f"cosine {cos:.2f}", flush=True)
             validation = Settings().validation       # the bench's validation identities: the first held-out ones
-            held = {i: predicted(manifest["held_out_photos"], i, args.photos) for i in manifest["held_out"]}
+            held = {i: predicted(net, encoder, manifest["held_out_photos"], i, args.photos)
+                    for i in manifest["held_out"]}
             for c in args.offset_scale:
                 rows = [score(scaled_offset(start, lidb, c) if c != 1 else lidb, i) for i, lidb in held.items()]
                 tag = "" if c == 1 else f" x{c:g}"
                 line(f"hypernet prediction{tag}, {len(rows)} held-out identities, {args.photos} photo(s)", rows)
                 line(f"  of which the bench's {validation} validation identities", rows[:validation])
+
+
+def stage0_identities(manifest: dict, stage0: str) -> list[str]:
+    """The world's training identities (extra ones included) that have a LiDB in the stage-0 folder."""
+    return [i for i in manifest["train"] + manifest.get("extra_train", [])
+            if os.path.exists(os.path.join(stage0, f"{i}.safetensors"))]
+
+
+def predicted(net, encoder, folder: str, ident: str, count: int = 1):
+    """The network's LiDB for `ident` from its photos 0..count-1 in `folder` (call under no_grad)."""
+    import torch
+
+    from bench.evidence import world as W
+    from hdb_core.training import data
+
+    photos = torch.stack([data.prepare_image(os.path.join(folder, ident, f"{k}.png"), W.IMAGE_SIZE, "none")
+                          for k in range(count)])
+    return net.predict_lidb(encoder.encode(photos))
 
 
 def start_point(net, like):
@@ -280,8 +292,7 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     from bench.evidence import world as W
     from hdb_core.lidb.file import load_lidb
 
-    train = [i for i in manifest["train"] + manifest.get("extra_train", [])
-             if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
+    train = stage0_identities(manifest, args.stage0)
     lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train]
     table = FactorRows(lidbs)
     y = table.rows
@@ -324,14 +335,11 @@ def cmd_pca(args, manifest, spec, rec) -> None:
     """
     import torch
 
-    from bench.evidence import world as W
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.file import load_lidb
-    from hdb_core.training import data
 
-    train = [i for i in manifest["train"] + manifest.get("extra_train", [])
-             if os.path.exists(os.path.join(args.stage0, f"{i}.safetensors"))]
+    train = stage0_identities(manifest, args.stage0)
     rows_of = DeltaRows if args.space == "dw" else FactorRows
     table = rows_of([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train])
     unseen = args.train_ids
@@ -356,8 +364,7 @@ def cmd_pca(args, manifest, spec, rec) -> None:
         encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
         held = manifest["held_out"]
         with torch.no_grad():
-            preds = [net.predict_lidb(encoder.encode(data.prepare_image(
-                os.path.join(manifest["held_out_photos"], i, "0.png"), W.IMAGE_SIZE, "none")[None])) for i in held]
+            preds = [predicted(net, encoder, manifest["held_out_photos"], i) for i in held]
         groups.append((f"hypernet predictions, {len(held)} held-out identities", held, rows_of(preds).rows))
     for label, names, rows in groups:
         line(label, [score(lidb, i) for lidb, i in zip(table.weights(rows), names)])
