@@ -93,7 +93,7 @@ def test_node_and_cli_make_the_same_lidb(comfy, node, twin, tmp_path):
         for mine, theirs in ((from_node.a_train, from_cli.a_train), (from_node.b_train, from_cli.b_train)):
             # ComfyUI's UNet and diffusers' round differently, and CPUs differently again: 3.8e-5 apart on one
             # 2-core machine (within 2e-5 on another); `moved` below checks the steps did move the LiDB
-            torch.testing.assert_close(mine[spec.name], theirs[spec.name], rtol=1e-2, atol=1e-4)
+            torch.testing.assert_close(mine[spec.name], theirs[spec.name], rtol=1e-3, atol=5e-5)
         moved += float(from_cli.b_train[spec.name].abs().sum())
     assert moved > 0, "three steps must move the LiDB away from its zero start"
     assert os.path.getsize(out) > 0
