@@ -20,6 +20,7 @@ import torch
 
 from hdb_core import defaults
 from hdb_core.errors import HDBError
+from hdb_core.lidb.subspace import IdentitySubspace, rows_of
 from hdb_core.lidb.targets import LayerSpec
 from hdb_core.lidb.weights import AUX, FREE, RELAXATIONS, LiDB, LiDBConfig, aux_for_layers, down_up_from
 from hdb_core.training.objective import draw, pick_latents
@@ -39,6 +40,7 @@ class FinetuneSettings:
     autocast_dtype: torch.dtype | None = None   # None: full precision (CPU default)
     loss_scaling: bool = False                  # dynamic loss scaling (needed with fp16 on GPU)
     trainable: frozenset[str] | None = None     # components to optimise ('unet', 'te', ...); None = all
+    subspace: IdentitySubspace | None = None    # set: optimise only the start's coefficients in it (no relaxation)
 
 
 @dataclass
@@ -131,10 +133,51 @@ class TrainableLiDB(torch.nn.Module):
         return self.template.with_tensors(cpu(self.a_train), cpu(self.b_train), free=free, **info)
 
 
+class SubspaceLiDB(torch.nn.Module):
+    """The start plus a move inside an identity subspace: the k coefficients are the only parameters.
+
+    Coefficients start at zero, so step 0 is the start exactly, whether or not it lies in the subspace
+    (a hypernetwork's prediction keeps what it has outside it). Layers of components not in `trainable`
+    do not move.
+    """
+
+    def __init__(self, start: LiDB, subspace: IdentitySubspace, device: torch.device,
+                 trainable: frozenset[str] | None = None):
+        super().__init__()
+        subspace.check_fits(start)
+        self.template, self.subspace = start, subspace
+        directions = subspace.directions.clone()
+        if trainable is not None:
+            keep = torch.cat([torch.full((subspace.config.layer_dims(s)[0] * subspace.config.rank,),
+                                         float(s.component in trainable)) for s in subspace.layers] +
+                             [torch.full((subspace.config.layer_dims(s)[1] * subspace.config.rank,),
+                                         float(s.component in trainable)) for s in subspace.layers])
+            directions = directions * keep
+        self.register_buffer("start_row", rows_of([start]).to(device))
+        self.register_buffer("directions", directions.to(device))
+        self.coefficients = torch.nn.Parameter(torch.zeros(1, subspace.components, device=device))
+        self._aux = [tuple(t.to(device) for t in start.aux(s.name)) for s in start.layers]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.coefficients] if self.directions.abs().sum() > 0 else []
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        a, b = self.subspace.train_matrices(self.start_row + self.coefficients @ self.directions)
+        return {s.name: down_up_from(a_aux, b_aux, a[s.name][0], b[s.name][0])
+                for s, (a_aux, b_aux) in zip(self.template.layers, self._aux)}
+
+    def to_lidb(self, **info) -> LiDB:
+        row = (self.start_row + self.coefficients @ self.directions).detach().float().cpu()
+        a, b = self.subspace.train_matrices(row)
+        return self.template.with_tensors({k: v[0].clone() for k, v in a.items()},
+                                          {k: v[0].clone() for k, v in b.items()}, **info)
+
+
 def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
              progress: Callable[[int, int, float], None] | None = None,
              check_cancel: Callable[[], None] | None = None, **info) -> FinetuneResult:
-    """Relax `start` to settings.relaxed_rank and optimise it for settings.steps steps of `loss_fn`.
+    """Relax `start` to settings.relaxed_rank and optimise it for settings.steps steps of `loss_fn`;
+    with settings.subspace, optimise instead its move within that identity subspace (`SubspaceLiDB`).
 
     `loss_fn(step, factors, generator)` returns a scalar loss; `generator` is a CPU
     generator seeded with settings.seed, for the caller's noise and timesteps, so a
@@ -147,8 +190,11 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
     if not (settings.learning_rate > 0 and math.isfinite(settings.learning_rate)):
         raise HDBError(f"learning_rate is {settings.learning_rate}; use a positive value such as 1e-3.")
     generator = torch.Generator().manual_seed(int(settings.seed))
-    lidb = relaxed_start(start, settings.relaxed_rank, generator, settings.relaxation)
-    weights = TrainableLiDB(lidb, settings.device, settings.trainable, train_aux=settings.relaxation == AUX)
+    if settings.subspace is not None:
+        weights = SubspaceLiDB(start, settings.subspace, settings.device, settings.trainable)
+    else:
+        lidb = relaxed_start(start, settings.relaxed_rank, generator, settings.relaxation)
+        weights = TrainableLiDB(lidb, settings.device, settings.trainable, train_aux=settings.relaxation == AUX)
     params = weights.trainable_parameters()
     if not params:
         raise HDBError("Nothing to train: the LiDB has no layers on the components being trained; "

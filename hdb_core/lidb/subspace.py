@@ -1,0 +1,132 @@
+"""An identity subspace: the mean and top principal directions of many identities' LiDBs.
+
+Identity LoRAs lie close to a low-dimensional linear space (weights2weights, Dravid
+et al. 2024). Fit to the stage-0 LiDBs a hypernetwork was trained on, the mean plus
+k directions hold, for a person none of them is of, a LiDB that identifies them:
+finetuning only the k coefficients from one photo does (docs/evidence.md), where
+projecting a freely finetuned LiDB onto the same directions does not.
+
+A row is one LiDB's train matrices flattened (every layer's A_train, then every
+layer's B_train, in layer order). Directions are stored times their spread (the
+targets' standard deviation along them), so a coefficient of 1 is one typical
+identity's worth of movement and one learning rate suits every direction.
+
+File: tensors `mean` [D], `directions` [k, D] (float32); metadata format,
+format_version, layers, a, b, rank, seed, aux_generator, identities, variance.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from hdb_core.atomic import write_atomic
+from hdb_core.errors import HDBError
+from hdb_core.lidb import aux_bases
+from hdb_core.lidb.batch import stack_train
+from hdb_core.lidb.targets import LayerSpec
+from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.storage import check_version, file_error, read
+
+FORMAT_NAME = "hyperdreambooth.identity_subspace"
+FORMAT_VERSION = 1
+EXACT_SVD_LIMIT = 4096      # above this many identities (and row width) the SVD is randomised
+
+
+@dataclass(frozen=True)
+class IdentitySubspace:
+    layers: tuple[LayerSpec, ...]
+    config: LiDBConfig
+    mean: torch.Tensor                  # [D]
+    directions: torch.Tensor            # [k, D], each principal direction times its spread
+    info: dict = field(default_factory=dict)
+
+    @property
+    def components(self) -> int:
+        return self.directions.shape[0]
+
+    @classmethod
+    def fit(cls, lidbs: Sequence[LiDB], components: int) -> "IdentitySubspace":
+        """The mean and top `components` principal directions of `lidbs` (at most one fewer than there are)."""
+        if len(lidbs) < 2:
+            raise HDBError(f"An identity subspace needs the LiDBs of at least 2 identities; got {len(lidbs)}.")
+        if components < 1:
+            raise HDBError(f"components is {components}; use 1 or more (128 is a good value).")
+        rows = rows_of(lidbs).double()
+        mean = rows.mean(0)
+        centred = rows - mean
+        k = min(components, len(lidbs) - 1, rows.shape[1])
+        if min(rows.shape) > EXACT_SVD_LIMIT:      # thousands of identities: randomised, top k + 16 only
+            _, singular, v = torch.svd_lowrank(centred, q=min(k + 16, *rows.shape), niter=6)
+            basis = v.T
+        else:
+            _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+        spread = singular[:k] / (len(lidbs) - 1) ** 0.5
+        variance = float((singular[:k] ** 2).sum() / centred.pow(2).sum().clamp_min(1e-30))
+        return cls(lidbs[0].layers, lidbs[0].config, mean.float(), (spread[:, None] * basis[:k]).float(),
+                   {"identities": len(lidbs), "variance": round(variance, 4)})
+
+    def check_fits(self, lidb: LiDB) -> None:
+        if tuple(lidb.layers) != tuple(self.layers) or lidb.config != self.config or lidb.free_down:
+            raise HDBError("This identity subspace was fit to LiDBs of another model or other a/b/rank/seed "
+                           "settings; use the subspace made with the hypernetwork that predicted this LiDB.")
+
+    def train_matrices(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Rows [N, D] as stacked {name: A_train [N, a_l, r]}, {name: B_train [N, r, b_l]}; differentiable."""
+        shapes = [("a", s.name, (self.config.layer_dims(s)[0], self.config.rank)) for s in self.layers]
+        shapes += [("b", s.name, (self.config.rank, self.config.layer_dims(s)[1])) for s in self.layers]
+        parts = rows.split([a * b for _, _, (a, b) in shapes], dim=1)
+        out: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+        for (kind, name, shape), part in zip(shapes, parts):
+            out[kind][name] = part.reshape(-1, *shape)
+        return out["a"], out["b"]
+
+    def lidb(self, row: torch.Tensor, **info) -> LiDB:
+        a, b = self.train_matrices(row.detach().float().cpu().reshape(1, -1))
+        return LiDB(self.layers, self.config, {k: v[0] for k, v in a.items()}, {k: v[0] for k, v in b.items()},
+                    dict(info))
+
+
+def rows_of(lidbs: Sequence[LiDB]) -> torch.Tensor:
+    """[N, D] float32: each LiDB's train matrices as one row (the subspace's layout)."""
+    a, b = stack_train(list(lidbs))
+    return torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1)
+
+
+def save_subspace(subspace: IdentitySubspace, path: str) -> str:
+    c = subspace.config
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+            "layers": json.dumps([[s.name, s.in_features, s.out_features] for s in subspace.layers],
+                                 separators=(",", ":")),
+            "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
+            "aux_generator": aux_bases.GENERATOR_VERSION,
+            **{k: str(v) for k, v in subspace.info.items()}}
+    tensors = {"mean": subspace.mean.contiguous(), "directions": subspace.directions.contiguous()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_subspace(path: str) -> IdentitySubspace:
+    def check(meta):
+        if meta.get("format") != FORMAT_NAME:
+            raise file_error(path, "is not an identity subspace (no HyperDreamBooth subspace metadata); "
+                                   "make one with 'hdb fit-subspace'.")
+
+    meta, tensors = read(path, check, "identity subspaces made by 'hdb fit-subspace' next to their hypernetwork",
+                         "make it again with 'hdb fit-subspace'")
+    check_version(path, meta, "identity subspace", FORMAT_VERSION)
+    try:
+        layers = tuple(LayerSpec(str(n), int(i), int(o)) for n, i, o in json.loads(meta["layers"]))
+        config = LiDBConfig(a=int(meta["a"]), b=int(meta["b"]), rank=int(meta["rank"]), seed=int(meta["seed"]))
+        mean, directions = tensors["mean"].float(), tensors["directions"].float()
+    except (KeyError, ValueError, TypeError) as e:
+        raise file_error(path, f"has damaged identity-subspace data ({e}); make it again.") from None
+    width = sum(sum(config.layer_dims(s)) * config.rank for s in layers)
+    if mean.shape != (width,) or directions.dim() != 2 or directions.shape[1] != width:
+        raise file_error(path, "has tensors that do not match its layer list; the file is damaged, make it again.")
+    if not (torch.isfinite(mean).all() and torch.isfinite(directions).all()):
+        raise file_error(path, "contains NaN or Inf values; make it again.")
+    info = {k: meta[k] for k in ("identities", "variance") if k in meta}
+    return IdentitySubspace(layers, config, mean, directions, info)
