@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="prepare + stage 0 + stage 1: a face folder in, a hypernetwork out")
     p.add_argument("--data", required=True, help="folder: one face image per identity, or a subfolder per identity")
     p.add_argument("--output", required=True,
-                   help="run folder: prepared/, lidbs/, hypernet.safetensors and hypernet.ema.safetensors")
+                   help="run folder: prepared/, lidbs/, hypernet.safetensors, hypernet.ema.safetensors and "
+                        "hypernet.subspace.safetensors")
     p.add_argument("--image-encoder", default=None,
                    help="local CLIP vision folder (default: <base-model>/image_encoder); e.g. CLIP-ViT-H-14")
     _base_args(p)
@@ -228,14 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=defaults.FINETUNE_STEPS,
                    help=f"paper: {defaults.FINETUNE_STEPS} from a prediction; about {defaults.ZERO_START_STEPS} "
                         f"without --init")
-    p.add_argument("--lr", type=float, default=defaults.FINETUNE_LR)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default {defaults.FINETUNE_LR:g}; with --subspace {defaults.SUBSPACE_LR:g}")
     p.add_argument("--rank", type=int, default=defaults.RELAXED_RANK, help="relaxed rank")
+    p.add_argument("--subspace", default=None,
+                   help="identity subspace from `hdb fit-subspace`: move only within it (no rank relaxation); "
+                        "without --init, start from its mean")
     p.add_argument("--relaxation", choices=("aux_subspace", "free_lora"), default=defaults.RELAXATION,
                    help="new rank inside the aux bases (small file), or the paper's free LoRA beside the start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cpu", action="store_true")
+
+    p = sub.add_parser("fit-subspace", help="the identity subspace of stage-0 LiDBs (for finetune --subspace)")
+    p.add_argument("--lidbs", required=True, help="stage-0 output folder (the hypernetwork's targets)")
+    p.add_argument("--output", required=True, help="subspace file to write")
+    p.add_argument("--components", type=int, default=defaults.SUBSPACE_COMPONENTS,
+                   help="principal directions kept (at most one fewer than there are LiDBs)")
 
     p = sub.add_parser("export-lora", help="write a LiDB as a standard kohya LoRA")
     p.add_argument("--lidb", required=True)
@@ -369,6 +380,8 @@ def cmd_pipeline(args) -> int:
     if process.index == 0:
         from hdb_core.training.stage1 import ema_path
 
+        cmd_fit_subspace(build_parser().parse_args(["fit-subspace", "--lidbs", lidbs, "--output",
+                                                    subspace_path(hypernet)]))
         validation = os.path.join(run, "hypernet.state", "validation.csv")
         files = [f for f in (ema_path(hypernet), hypernet) if os.path.exists(f)]
         advice = f", whichever has the lower held-out loss in {validation}" if os.path.exists(validation) else ""
@@ -419,21 +432,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def finetune_lr(typed: float | None, in_subspace: bool) -> float:
+    """The rate typed, else the table's: a subspace's coefficients take another scale than train matrices."""
+    return typed if typed is not None else defaults.SUBSPACE_LR if in_subspace else defaults.FINETUNE_LR
+
+
 def cmd_finetune(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from hdb_core.lidb.file import load_lidb, save_lidb
     from hdb_core.lidb.lora_export import save_kohya
+    from hdb_core.lidb.subspace import load_subspace
     from hdb_core.lidb.targets import check_layers_match
     from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
     from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 
     device = _device(args.cpu)
     base = load_base_model(args.base_model, args.base_config).to(device)
+    subspace = load_subspace(args.subspace) if args.subspace else None
     if args.init:
         start = load_lidb(args.init)
         check_layers_match(start.layers, base.layers(True), f"The start LiDB '{args.init}'")
+    elif subspace is not None:
+        check_layers_match(subspace.layers, base.layers(True), f"The identity subspace '{args.subspace}'")
+        start = subspace.lidb(subspace.mean)
     else:
         start = zero_start(base.layers(True), args.rank, torch.Generator().manual_seed(args.seed), args.relaxation)
     trigger = args.trigger or start.info.get("trigger") or defaults.TRIGGER
@@ -442,8 +465,9 @@ def cmd_finetune(args) -> int:
     latents = photo_latents(base, images, device, mirror=not args.no_flip)
     input_ids = tokenize(base, [args.prompt.format(trigger=trigger)], device)
     injector = base.injector(start.layers, f"The start LiDB '{args.init}'" if args.init else "This LiDB")
-    settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, relaxed_rank=args.rank,
-                                relaxation=args.relaxation, seed=args.seed, device=device)
+    settings = FinetuneSettings(steps=args.steps, learning_rate=finetune_lr(args.lr, subspace is not None),
+                                relaxed_rank=args.rank, relaxation=args.relaxation, seed=args.seed, device=device,
+                                subspace=subspace)
     with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
         loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip)
         result = finetune(start, loss_fn, settings, progress=lambda s, n, loss: (bar.update(1),
@@ -453,6 +477,26 @@ def cmd_finetune(args) -> int:
     if args.lora:
         save_kohya(result.lidb, args.lora)
     print(f"finetuned LiDB (rank {result.lidb.config.rank}) written to {args.output}")
+    return 0
+
+
+def subspace_path(hypernet: str) -> str:
+    """Where `hdb pipeline` writes the identity subspace: beside the hypernetwork, listed with it in ComfyUI."""
+    return hypernet.removesuffix(".safetensors") + ".subspace.safetensors"
+
+
+def cmd_fit_subspace(args) -> int:
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.lidb.subspace import IdentitySubspace, save_subspace
+
+    if not os.path.isdir(args.lidbs):
+        raise HDBError(f"The LiDB folder '{args.lidbs}' does not exist; pass the output folder of "
+                       f"`hdb preoptimize` (in a pipeline run: <run>/lidbs).")
+    names = sorted(f for f in os.listdir(args.lidbs) if f.endswith(".safetensors"))
+    subspace = IdentitySubspace.fit([load_lidb(os.path.join(args.lidbs, f)) for f in names], args.components)
+    save_subspace(subspace, args.output)
+    print(f"identity subspace of {len(names)} LiDBs: {subspace.components} directions holding "
+          f"{subspace.info['variance']:.0%} of their variance, written to {args.output}")
     return 0
 
 
@@ -484,7 +528,7 @@ def _device(cpu: bool):
 
 COMMANDS = {"pipeline": cmd_pipeline, "prepare": cmd_prepare, "preoptimize": cmd_preoptimize,
             "train-hypernet": cmd_train_hypernet, "predict": cmd_predict, "finetune": cmd_finetune,
-            "export-lora": cmd_export_lora}
+            "fit-subspace": cmd_fit_subspace, "export-lora": cmd_export_lora}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,10 @@ RELAXED_RANK = 4                 # bench/finetune_defaults.py; rank 1 keeps the 
 # 0.791 of the start's loss at the best rate); it stays opt-in until the identity measurement
 # agrees: it makes a 10x larger file (4.5 MB for SD1.5 at rank 4) and its result cannot be relaxed again.
 RELAXATION = "aux_subspace"
+# Finetuning inside an identity subspace (`hdb fit-subspace`): only its coefficients move, in units of
+# the training identities' spread, so the rate is of another scale (bench/bench_evidence.py validation).
+SUBSPACE_COMPONENTS = 128
+SUBSPACE_LR = 0.1
 MIRROR = True                    # also train on the mirrored photo (stage 0 and 1 do the same)
 RESOLUTION = 512                 # SD1.x; SDXL users set 1024
 

@@ -37,9 +37,13 @@ def test_the_node_uses_the_table(node):
 
 def test_the_cli_uses_the_table():
     finetune = _subparser("finetune").parse_args(["--image", "x", "--output", "y", "--base-model", "z"])
-    assert (finetune.steps, finetune.lr, finetune.rank, finetune.resolution, not finetune.no_flip,
-            finetune.relaxation) == (defaults.FINETUNE_STEPS, defaults.FINETUNE_LR, defaults.RELAXED_RANK,
-                                     defaults.RESOLUTION, defaults.MIRROR, defaults.RELAXATION)
+    assert (finetune.steps, cli.finetune_lr(finetune.lr, False), finetune.rank, finetune.resolution,
+            not finetune.no_flip, finetune.relaxation) == (defaults.FINETUNE_STEPS, defaults.FINETUNE_LR,
+                                                           defaults.RELAXED_RANK, defaults.RESOLUTION,
+                                                           defaults.MIRROR, defaults.RELAXATION)
+    assert cli.finetune_lr(finetune.lr, True) == defaults.SUBSPACE_LR and cli.finetune_lr(0.5, True) == 0.5
+    fit = _subparser("fit-subspace").parse_args(["--lidbs", "l", "--output", "o"])
+    assert fit.components == defaults.SUBSPACE_COMPONENTS
     assert finetune.trigger is None, "hdb finetune takes the --init LiDB's trigger, else defaults.TRIGGER"
     stage0 = _subparser("preoptimize").parse_args(["--data", "d", "--output", "o", "--base-model", "m"])
     assert (stage0.trigger, stage0.steps, stage0.lr, stage0.resolution, not stage0.no_flip, stage0.lr_schedule,
