@@ -7,10 +7,12 @@ import torch
 from tqdm.auto import tqdm
 
 import comfy.utils
+import folder_paths
 from comfy_api.latest import io
 
 from hdb_core import defaults
 from hdb_core.errors import HDBError
+from hdb_core.lidb.subspace import IdentitySubspace, load_subspace
 from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import RELAXATIONS, LiDB, aux_for_layers
 from hdb_core.plots import loss_curve_image, loss_curve_pil
@@ -19,10 +21,12 @@ from . import comfy_objective as objective
 from . import comfy_runtime as runtime
 from . import comfy_targets as ct
 from .comfy_training import finetune_on_model
+from .folders import HYPERNET_FOLDER, resolve_model_file
 from .photo_input import prepare_pixels
 from .types import CATEGORY, LIDB
 
 log = logging.getLogger("HyperDreamBooth")
+NO_SUBSPACE = "none"
 
 
 class FastFinetune(io.ComfyNode):
@@ -79,6 +83,14 @@ class FastFinetune(io.ComfyNode):
                                        "(small file, e.g. 436 KB at rank 4 for SD1.5). free_lora: the paper's "
                                        "way: the start is kept and a free LoRA of relaxed_rank is trained "
                                        "beside it (a bigger file, still a standard LoRA on export)."),
+                io.Combo.Input("identity_subspace", options=[NO_SUBSPACE] + folder_paths.get_filename_list(
+                    HYPERNET_FOLDER), default=NO_SUBSPACE, optional=True,
+                               tooltip="An identity subspace made with the hypernetwork ('hdb fit-subspace', "
+                                       "'hdb pipeline' writes hypernet.subspace.safetensors; put it in "
+                                       "models/hyperdreambooth): only the LiDB's move within it is trained, "
+                                       "no rank relaxation. Without init_lidb it starts from the subspace's "
+                                       f"mean. A learning_rate left at {defaults.FINETUNE_LR:g} becomes "
+                                       f"{defaults.SUBSPACE_LR:g}."),
             ],
             outputs=[LIDB.Output(display_name="LIDB"), io.Image.Output(display_name="loss_curve")],
         )
@@ -88,7 +100,7 @@ class FastFinetune(io.ComfyNode):
                 learning_rate=defaults.FINETUNE_LR, relaxed_rank=defaults.RELAXED_RANK, train_text_encoder=True,
                 resolution=defaults.RESOLUTION, seed=0, init_lidb: LiDB | None = None,
                 gradient_checkpointing=False, mirror=defaults.MIRROR,
-                relaxation=defaults.RELAXATION) -> io.NodeOutput:
+                relaxation=defaults.RELAXATION, identity_subspace=NO_SUBSPACE) -> io.NodeOutput:
         if steps < 1:
             raise HDBError(f"steps is {steps}; use at least 1 ({defaults.FINETUNE_STEPS} from a prediction, "
                            f"about {defaults.ZERO_START_STEPS} from zero).")
@@ -110,6 +122,14 @@ class FastFinetune(io.ComfyNode):
         elif train_text_encoder and not clip_t:
             ct.require_targets(clip_t, "CLIP")
 
+        from_init = "from init" if init_lidb is not None else "from zero"
+        source = "finetuned" if init_lidb is not None else "trained"
+        subspace = chosen_subspace(identity_subspace)
+        if subspace is not None:
+            learning_rate = subspace_lr(learning_rate)
+            if init_lidb is None:
+                init_lidb, from_init = subspace.lidb(subspace.mean, source="trained"), "from the subspace mean"
+            subspace.check_fits(init_lidb)
         generator = torch.Generator().manual_seed(int(seed))
         # Text-encoder layers whose output this CLIP never uses would stay zero: they are left out.
         unused = ct.unused_clip_layers(clip, model)
@@ -118,7 +138,7 @@ class FastFinetune(io.ComfyNode):
                      len(unused))
         wanted = [t.spec for t in unet_t.values()] + (
             [t.spec for n, t in clip_t.items() if n not in unused] if train_text_encoder else [])
-        if init_lidb is None:
+        if init_lidb is None:    # (with a subspace there is always a start: its mean)
             start = zero_start(wanted, relaxed_rank, generator, relaxation, source="trained")
             if family:
                 start = start.with_info(family=family)
@@ -126,7 +146,8 @@ class FastFinetune(io.ComfyNode):
                 log.warning("HyperDreamBooth: training from zero with only %d steps; about %d are advised "
                             "without a hypernetwork prediction.", steps, defaults.ZERO_START_STEPS)
         else:
-            check_relaxable(init_lidb, relaxed_rank, relaxation)
+            if subspace is None:
+                check_relaxable(init_lidb, relaxed_rank, relaxation)
             lidb_parts = {s.component for s in init_lidb.layers}
             te_parts = lidb_parts - set(DIFFUSION_COMPONENTS)
             # the start's own diffusion-model layers (a DiT LiDB on a UNet has none of the UNet's)
@@ -134,8 +155,8 @@ class FastFinetune(io.ComfyNode):
             if te_parts:
                 ct.check_compatible(init_lidb, clip_t, te_parts, "CLIP")
             missing = [s for s in wanted if s.name not in init_lidb.spec_by_name]
-            start = init_lidb.with_info(source="finetuned", **({"family": family} if family else {}))
-            if missing:  # e.g. a UNet-only start with train_text_encoder on: those layers start at zero
+            start = init_lidb.with_info(source=source, **({"family": family} if family else {}))
+            if missing and subspace is None:  # e.g. a UNet-only start with the text encoder trained: from zero
                 start = _extend(start, missing, generator)
 
         aux_for_layers(start.config, start.layers, runtime.progress_bar())  # first use of an architecture
@@ -149,15 +170,30 @@ class FastFinetune(io.ComfyNode):
                                     relaxed_rank=int(relaxed_rank), relaxation=relaxation, seed=int(seed),
                                     device=device,
                                     autocast_dtype=autocast, loss_scaling=loss_scaling,
-                                    trainable=frozenset(components))
+                                    trainable=frozenset(components), subspace=subspace)
         info = {"trigger": trigger, "base_model": start.info.get("base_model")
                 or type(model.model.model_config).__name__}
         with _Progress(settings.steps) as progress:
             result = finetune_on_model(model, clip, latents, start, trigger, resolution, settings,
                                        train_text_encoder, mirror, gradient_checkpointing, progress, **info)
-        title = (f"HDB Fast Finetune: {'from init' if init_lidb is not None else 'from zero'}, "
-                 f"{relaxation} rank {relaxed_rank}, lr {learning_rate:g}")
+        how = "identity subspace" if subspace is not None else f"{relaxation} rank {relaxed_rank}"
+        title = f"HDB Fast Finetune: {from_init}, {how}, lr {learning_rate:g}"
         return io.NodeOutput(result.lidb, loss_curve_image(result.losses, title))
+
+
+def chosen_subspace(name: str | None) -> IdentitySubspace | None:
+    if not name or name == NO_SUBSPACE:
+        return None
+    return load_subspace(resolve_model_file(HYPERNET_FOLDER, name, "identity subspace"))
+
+
+def subspace_lr(typed: float) -> float:
+    """A rate left at the train matrices' default means the subspace's own (coefficients have another scale)."""
+    if float(typed) == defaults.FINETUNE_LR:
+        log.info("HyperDreamBooth: finetuning in the identity subspace at its learning rate %g.",
+                 defaults.SUBSPACE_LR)
+        return defaults.SUBSPACE_LR
+    return float(typed)
 
 
 def chosen_trigger(typed: str, init_lidb: LiDB | None) -> str:

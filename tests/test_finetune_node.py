@@ -344,3 +344,42 @@ def test_free_lora_relaxation_keeps_the_init_and_its_result_applies_and_exports(
     patched = calculate_weight(new_model.patches[target.key], original.clone(), target.key)
     down, up = lidb.down_up(name)
     torch.testing.assert_close(patched - original, up @ down, atol=1e-6, rtol=1e-4)
+
+
+def test_identity_subspace_from_its_mean_and_wrong_files_get_one_sentence(comfy, node, ckpt, photo, from_zero):
+    """Without init_lidb the subspace's mean is the start; the learning rate left at the default becomes the
+    subspace's; a file that is no subspace, and a subspace of another layout, are refused in one sentence."""
+    from hdb_core import defaults
+    from hdb_core.lidb.file import save_lidb
+    from hdb_core.lidb.subspace import IdentitySubspace, rows_of, save_subspace
+
+    model, clip, vae = ckpt
+    layers = from_zero[0].layers
+    g = torch.Generator().manual_seed(3)
+    lidbs = [hdb_core.LiDB.trainable_start(layers, hdb_core.LiDBConfig(), g) for _ in range(4)]
+    for lidb in lidbs:
+        for name in lidb.b_train:
+            lidb.b_train[name] = 0.01 * torch.randn(lidb.b_train[name].shape, generator=g)
+    subspace = IdentitySubspace.fit(lidbs, 3)
+    folder = comfy["folder_paths"].get_folder_paths("hyperdreambooth")[0]
+    os.makedirs(folder, exist_ok=True)
+    save_subspace(subspace, os.path.join(folder, "node_test.subspace.safetensors"))
+    lidb, _ = finetune(node, model, clip, vae, photo, steps=4, learning_rate=defaults.FINETUNE_LR,
+                       identity_subspace="node_test.subspace.safetensors")
+    assert lidb.layers == layers and lidb.config.rank == 1 and lidb.info["source"] == "trained"
+    moved = (rows_of([lidb])[0] - subspace.mean).double()
+    coefficients = torch.linalg.lstsq(subspace.directions.double().T, moved[:, None]).solution
+    assert (subspace.directions.double().T @ coefficients)[:, 0].sub(moved).norm() < 1e-4 * moved.norm()
+    # at the subspace's rate the coefficients move by about a tenth of a spread per step, not 3e-3
+    assert coefficients.abs().max() > 0.1
+
+    save_lidb(lidbs[0], os.path.join(folder, "node_test_not_a_subspace.safetensors"))
+    other = IdentitySubspace.fit([x.components({"unet"}) for x in lidbs], 2)
+    save_subspace(other, os.path.join(folder, "node_test_unet_only.subspace.safetensors"))
+    for name, expect in (("node_test_not_a_subspace.safetensors", "is not an identity subspace"),
+                         ("node_test_unet_only.subspace.safetensors", "fit to LiDBs of another model"),
+                         ("missing.subspace.safetensors", "was not found in")):
+        with pytest.raises(hdb_core.HDBError) as err:
+            finetune(node, model, clip, vae, photo, steps=1, init_lidb=lidbs[1], identity_subspace=name)
+        message = str(err.value)
+        assert expect in message and message.endswith(".") and message.count(". ") == 0, message

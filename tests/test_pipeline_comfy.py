@@ -1,6 +1,6 @@
-"""The whole pipeline into ComfyUI: `hdb pipeline` (prepare -> stage 0 -> stage 1), then its EMA hypernetwork
-file is loaded by HDB_LoadHyperNet and predicts an identity that HDB_ApplyLiDB patches into a model sampled
-by KSampler."""
+"""The whole pipeline into ComfyUI: `hdb pipeline` (prepare -> stage 0 -> stage 1 -> identity subspace), then
+its EMA hypernetwork file is loaded by HDB_LoadHyperNet and predicts an identity that HDB_ApplyLiDB patches
+into a model sampled by KSampler, and HDB_FastFinetune refines within the pipeline's identity subspace."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,8 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp
     out = os.path.join(folder_paths.get_folder_paths("hyperdreambooth")[0], "pipeline_tiny.safetensors")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     shutil.copy(os.path.join(run, "hypernet.ema.safetensors"), out)
+    shutil.copy(os.path.join(run, "hypernet.subspace.safetensors"),
+                out.replace(".safetensors", ".subspace.safetensors"))
 
     from PIL import Image
 
@@ -54,6 +56,12 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp
             "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
         "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+        "ft": {"class_type": "HDB_FastFinetune", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["img", 0],
+            "init_lidb": ["pred", 0], "trigger": defaults.TRIGGER, "steps": 3,
+            "learning_rate": defaults.FINETUNE_LR, "relaxed_rank": 4, "train_text_encoder": True, "resolution": 64,
+            "seed": 0, "identity_subspace": "pipeline_tiny.subspace.safetensors"}},
+        "curve": {"class_type": "PreviewImage", "inputs": {"images": ["ft", 1]}},
     }
     result = run_prompt(prompt)
     assert result.success, result.error
@@ -63,3 +71,15 @@ def test_stage0_stage1_hypernet_predicts_in_a_comfy_graph(comfy, tiny_model, tmp
             and lidb.info["base_model"] == "model")
     assert lidb.is_finite() and any(t.abs().sum() > 0 for t in lidb.b_train.values())
     assert torch.isfinite(result.node_output("ks")[0]["samples"]).all()
+
+    # Three identities' stage-0 LiDBs span two directions; the finetune moved the prediction within them only.
+    from hdb_core.lidb.subspace import load_subspace, rows_of
+
+    subspace = load_subspace(os.path.join(run, "hypernet.subspace.safetensors"))
+    assert subspace.components == 2 and subspace.layers == trained.layers
+    finetuned = result.node_output("ft")[0]
+    assert finetuned.config.rank == 1 and not finetuned.free_down and finetuned.info["source"] == "finetuned"
+    moved = (rows_of([finetuned])[0] - rows_of([lidb])[0]).double()
+    assert moved.norm() > 0
+    coefficients = torch.linalg.lstsq(subspace.directions.double().T, moved[:, None]).solution
+    assert (subspace.directions.double().T @ coefficients)[:, 0].sub(moved).norm() < 1e-4 * moved.norm()
