@@ -374,6 +374,112 @@ def cmd_pca(args, manifest, spec, rec) -> None:
                 line(tag, [score(lidb, i) for lidb, i in zip(projected(rows, k, lengthen), names)])
 
 
+def cmd_subspace(args, manifest, spec, rec) -> None:
+    """Stage 0 and finetuning restricted to the span of the other targets' top principal components.
+
+    `pca` projects finished targets and loses their identity; here the photos choose the coefficients, so
+    the question is whether the span holds *some* LiDB that identifies a person it never saw (as real
+    identity LoRAs do, weights2weights). Fit on the training identities but the first `--train-ids` (all
+    of them with `--out`); coefficients in units of each component's spread, trained on stage 0's
+    diffusion loss from zero (the mean target) or, with `--hypernet`, from the held-out prediction's
+    projection. Scored after each of `--steps`: those first identities from their 4 photos, and the
+    held-out ones from photo 0 alone. With `--out`, every training identity's LiDB in the span is written
+    there instead (targets for `stage1`).
+    """
+    import torch
+
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.batch import train_factors
+    from hdb_core.lidb.file import load_lidb, save_lidb
+    from hdb_core.lidb.weights import aux_for_layers
+    from hdb_core.training import data
+    from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
+    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch, lidb_path
+
+    from bench.evidence import world as W
+
+    train = stage0_identities(manifest, args.stage0)
+    table = FactorRows([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train])
+    unseen = 0 if args.out else args.train_ids
+    fit = table.rows[unseen:]
+    mean = fit.mean(0)
+    _, singular, basis = torch.linalg.svd(fit - mean, full_matrices=False)
+    spread = singular / (len(fit) - 1) ** 0.5
+    base = load_base_model(manifest["base"])
+    layers = table.like.layers
+    aux = aux_for_layers(table.like.config, layers)
+    injector = base.injector(layers)
+    sizes = [s.numel() for s in table.shapes.values()]
+    settings = PreoptimizeSettings()
+    prompt = settings.prompt.format(trigger=settings.trigger)      # what stage 0 trains on
+
+    def factors(rows):
+        parts = {key: part.reshape(-1, *table.shapes[key]) for key, part in zip(table.shapes, rows.split(sizes, 1))}
+        return train_factors(aux, {k[2:]: v for k, v in parts.items() if k.startswith("a:")},
+                             {k[2:]: v for k, v in parts.items() if k.startswith("b:")})
+
+    def fitted(folder, names, photos, k, start=None) -> dict:
+        """{steps: LiDBs} after each of `args.steps`, coefficients from `start` rows (default: the mean)."""
+        directions = (spread[:k, None] * basis[:k]).float()
+        first = torch.zeros(len(names), k) if start is None else (
+            (start - mean) @ basis[:k].T / spread[:k]).float()
+        coefficients = first.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([coefficients], lr=args.lr)
+        latents = [photo_latents(base, torch.stack([data.prepare_image(os.path.join(folder, n, f"{j}.png"),
+                                                                       W.IMAGE_SIZE, "none") for j in range(photos)]),
+                                 "cpu", False) for n in names]
+        input_ids = tokenize(base, [prompt] * len(names), "cpu")
+        out = {}
+        with injector:
+            for step in range(max(args.steps) + 1):
+                if step in args.steps:
+                    out[step] = table.weights((mean.float() + coefficients.detach() @ directions).double())
+                if step == max(args.steps):
+                    break
+                lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
+                rows = mean.float() + coefficients @ directions
+                loss = diffusion_loss(base, injector, factors(rows), input_ids, lat, noise, ts, torch.float32, True)
+                optimizer.zero_grad()
+                loss.sum().backward()
+                optimizer.step()
+            injector.clear()
+        return out
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        k, steps = args.k[0], max(args.steps)
+        for j in range(0, len(train), 46):
+            names = train[j:j + 46]
+            for ident, lidb in zip(names, fitted(manifest["photos"], names, spec.photos, k)[steps]):
+                save_lidb(lidb, lidb_path(args.out, ident))
+        print(f"{len(train)} training identities: LiDBs in the top {k} components written to {args.out}", flush=True)
+        return
+    score = identity_scorer(manifest, spec, rec)
+    held = manifest["held_out"]
+    start = None
+    if args.hypernet:
+        net = load_hypernet(args.hypernet)
+        encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+        with torch.no_grad():
+            start = FactorRows([predicted(net, encoder, manifest["held_out_photos"], i) for i in held]).rows
+    with torch.no_grad():
+        line(f"stage-0 LiDBs, {unseen} training identities outside the fit",
+             [score(lidb, i) for lidb, i in zip(table.weights(table.rows[:unseen]), train[:unseen])])
+    for k in args.k:
+        print(f"top {k} components ({float((singular[:k] ** 2).sum() / (singular ** 2).sum()):.2f} of the "
+              f"variance), Adam at {args.lr:g}", flush=True)
+        groups = [("1 photo, from the hypernet's prediction" if start is not None else "1 photo, from the mean",
+                   fitted(manifest["held_out_photos"], held, 1, k, start), held)]
+        if not args.held_out_only:
+            groups.insert(0, (f"4 photos, {unseen} training identities", fitted(manifest["photos"], train[:unseen],
+                                                                                   spec.photos, k), train))
+        with torch.no_grad():
+            for label, runs, names in groups:
+                for steps, lidbs in runs.items():
+                    line(f"  {label}, {steps} steps", [score(x, i) for x, i in zip(lidbs, names)])
+
+
 def cmd_agreement(args, manifest, spec) -> None:
     """How reproducible stage 0 is: cosine of two runs' dW (all layers, one vector) for the same identity,
     against that of two different identities in one run."""
@@ -529,6 +635,16 @@ def main(argv=None) -> int:
                     help="comma-separated numbers of components")
     pc.add_argument("--space", choices=("factors", "dw"), default="factors",
                     help="rows of the LiDBs' A_train/B_train factors, or of their dW (no factor gauge)")
+    ss = sub.add_parser("subspace", help="stage 0 inside the span of the other targets' top components")
+    ss.add_argument("--stage0", required=True)
+    ss.add_argument("--k", type=lambda v: [int(x) for x in v.split(",")], default=[32, 128],
+                    help="components kept (comma-separated); with --out the first")
+    ss.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")], default=[200],
+                    help="scored after these step counts (comma-separated); with --out the last")
+    ss.add_argument("--lr", type=float, default=0.1, help="Adam rate of the coefficients (units of spread)")
+    ss.add_argument("--hypernet", help="held-out identities start from this network's prediction, projected")
+    ss.add_argument("--held-out-only", action="store_true", help="skip the training identities' 4-photo fit")
+    ss.add_argument("--out", help="write every training identity's subspace LiDB here (stage-1 targets)")
     ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
     ag.add_argument("--stage0", required=True)
     ag.add_argument("--other", required=True)
@@ -565,6 +681,8 @@ def main(argv=None) -> int:
         cmd_score(args, manifest, spec, rec)
     elif args.cmd == "pca":
         cmd_pca(args, manifest, spec, rec)
+    elif args.cmd == "subspace":
+        cmd_subspace(args, manifest, spec, rec)
     elif args.cmd == "agreement":
         cmd_agreement(args, manifest, spec)
     elif args.cmd == "average":

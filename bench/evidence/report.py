@@ -42,6 +42,11 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
         rows.append((name, arms[f"hypernet+{p}"], f"{lrs[f'hypernet+{p}']:g}" if p else ""))
     for p in s.zero_points:
         rows.append((f"zero start + {p} steps", arms[f"zero+{p}"], f"{lrs[f'zero+{p}']:g}"))
+    if any(arm.startswith("hypernet-sub+") for arm in arms):
+        rows += [(f"hypernet + {p} steps in the identity subspace", arms[f"hypernet-sub+{p}"],
+                  f"{lrs[f'hypernet-sub+{p}']:g}") for p in s.subspace_hyper_points]
+        rows += [(f"subspace mean + {p} steps in the identity subspace", arms[f"mean-sub+{p}"],
+                  f"{lrs[f'mean-sub+{p}']:g}") for p in s.subspace_mean_points]
     if s.single_pass_network:
         k = s.key_steps[0]
         rows += [("hypernet trained with s = 1, only", arms["hypernet(s=1)+0"], ""),
@@ -83,7 +88,7 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
     arms, refs, cis = result["arms"], result["refs"], result["cis"]
     r1 = {name: statistics.fmean(m["rank1"]) for name, m in arms.items()}
     teacher = statistics.fmean(refs["teacher"]["rank1"])
-    return {
+    out = {
         "hypernet only: rank-1 at least half the teacher's": r1["hypernet+0"] >= 0.5 * teacher,
         f"hypernet + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
             cis[f"hypernet+{k} - zero+{long} [cos]"][0] >= 0 and cis[f"hypernet+{k} - zero+{long} [rank1]"][0] >= 0,
@@ -93,13 +98,25 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
         f"hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
             cis[f"hypernet+{k} - zero+{k} [cos]"][1] > 0,
     }
+    if f"hypernet-sub+{k} - zero+{long} [cos]" in cis:     # the same goals, finetuning in the identity subspace
+        sub = f"hypernet-sub+{k} - zero+{long}"
+        out.update({
+            f"hypernet + {k} in the identity subspace at least as good as zero + {long} (mean cosine and rank-1 "
+            f"differences >= 0)": cis[f"{sub} [cos]"][0] >= 0 and cis[f"{sub} [rank1]"][0] >= 0,
+            "... at equal or better editability and prior drift": cis[f"{sub} [style]"][2] >= 0
+            and cis[f"{sub} [drift]"][1] <= 0,
+            f"hypernet + {k} in the identity subspace clearly better than zero + {k} (cosine CI lower end > 0)":
+                cis[f"hypernet-sub+{k} - zero+{k} [cos]"][1] > 0,
+        })
+    return out
 
 
 def goals_text(result: dict, s: Settings) -> str:
     return "\n".join(f"goal {'REACHED' if ok else 'NOT reached'}: {name}" for name, ok in goals(result, s).items())
 
 
-COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60)}
+COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60),
+           "hypernet-sub": (140, 40, 170), "mean-sub": (220, 150, 30)}
 
 
 def plot_tradeoff(result: dict, path: str) -> str:

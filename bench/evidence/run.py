@@ -29,6 +29,7 @@ import torch
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.file import load_lidb
+from hdb_core.lidb.subspace import IdentitySubspace, load_subspace, save_subspace
 from hdb_core.training import data
 from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
 from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
@@ -62,6 +63,10 @@ class Settings:
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
     hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     zero_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    subspace_components: int = 128       # identity subspace of the stage-0 LiDBs (0: no subspace arms)
+    subspace_hyper_points: tuple[int, ...] = (10, 20, 40)   # hypernet prediction + k steps in the subspace
+    subspace_mean_points: tuple[int, ...] = (40, 100)       # the subspace's mean + k steps in it
+    subspace_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)      # coefficients are in units of the targets' spread
     eval_samples: int = 8                 # DDIM samples per arm for the identity metric (and the drift)
     eval_draws: int = 8                   # noise draws per held-out photo for the secondary denoising loss
     pca_dims: int = 64
@@ -81,8 +86,9 @@ def quick() -> Settings:
     return Settings(world=W.WorldSpec(identities=40, held_out=8, vae_steps=300, gallery=12), validation=2,
                     stage0_steps=80, stage0_batch=32, stage1_steps=200, stage1_batch=8, width=64,
                     hyper_points=(0, 10, 40), zero_points=(40, 100), hyper_lrs=(1e-3, 3e-3),
-                    zero_lrs=(3e-3, 1e-2), single_pass_network=False, eval_samples=6, eval_draws=4, lda_dims=16,
-                    bootstrap=1000)
+                    zero_lrs=(3e-3, 1e-2), subspace_components=24, subspace_hyper_points=(10, 40),
+                    subspace_mean_points=(40,), subspace_lrs=(0.1, 0.3), single_pass_network=False, eval_samples=6,
+                    eval_draws=4, lda_dims=16, bootstrap=1000)
 
 
 def scaled() -> Settings:
@@ -142,8 +148,10 @@ class Judge:
         return loss
 
 
-def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: float, s: Settings) -> dict:
-    """Finetune `start` on one photo latent; LoRA factors after every step count in `points`."""
+def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: float, s: Settings,
+                    subspace: IdentitySubspace | None = None) -> dict:
+    """Finetune `start` on one photo latent (within `subspace` if given); LoRA factors after every step
+    count in `points`."""
     snapshots: dict[int, dict] = {}
     command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
                                      mirror=False)
@@ -159,7 +167,7 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
         from hdb_core.training.finetune import relaxed_start
         return {0: factors_of(relaxed_start(start, s.ft_rank, torch.Generator().manual_seed(s.seed)))}
     result = finetune(start, loss_fn, FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
-                                                       seed=s.seed), source="finetuned")
+                                                       seed=s.seed, subspace=subspace), source="finetuned")
     injector.clear()
     snapshots[steps] = factors_of(result.lidb)
     return snapshots
@@ -301,6 +309,14 @@ def run(out: str, settings: Settings, log=print) -> dict:
                                             iterations=iterations, checkpoint_every=10 ** 6, val_identities=0,
                                             ema_decay=0, **common),
                            progress=False)    # the evidence keeps its own validation identities, raw weights only
+    subspace = None
+    if s.subspace_components:
+        path = os.path.join(out, "subspace.safetensors")
+        if not os.path.exists(path):
+            targets = [load_lidb(os.path.join(stage0, f)) for f in sorted(os.listdir(stage0))
+                       if f.endswith(".safetensors")]
+            save_subspace(IdentitySubspace.fit(targets, s.subspace_components), path)
+        subspace = load_subspace(path)
     timings["stage1"] = time.time() - t0
 
     t0 = time.time()
@@ -311,20 +327,30 @@ def run(out: str, settings: Settings, log=print) -> dict:
     val, test = held[: s.validation], held[s.validation:]
     k, long = s.key_steps
 
+    # (kind, learning rates, step counts): "hypernet-sub" and "mean-sub" finetune only the coefficients of
+    # the identity subspace, from the prediction and from the subspace's mean (the mean stage-0 LiDB)
+    families = [("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)]
+    if subspace is not None:
+        families += [("hypernet-sub", s.subspace_lrs, s.subspace_hyper_points),
+                     ("mean-sub", s.subspace_lrs, s.subspace_mean_points)]
+
     def start_of(kind, ident, photos):
         if kind == "zero":
             return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
-        return networks[kind].predict_lidb(encoder.encode(photos[:1]))
+        if kind == "mean-sub":
+            return subspace.lidb(subspace.mean)
+        return networks[kind.removesuffix("-sub")].predict_lidb(encoder.encode(photos[:1]))
 
     def arm_scores(kind, ident, lr, points):
         photos = photos_of(ident)
         latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
-        snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s)
+        snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s,
+                                subspace if kind.endswith("-sub") else None)
         return {p: judges[ident](snaps[p]) for p in points}
 
     def validation_run(ident):
         cos = {}
-        for kind, lrs, points in (("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)):
+        for kind, lrs, points in families:
             for lr in lrs:
                 for p, sc in arm_scores(kind, ident, lr, points).items():
                     cos[(kind, p, lr)] = sc["cos"]
@@ -333,14 +359,14 @@ def run(out: str, settings: Settings, log=print) -> dict:
 
     def test_run(n):
         ident, scores = test[n], []
-        runs = [("hypernet", s.hyper_points), ("zero", s.zero_points)]
+        runs = [(kind, points) for kind, _, points in families]
         if s.single_pass_network:
             runs.append(("hypernet(s=1)", (0, k)))    # at the learning rates chosen for the s = 4 network
         for kind, points in runs:
             by_lr: dict[float, list[int]] = {}
             for p in points:
-                by_lr.setdefault(chosen[("zero" if kind == "zero" else "hypernet", p)] if p else s.hyper_lrs[0],
-                                 []).append(p)
+                by_lr.setdefault(chosen[("hypernet" if kind == "hypernet(s=1)" else kind, p)] if p
+                                 else s.hyper_lrs[0], []).append(p)
             for lr, pts in by_lr.items():
                 scores += [(f"{kind}+{p}", sc) for p, sc in arm_scores(kind, ident, lr, pts).items()]
         other = test[(n + 1) % len(test)]
@@ -358,7 +384,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
             for key, value in cos.items():
                 val_cos.setdefault(key, []).append(value)
         chosen = {}
-        for kind, lrs, points in (("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)):
+        for kind, lrs, points in families:
             for p in points:
                 chosen[(kind, p)] = max(lrs, key=lambda lr: sum(val_cos[(kind, p, lr)]))
         arms: dict[str, dict[str, list[float]]] = {}
@@ -372,6 +398,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
     for label, a, b in ((f"hypernet+{k} - zero+{long}", arms[f"hypernet+{k}"], arms[f"zero+{long}"]),
                         (f"hypernet+{k} - zero+{k}", arms[f"hypernet+{k}"], arms[f"zero+{k}"]),
                         ("hypernet+0 - base", arms["hypernet+0"], refs["base"]),
+                        *([(f"hypernet-sub+{k} - zero+{long}", arms[f"hypernet-sub+{k}"], arms[f"zero+{long}"]),
+                           (f"hypernet-sub+{k} - zero+{k}", arms[f"hypernet-sub+{k}"], arms[f"zero+{k}"]),
+                           (f"hypernet-sub+{k} - mean-sub+{k}", arms[f"hypernet-sub+{k}"], arms[f"mean-sub+{k}"])]
+                          if subspace is not None else []),
                         *([(f"hypernet+{k} - hypernet(s=1)+{k}", arms[f"hypernet+{k}"], arms[f"hypernet(s=1)+{k}"]),
                            ("hypernet+0 - hypernet(s=1)+0", arms["hypernet+0"], arms["hypernet(s=1)+0"])]
                           if s.single_pass_network else [])):
