@@ -97,6 +97,16 @@ def test_full_size_sd15_targets_count_and_file_size(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nSD1.5 rank-1 + free rank-4 LiDB: {free.num_trainable} numbers, file {size} bytes")
     assert free.num_trainable * 4 < size < free.num_trainable * 4 + 25_000
+    # The identity subspace `hdb pipeline` writes beside the hypernetwork: mean + 128 directions of rows.
+    from hdb_core.lidb.subspace import IdentitySubspace, save_subspace
+
+    g = torch.Generator().manual_seed(0)
+    lidbs = [LiDB.trainable_start(specs, LiDBConfig(), g) for _ in range(129)]
+    subspace = IdentitySubspace.fit(lidbs, 128)
+    size = os.path.getsize(save_subspace(subspace, str(tmp_path / "sd15.subspace.safetensors")))
+    with capsys.disabled():
+        print(f"\nSD1.5 identity subspace, 128 directions: file {size} bytes")
+    assert subspace.components == 128 and 129 * 26_400 * 4 < size < 129 * 26_400 * 4 + 20_000
 
 
 def test_comfyui_and_diffusers_name_full_sd15_identically(comfy):
