@@ -62,7 +62,7 @@ def test_readme_states_the_table():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
     for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "RELAXED_RANK", "RELAXATION",
-                 "MIRROR", "RESOLUTION"):
+                 "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "MIRROR", "RESOLUTION"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 
