@@ -375,16 +375,16 @@ def cmd_pca(args, manifest, spec, rec) -> None:
 
 
 def cmd_subspace(args, manifest, spec, rec) -> None:
-    """Stage 0 and finetuning restricted to the span of the other targets' top principal components.
+    """Stage 0 and finetuning restricted to an identity subspace of the other targets (`IdentitySubspace`).
 
     `pca` projects finished targets and loses their identity; here the photos choose the coefficients, so
     the question is whether the span holds *some* LiDB that identifies a person it never saw (as real
     identity LoRAs do, weights2weights). Fit on the training identities but the first `--train-ids` (all
-    of them with `--out`); coefficients in units of each component's spread, trained on stage 0's
-    diffusion loss from zero (the mean target) or, with `--hypernet`, from the held-out prediction's
-    projection. Scored after each of `--steps`: those first identities from their 4 photos, and the
-    held-out ones from photo 0 alone. With `--out`, every training identity's LiDB in the span is written
-    there instead (targets for `stage1`).
+    of them with `--out`); the coefficients (in units of each direction's spread) are trained on stage 0's
+    diffusion loss, for many identities at once, from zero (the mean target) or, with `--hypernet`, from
+    the held-out prediction's projection. Scored after each of `--steps`: those first identities from
+    their 4 photos, and the held-out ones from photo 0 alone. With `--out`, every training identity's
+    LiDB in the span is written there instead (targets for `stage1`).
     """
     import torch
 
@@ -392,6 +392,7 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.batch import train_factors
     from hdb_core.lidb.file import load_lidb, save_lidb
+    from hdb_core.lidb.subspace import IdentitySubspace, rows_of
     from hdb_core.lidb.weights import aux_for_layers
     from hdb_core.training import data
     from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
@@ -400,30 +401,21 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
     from bench.evidence import world as W
 
     train = stage0_identities(manifest, args.stage0)
-    table = FactorRows([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train])
+    lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train]
     unseen = 0 if args.out else args.train_ids
-    fit = table.rows[unseen:]
-    mean = fit.mean(0)
-    _, singular, basis = torch.linalg.svd(fit - mean, full_matrices=False)
-    spread = singular / (len(fit) - 1) ** 0.5
+    subspace = IdentitySubspace.fit(lidbs[unseen:], max(args.k))
+    total = float((rows_of(lidbs[unseen:]) - subspace.mean).pow(2).sum()) / (len(lidbs) - unseen - 1)
     base = load_base_model(manifest["base"])
-    layers = table.like.layers
-    aux = aux_for_layers(table.like.config, layers)
-    injector = base.injector(layers)
-    sizes = [s.numel() for s in table.shapes.values()]
+    aux = aux_for_layers(subspace.config, subspace.layers)
+    injector = base.injector(subspace.layers)
     settings = PreoptimizeSettings()
     prompt = settings.prompt.format(trigger=settings.trigger)      # what stage 0 trains on
 
-    def factors(rows):
-        parts = {key: part.reshape(-1, *table.shapes[key]) for key, part in zip(table.shapes, rows.split(sizes, 1))}
-        return train_factors(aux, {k[2:]: v for k, v in parts.items() if k.startswith("a:")},
-                             {k[2:]: v for k, v in parts.items() if k.startswith("b:")})
-
     def fitted(folder, names, photos, k, start=None) -> dict:
-        """{steps: LiDBs} after each of `args.steps`, coefficients from `start` rows (default: the mean)."""
-        directions = (spread[:k, None] * basis[:k]).float()
+        """{steps: LiDBs} after each of `args.steps`, coefficients from `start`'s projection (default: 0)."""
+        directions = subspace.directions[:k]
         first = torch.zeros(len(names), k) if start is None else (
-            (start - mean) @ basis[:k].T / spread[:k]).float()
+            (start - subspace.mean) @ directions.T / directions.pow(2).sum(1))
         coefficients = first.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([coefficients], lr=args.lr)
         latents = [photo_latents(base, torch.stack([data.prepare_image(os.path.join(folder, n, f"{j}.png"),
@@ -433,13 +425,14 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
         out = {}
         with injector:
             for step in range(max(args.steps) + 1):
+                rows = subspace.mean + coefficients @ directions
                 if step in args.steps:
-                    out[step] = table.weights((mean.float() + coefficients.detach() @ directions).double())
+                    out[step] = [subspace.lidb(row) for row in rows]
                 if step == max(args.steps):
                     break
                 lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
-                rows = mean.float() + coefficients @ directions
-                loss = diffusion_loss(base, injector, factors(rows), input_ids, lat, noise, ts, torch.float32, True)
+                factors = train_factors(aux, *subspace.train_matrices(rows))
+                loss = diffusion_loss(base, injector, factors, input_ids, lat, noise, ts, torch.float32, True)
                 optimizer.zero_grad()
                 loss.sum().backward()
                 optimizer.step()
@@ -462,13 +455,13 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
         net = load_hypernet(args.hypernet)
         encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
         with torch.no_grad():
-            start = FactorRows([predicted(net, encoder, manifest["held_out_photos"], i) for i in held]).rows
+            start = rows_of([predicted(net, encoder, manifest["held_out_photos"], i) for i in held])
     with torch.no_grad():
         line(f"stage-0 LiDBs, {unseen} training identities outside the fit",
-             [score(lidb, i) for lidb, i in zip(table.weights(table.rows[:unseen]), train[:unseen])])
+             [score(lidb, i) for lidb, i in zip(lidbs[:unseen], train)])
     for k in args.k:
-        print(f"top {k} components ({float((singular[:k] ** 2).sum() / (singular ** 2).sum()):.2f} of the "
-              f"variance), Adam at {args.lr:g}", flush=True)
+        share = float(subspace.directions[:k].pow(2).sum()) / total
+        print(f"top {k} components ({share:.2f} of the variance), Adam at {args.lr:g}", flush=True)
         groups = [("1 photo, from the hypernet's prediction" if start is not None else "1 photo, from the mean",
                    fitted(manifest["held_out_photos"], held, 1, k, start), held)]
         if not args.held_out_only:
@@ -476,8 +469,8 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
                                                                                    spec.photos, k), train))
         with torch.no_grad():
             for label, runs, names in groups:
-                for steps, lidbs in runs.items():
-                    line(f"  {label}, {steps} steps", [score(x, i) for x, i in zip(lidbs, names)])
+                for steps, lidbs_k in runs.items():
+                    line(f"  {label}, {steps} steps", [score(x, i) for x, i in zip(lidbs_k, names)])
 
 
 def cmd_agreement(args, manifest, spec) -> None:
