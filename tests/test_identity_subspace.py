@@ -46,6 +46,23 @@ def test_fit_recovers_a_low_dimensional_family_and_caps_the_components():
             IdentitySubspace.fit(bad, 4)
 
 
+def test_the_randomised_svd_for_many_identities_finds_the_exact_directions(monkeypatch):
+    from hdb_core.lidb import subspace as module
+
+    lidbs = family(40, k=3, seed=2)
+    rows = rows_of(lidbs)
+    rows = rows + 1e-4 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(0))
+    exact = IdentitySubspace.fit_rows(rows.clone(), lidbs[0].layers, lidbs[0].config, 3)
+    monkeypatch.setattr(module, "EXACT_SVD_LIMIT", 10)
+    randomised = IdentitySubspace.fit_rows(rows.clone(), lidbs[0].layers, lidbs[0].config, 3)
+    assert randomised.mean.dtype == torch.float32 and torch.allclose(randomised.mean, exact.mean, atol=1e-6)
+    torch.testing.assert_close(randomised.directions.norm(dim=1), exact.directions.norm(dim=1), rtol=1e-3, atol=0)
+    q_exact, _ = torch.linalg.qr(exact.directions.double().T)
+    q_random, _ = torch.linalg.qr(randomised.directions.double().T)
+    assert torch.linalg.svdvals(q_exact.T @ q_random).min() > 0.999        # the same 3-dimensional span
+    assert randomised.info["variance"] == pytest.approx(exact.info["variance"], abs=1e-3)
+
+
 def test_rows_and_lidbs_round_trip_and_files_load_identically(tmp_path):
     lidbs = family(6)
     sub = IdentitySubspace.fit(lidbs, 4)
@@ -137,6 +154,13 @@ def test_cli_fits_a_subspace_and_finetunes_within_it_from_its_mean(tmp_path, cap
     assert "3 directions" in capsys.readouterr().out                     # capped at one fewer than 4 LiDBs
     assert cli.main(["fit-subspace", "--lidbs", str(tmp_path / "nowhere"), "--output", out]) == 2
     assert "does not exist; pass the output folder of `hdb preoptimize`" in capsys.readouterr().err
+    mixed = str(tmp_path / "mixed")
+    save_lidb(LiDB.zeros(layers, LiDBConfig()), f"{mixed}/a.safetensors")
+    assert cli.main(["fit-subspace", "--lidbs", mixed, "--output", out]) == 2
+    assert "holds 1 LiDB file(s)" in capsys.readouterr().err
+    save_lidb(LiDB.zeros(layers[:3], LiDBConfig()), f"{mixed}/b.safetensors")
+    assert cli.main(["fit-subspace", "--lidbs", mixed, "--output", out]) == 2
+    assert "'b.safetensors' was made for another model" in capsys.readouterr().err
 
     png = str(tmp_path / "face.png")
     Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()).save(png)

@@ -53,21 +53,31 @@ class IdentitySubspace:
         """The mean and top `components` principal directions of `lidbs` (at most one fewer than there are)."""
         if len(lidbs) < 2:
             raise HDBError(f"An identity subspace needs the LiDBs of at least 2 identities; got {len(lidbs)}.")
+        return cls.fit_rows(rows_of(lidbs), lidbs[0].layers, lidbs[0].config, components)
+
+    @classmethod
+    def fit_rows(cls, rows: torch.Tensor, layers: Sequence[LayerSpec], config: LiDBConfig,
+                 components: int) -> "IdentitySubspace":
+        """`fit` on LiDBs already laid out as rows [N, D] (consumed: centred in place)."""
+        n = rows.shape[0]
+        if n < 2:
+            raise HDBError(f"An identity subspace needs the LiDBs of at least 2 identities; got {n}.")
         if components < 1:
             raise HDBError(f"components is {components}; use 1 or more (128 is a good value).")
-        rows = rows_of(lidbs).double()
+        k = min(components, n - 1, rows.shape[1])
+        exact = min(rows.shape) <= EXACT_SVD_LIMIT
+        rows = rows.double() if exact else rows.float()       # thousands of identities: float32, randomised
         mean = rows.mean(0)
-        centred = rows - mean
-        k = min(components, len(lidbs) - 1, rows.shape[1])
-        if min(rows.shape) > EXACT_SVD_LIMIT:      # thousands of identities: randomised, top k + 16 only
-            _, singular, v = torch.svd_lowrank(centred, q=min(k + 16, *rows.shape), niter=6)
-            basis = v.T
-        else:
+        centred = rows.sub_(mean)
+        if exact:
             _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
-        spread = singular[:k] / (len(lidbs) - 1) ** 0.5
-        variance = float((singular[:k] ** 2).sum() / centred.pow(2).sum().clamp_min(1e-30))
-        return cls(lidbs[0].layers, lidbs[0].config, mean.float(), (spread[:, None] * basis[:k]).float(),
-                   {"identities": len(lidbs), "variance": round(variance, 4)})
+        else:
+            _, singular, v = torch.svd_lowrank(centred, q=min(k + 16, *centred.shape), niter=6)
+            basis = v.T
+        spread = singular[:k] / (n - 1) ** 0.5
+        variance = float((singular[:k].double() ** 2).sum() / centred.double().pow(2).sum().clamp_min(1e-30))
+        return cls(tuple(layers), config, mean.float(), (spread[:, None] * basis[:k]).float(),
+                   {"identities": n, "variance": round(variance, 4)})
 
     def check_fits(self, lidb: LiDB) -> None:
         if tuple(lidb.layers) != tuple(self.layers) or lidb.config != self.config or lidb.free_down:
