@@ -123,6 +123,9 @@ def test_subspace_finetune_keeps_untrained_components_and_refuses_another_layout
     te = LAYERS[2].name
     assert torch.equal(out.a_train[te], start.a_train[te]) and torch.equal(out.b_train[te], start.b_train[te])
     assert not torch.equal(out.b_train[LAYERS[0].name], start.b_train[LAYERS[0].name])
+    free = start.with_free_lora(2, torch.Generator().manual_seed(0))
+    with pytest.raises(HDBError, match="has a free LoRA part"):
+        finetune(free, toy_loss(target), FinetuneSettings(steps=1, learning_rate=0.1, subspace=sub))
     other = LiDB.zeros(LAYERS[:2], LiDBConfig())
     with pytest.raises(HDBError, match="fit to LiDBs of another model"):
         finetune(other, toy_loss(target), FinetuneSettings(steps=1, learning_rate=0.1, subspace=sub))

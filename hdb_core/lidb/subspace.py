@@ -80,7 +80,10 @@ class IdentitySubspace:
                    {"identities": n, "variance": round(variance, 4)})
 
     def check_fits(self, lidb: LiDB) -> None:
-        if tuple(lidb.layers) != tuple(self.layers) or lidb.config != self.config or lidb.free_down:
+        if lidb.free_down:
+            raise HDBError("This LiDB has a free LoRA part (it was finetuned with relaxation free_lora), which an "
+                           "identity subspace cannot move; start from the hypernetwork's prediction instead.")
+        if tuple(lidb.layers) != tuple(self.layers) or lidb.config != self.config:
             raise HDBError("This identity subspace was fit to LiDBs of another model or other a/b/rank/seed "
                            "settings; use the subspace made with the hypernetwork that predicted this LiDB.")
 
