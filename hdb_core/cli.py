@@ -380,8 +380,8 @@ def cmd_pipeline(args) -> int:
     if process.index == 0:
         from hdb_core.training.stage1 import ema_path
 
-        cmd_fit_subspace(build_parser().parse_args(["fit-subspace", "--lidbs", lidbs, "--output",
-                                                    subspace_path(hypernet)]))
+        COMMANDS["fit-subspace"](build_parser().parse_args(["fit-subspace", "--lidbs", lidbs, "--output",
+                                                            subspace_path(hypernet)]))
         validation = os.path.join(run, "hypernet.state", "validation.csv")
         files = [f for f in (ema_path(hypernet), hypernet) if os.path.exists(f)]
         advice = f", whichever has the lower held-out loss in {validation}" if os.path.exists(validation) else ""

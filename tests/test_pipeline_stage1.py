@@ -426,7 +426,7 @@ def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_pat
 def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
     """`hdb pipeline --weight-space delta --autocast off --shard-size 3 ...` reaches each step unchanged."""
     seen = {}
-    for name in ("prepare", "preoptimize", "train-hypernet"):
+    for name in ("prepare", "preoptimize", "train-hypernet", "fit-subspace"):
         monkeypatch.setitem(cli.COMMANDS, name, lambda args, name=name: seen.setdefault(name, args) and 0)
     stage1 = ["--weight-space", "delta", "--diffusion-photo", "other", "--input-photos", "4", "--beta", "0.5",
               "--width", "64",
@@ -453,3 +453,5 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
     assert (seen["train-hypernet"].weight_space, seen["train-hypernet"].diffusion_photo) == ("delta", "other")
     assert (seen["preoptimize"].repeats, seen["train-hypernet"].input_photos) == (2, 4)
     assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu
+    assert (seen["fit-subspace"].lidbs, seen["fit-subspace"].output) == (
+        str(tmp_path / "run" / "lidbs"), str(tmp_path / "run" / "hypernet.subspace.safetensors"))
