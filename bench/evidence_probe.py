@@ -233,27 +233,21 @@ def offset_agreement(start, predictions: dict, stage0: str) -> tuple[float, floa
 
 
 class FactorRows:
-    """LiDBs of one layout as rows of one matrix (every layer's A_train and B_train, flattened), and back."""
+    """LiDBs of one layout as rows of one matrix (`subspace.rows_of`: every layer's A_train and B_train,
+    flattened), and back."""
 
     def __init__(self, lidbs):
-        import torch
-
-        from hdb_core.lidb.batch import stack_train
+        from hdb_core.lidb.subspace import rows_of
 
         self.like = lidbs[0]
-        a, b = stack_train(lidbs)
-        self.shapes = {**{f"a:{k}": v.shape[1:] for k, v in a.items()}, **{f"b:{k}": v.shape[1:] for k, v in b.items()}}
-        self.rows = torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1).double()
+        self.rows = rows_of(lidbs).double()
 
     def weights(self, rows) -> list:
         """One LiDB per row."""
         from hdb_core.lidb.batch import unstack_train
+        from hdb_core.lidb.subspace import split_rows
 
-        sizes = [s.numel() for s in self.shapes.values()]
-        parts = {key: part.reshape(-1, *self.shapes[key])
-                 for key, part in zip(self.shapes, rows.float().split(sizes, 1))}
-        a = {k[2:]: v for k, v in parts.items() if k.startswith("a:")}
-        b = {k[2:]: v for k, v in parts.items() if k.startswith("b:")}
+        a, b = split_rows(rows.float(), self.like.layers, self.like.config)
         return unstack_train(a, b, self.like.layers, self.like.config)
 
 

@@ -486,30 +486,11 @@ def subspace_path(hypernet: str) -> str:
 
 
 def cmd_fit_subspace(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    from hdb_core.lidb.subspace import fit_folder, save_subspace
 
-    from hdb_core.lidb.file import load_lidb
-    from hdb_core.lidb.subspace import IdentitySubspace, rows_of, save_subspace
-
-    if not os.path.isdir(args.lidbs):
-        raise HDBError(f"The LiDB folder '{args.lidbs}' does not exist; pass the output folder of "
-                       f"`hdb preoptimize` (in a pipeline run: <run>/lidbs).")
-    names = sorted(f for f in os.listdir(args.lidbs) if f.endswith(".safetensors"))
-    if len(names) < 2:
-        raise HDBError(f"The LiDB folder '{args.lidbs}' holds {len(names)} LiDB file(s); an identity subspace "
-                       f"needs the stage-0 LiDBs of at least 2 identities.")
-    first = load_lidb(os.path.join(args.lidbs, names[0]))
-    rows = torch.empty(len(names), rows_of([first]).shape[1])      # one row at a time: 15K files fit in memory
-    for i, name in enumerate(tqdm(names, desc="identity subspace", unit="LiDB")):
-        lidb = first if i == 0 else load_lidb(os.path.join(args.lidbs, name))
-        if lidb.layers != first.layers or lidb.config != first.config:
-            raise HDBError(f"'{name}' was made for another model or other a/b/rank/seed settings than "
-                           f"'{names[0]}'; fit a subspace to the LiDBs of one stage-0 run.")
-        rows[i] = rows_of([lidb])[0]
-    subspace = IdentitySubspace.fit_rows(rows, first.layers, first.config, args.components)
+    subspace = fit_folder(args.lidbs, args.components)
     save_subspace(subspace, args.output)
-    print(f"identity subspace of {len(names)} LiDBs: {subspace.components} directions holding "
+    print(f"identity subspace of {subspace.info['identities']} LiDBs: {subspace.components} directions holding "
           f"{subspace.info['variance']:.0%} of their variance, written to {args.output}")
     return 0
 

@@ -29,7 +29,7 @@ import torch
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.file import load_lidb
-from hdb_core.lidb.subspace import IdentitySubspace, load_subspace, save_subspace
+from hdb_core.lidb.subspace import IdentitySubspace, fit_folder, load_subspace, save_subspace
 from hdb_core.training import data
 from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
 from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
@@ -313,9 +313,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     if s.subspace_components:
         path = os.path.join(out, "subspace.safetensors")
         if not os.path.exists(path):
-            targets = [load_lidb(os.path.join(stage0, f)) for f in sorted(os.listdir(stage0))
-                       if f.endswith(".safetensors")]
-            save_subspace(IdentitySubspace.fit(targets, s.subspace_components), path)
+            save_subspace(fit_folder(stage0, s.subspace_components, progress=False), path)
         subspace = load_subspace(path)
     timings["stage1"] = time.time() - t0
 

@@ -17,6 +17,7 @@ format_version, layers, a, b, rank, seed, aux_generator, identities, variance.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from hdb_core.atomic import write_atomic
 from hdb_core.errors import HDBError
 from hdb_core.lidb import aux_bases
 from hdb_core.lidb.batch import stack_train
+from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.targets import LayerSpec
 from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.storage import check_version, file_error, read
@@ -88,14 +90,7 @@ class IdentitySubspace:
                            "settings; use the subspace made with the hypernetwork that predicted this LiDB.")
 
     def train_matrices(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Rows [N, D] as stacked {name: A_train [N, a_l, r]}, {name: B_train [N, r, b_l]}; differentiable."""
-        shapes = [("a", s.name, (self.config.layer_dims(s)[0], self.config.rank)) for s in self.layers]
-        shapes += [("b", s.name, (self.config.rank, self.config.layer_dims(s)[1])) for s in self.layers]
-        parts = rows.split([a * b for _, _, (a, b) in shapes], dim=1)
-        out: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
-        for (kind, name, shape), part in zip(shapes, parts):
-            out[kind][name] = part.reshape(-1, *shape)
-        return out["a"], out["b"]
+        return split_rows(rows, self.layers, self.config)
 
     def lidb(self, row: torch.Tensor, **info) -> LiDB:
         a, b = self.train_matrices(row.detach().float().cpu().reshape(1, -1))
@@ -107,6 +102,41 @@ def rows_of(lidbs: Sequence[LiDB]) -> torch.Tensor:
     """[N, D] float32: each LiDB's train matrices as one row (the subspace's layout)."""
     a, b = stack_train(list(lidbs))
     return torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1)
+
+
+def split_rows(rows: torch.Tensor, layers: Sequence[LayerSpec],
+               config: LiDBConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The inverse of `rows_of`: rows [N, D] as stacked {name: A_train [N, a_l, r]}, {name: B_train [N, r, b_l]};
+    differentiable."""
+    shapes = [("a", s.name, (config.layer_dims(s)[0], config.rank)) for s in layers]
+    shapes += [("b", s.name, (config.rank, config.layer_dims(s)[1])) for s in layers]
+    parts = rows.split([a * b for _, _, (a, b) in shapes], dim=1)
+    out: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+    for (kind, name, shape), part in zip(shapes, parts):
+        out[kind][name] = part.reshape(-1, *shape)
+    return out["a"], out["b"]
+
+
+def fit_folder(folder: str, components: int, progress: bool = True) -> IdentitySubspace:
+    """The subspace of a stage-0 output folder, read one LiDB at a time (15K of them fit in memory)."""
+    from tqdm.auto import tqdm
+
+    if not os.path.isdir(folder):
+        raise HDBError(f"The LiDB folder '{folder}' does not exist; pass the output folder of "
+                       f"`hdb preoptimize` (in a pipeline run: <run>/lidbs).")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if len(names) < 2:
+        raise HDBError(f"The LiDB folder '{folder}' holds {len(names)} LiDB file(s); an identity subspace "
+                       f"needs the stage-0 LiDBs of at least 2 identities.")
+    first = load_lidb(os.path.join(folder, names[0]))
+    rows = torch.empty(len(names), rows_of([first]).shape[1])
+    for i, name in enumerate(tqdm(names, desc="identity subspace", unit="LiDB", disable=not progress)):
+        lidb = first if i == 0 else load_lidb(os.path.join(folder, name))
+        if lidb.layers != first.layers or lidb.config != first.config:
+            raise HDBError(f"'{name}' was made for another model or other a/b/rank/seed settings than "
+                           f"'{names[0]}'; fit a subspace to the LiDBs of one stage-0 run.")
+        rows[i] = rows_of([lidb])[0]
+    return IdentitySubspace.fit_rows(rows, first.layers, first.config, components)
 
 
 def save_subspace(subspace: IdentitySubspace, path: str) -> str:

@@ -146,17 +146,16 @@ class SubspaceLiDB(torch.nn.Module):
         super().__init__()
         subspace.check_fits(start)
         self.template, self.subspace = start, subspace
-        directions = subspace.directions.clone()
-        if trainable is not None:
-            keep = torch.cat([torch.full((subspace.config.layer_dims(s)[0] * subspace.config.rank,),
-                                         float(s.component in trainable)) for s in subspace.layers] +
-                             [torch.full((subspace.config.layer_dims(s)[1] * subspace.config.rank,),
-                                         float(s.component in trainable)) for s in subspace.layers])
-            directions = directions * keep
+        directions = subspace.directions
+        if trainable is not None:      # the rows of frozen components' layers stay put
+            moves = lambda t: {s.name: torch.full_like(t[s.name], float(s.component in trainable))  # noqa: E731
+                               for s in start.layers}
+            directions = directions * rows_of([start.with_tensors(moves(start.a_train), moves(start.b_train))])
         self.register_buffer("start_row", rows_of([start]).to(device))
         self.register_buffer("directions", directions.to(device))
         self.coefficients = torch.nn.Parameter(torch.zeros(1, subspace.components, device=device))
-        self._aux = [tuple(t.to(device) for t in start.aux(s.name)) for s in start.layers]
+        aux = aux_for_layers(start.config, start.layers)
+        self._aux = [tuple(t.to(device) for t in aux[s.name]) for s in start.layers]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.coefficients] if self.directions.abs().sum() > 0 else []
