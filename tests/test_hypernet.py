@@ -289,3 +289,65 @@ def test_the_offset_is_what_zero_passes_predict_and_travels_in_the_file(tmp_path
         assert all(torch.equal(lidb.a_train[n], a[n]) and torch.equal(lidb.b_train[n], b[n]) for n in a)
         near = model.predict_lidb(features())          # an untrained network stays near its offset
         assert all((near.a_train[n] - a[n]).abs().max() < 0.05 * a[n].abs().max() for n in a)
+
+
+def _toy_subspace(k=3, seed=0):
+    from hdb_core.lidb.subspace import IdentitySubspace
+
+    g = torch.Generator().manual_seed(seed)
+    zero = LiDB.zeros(TOY_LAYERS, LiDBConfig())
+    lidbs = [LiDB(TOY_LAYERS, LiDBConfig(), {n: torch.randn(v.shape, generator=g) for n, v in zero.a_train.items()},
+                  {n: torch.randn(v.shape, generator=g) for n, v in zero.b_train.items()}, {}) for _ in range(k + 2)]
+    return IdentitySubspace.fit(lidbs, k)
+
+
+def subspace_net(k=3, seed=0):
+    from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetConfig
+
+    torch.manual_seed(seed)
+    net = SubspaceHyperNetwork(SubspaceNetConfig(k), TOY_LAYERS, LiDBConfig(), ENC)
+    net.set_subspace(_toy_subspace(k, seed))
+    feats = features(8, seed=9)
+    net.set_feature_statistics(feats.mean(0), feats.std(0))
+    return net
+
+
+def test_the_subspace_hypernetwork_predicts_in_its_subspace_from_its_mean(tmp_path):
+    from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork
+    from hdb_core.lidb.subspace import rows_of
+
+    net = subspace_net()
+    untrained = rows_of([net.predict_lidb(features(seed=1))])[0]
+    assert torch.equal(untrained, net.subspace_mean), "zero weights: the mean stage-0 LiDB"
+    with torch.no_grad():
+        net.coordinates.weight.normal_(0, 0.1)
+    row = rows_of([net.predict_lidb(features(seed=1))])[0]
+    offset = row - net.subspace_mean
+    basis = net.subspace_directions / net.subspace_directions.norm(dim=1, keepdim=True)
+    assert offset.norm() > 0.1 and (offset - basis.T @ (basis @ offset)).norm() < 1e-4 * offset.norm()
+    path = str(tmp_path / "sub.safetensors")
+    save_hypernet(net, path)
+    meta = read_hypernet_metadata(path)
+    assert meta["format_version"] == "2" and json.loads(meta["config"]) == {"kind": "subspace_linear", "components": 3}
+    loaded = load_hypernet(path)
+    assert isinstance(loaded, SubspaceHyperNetwork) and loaded.encoder == ENC
+    assert torch.equal(rows_of([loaded.predict_lidb(features(seed=1))])[0], row)
+
+
+def test_the_subspace_hypernetwork_averages_several_photos_and_refuses_other_encoders():
+    from hdb_core.lidb.subspace import rows_of
+
+    net = subspace_net(seed=2)
+    with torch.no_grad():
+        net.coordinates.weight.normal_(0, 0.1)
+    a, b = features(1, seed=3), features(1, seed=4)
+    row = lambda f: rows_of([net.predict_lidb(f)])[0]                       # noqa: E731
+    both = row(torch.cat([a, b]))
+    assert torch.allclose(both, (row(a) + row(b)) / 2, atol=1e-5)
+    assert torch.allclose(both, row(torch.cat([b, a])), atol=1e-6) and torch.allclose(row(torch.cat([a, a])), row(a))
+    with pytest.raises(HDBError, match="image tokens per photo"):
+        net.predict_lidb(torch.randn(1, ENC.num_tokens + 1, ENC.hidden_size))
+    with pytest.raises(HDBError, match="expects image features"):
+        net.predict_lidb(torch.randn(1, ENC.num_tokens, ENC.hidden_size + 1))
+    with pytest.raises(HDBError, match="directions but the hypernetwork"):
+        net.set_subspace(_toy_subspace(2))

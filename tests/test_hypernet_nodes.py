@@ -248,3 +248,32 @@ def test_sdxl_hypernet_with_sd15_model_is_explained(comfy, node, vision_nodes, h
         call_node(node("HDB_ApplyLiDB"), model=model, clip=clip, lidb=lidb, strength_model=1.0, strength_clip=1.0)
     msg = str(e.value)
     assert "SDXL UNet" in msg and "SDXL 1.0" in msg and "connected model has" in msg and _one_sentence(msg)
+
+
+def test_a_subspace_hypernetwork_predicts_through_the_same_nodes(comfy, node, vision_nodes, tiny_sd, hypernet_dir):
+    """The subspace hypernetwork (hdb train-hypernet --subspace-components) loads and predicts like the transformer,
+    and its prediction lies in its subspace: the mean stage-0 LiDB plus a move along its directions."""
+    from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetConfig
+    from hdb_core.lidb.subspace import IdentitySubspace, rows_of
+
+    layers = tiny_layers(comfy, tiny_sd)
+    g = torch.Generator().manual_seed(0)
+    zero = hdb_core.LiDB.zeros(layers, hdb_core.LiDBConfig())
+    lidbs = [hdb_core.LiDB(layers, zero.config, {n: torch.randn(v.shape, generator=g) for n, v in zero.a_train.items()},
+                           {n: torch.randn(v.shape, generator=g) for n, v in zero.b_train.items()}, {})
+             for _ in range(5)]
+    subspace = IdentitySubspace.fit(lidbs, 3)
+    with torch.inference_mode(False):
+        net = SubspaceHyperNetwork(SubspaceNetConfig(3), layers, zero.config, hdb_core.EncoderSpec(**TINY_ENCODER))
+        net.set_subspace(subspace)
+        with torch.no_grad():
+            net.coordinates.weight.normal_(0, 0.05, generator=g)
+        hdb_core.save_hypernet(net, os.path.join(hypernet_dir, "tiny_subspace.safetensors"), {"trigger": "sks"})
+    (clip_vision,) = call_node(vision_nodes, seed=0)
+    hn, single = predict(node, "tiny_subspace.safetensors", clip_vision, face_tensor())
+    assert isinstance(hn.model, SubspaceHyperNetwork) and single.info["trigger"] == "sks"
+    offset = rows_of([single])[0] - subspace.mean
+    basis = subspace.directions / subspace.directions.norm(dim=1, keepdim=True)
+    assert offset.norm() > 0 and (offset - basis.T @ (basis @ offset)).norm() < 1e-4 * offset.norm()
+    _, repeated = predict(node, "tiny_subspace.safetensors", clip_vision, face_tensor(3))
+    torch.testing.assert_close(rows_of([repeated]), rows_of([single]), atol=1e-5, rtol=1e-5)

@@ -1,7 +1,9 @@
 """The .safetensors layout of a hypernetwork file.
 
-  tensors   the HyperNetwork's state dict (float32; heads stacked per (a_l, b_l) group)
-  metadata  format, format_version, config (JSON: width/depth/heads/iterations/mlp_ratio),
+  tensors   the HyperNetwork's state dict (float32; heads stacked per (a_l, b_l) group;
+            subspace_basis [k, D], k = 0 without an identity subspace, absent in older files)
+  metadata  format, format_version, config (JSON: width/depth/heads/iterations/mlp_ratio; a subspace
+            hypernetwork's: kind "subspace_linear" and components, format_version 2),
             layers (JSON [[name, in, out], ...]), a, b, rank, seed, aux_generator, arch,
             base_model, encoder (JSON EncoderSpec), info (JSON, free-form: how it was
             trained), created_by, family (DiT families: "Flux.1", "SD3.5", ...; also in info,
@@ -23,24 +25,26 @@ from safetensors.torch import save_file
 from hdb_core.lidb import aux_bases
 from hdb_core.atomic import write_atomic
 from hdb_core.errors import HDBError
-from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork, LiDBPredictor
+from hdb_core.hypernet.subspace_model import KIND as SUBSPACE_KIND
+from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetConfig
 from hdb_core.hypernet.image_encoder import EncoderSpec
 from hdb_core.lidb.weights import LiDBConfig
 from hdb_core.storage import check_version, file_error, read
 from hdb_core.lidb.targets import LayerSpec, describe
 
 FORMAT_NAME = "hyperdreambooth.hypernet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: subspace hypernetworks; transformer files are still written as version 1
 PACK_NAME = "ComfyUI-HyperDreamBooth"
 
 
-def hypernet_metadata(net: HyperNetwork, meta: Mapping[str, str] | None = None) -> dict[str, str]:
+def hypernet_metadata(net: LiDBPredictor, meta: Mapping[str, str] | None = None) -> dict[str, str]:
     c = net.lidb_config
     info = {**net.info, **(meta or {})}
     base_model = str(info.pop("base_model", net.base_model) or "")
     return {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if isinstance(net, SubspaceHyperNetwork) else 1),
         "config": json.dumps(net.config.to_dict(), sort_keys=True),
         "layers": json.dumps([[s.name, s.in_features, s.out_features] for s in net.layers], separators=(",", ":")),
         "a": str(c.a), "b": str(c.b), "rank": str(c.rank), "seed": str(c.seed),
@@ -54,7 +58,7 @@ def hypernet_metadata(net: HyperNetwork, meta: Mapping[str, str] | None = None) 
     }
 
 
-def save_hypernet(net: HyperNetwork, path: str, meta: Mapping[str, str] | None = None) -> str:
+def save_hypernet(net: LiDBPredictor, path: str, meta: Mapping[str, str] | None = None) -> str:
     """Write atomically; `meta` is free-form training info (a 'base_model' entry becomes the base-model hint)."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
     if not all(torch.isfinite(t).all() for t in tensors.values()):
@@ -89,11 +93,13 @@ def _check_format(path: str, meta: Mapping[str, str]) -> None:
     check_version(path, meta, "hypernetwork", FORMAT_VERSION)
 
 
-def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNetwork:
+def load_hypernet(path: str, device: str | torch.device = "cpu") -> LiDBPredictor:
     """Read and validate a hypernetwork file; every problem becomes a one-sentence HDBError."""
     meta, tensors = _open(path, tensors=True)
     try:
-        config = HyperNetConfig.from_dict(json.loads(meta["config"]))
+        config_dict = json.loads(meta["config"])
+        subspace = config_dict.get("kind") == SUBSPACE_KIND
+        config = (SubspaceNetConfig if subspace else HyperNetConfig).from_dict(config_dict)
         layers = tuple(LayerSpec(str(n), int(i), int(o)) for n, i, o in json.loads(meta["layers"]))
         lidb_config = LiDBConfig(a=int(meta["a"]), b=int(meta["b"]), rank=int(meta["rank"]), seed=int(meta["seed"]))
         encoder = EncoderSpec.from_dict(json.loads(meta["encoder"]))
@@ -105,7 +111,7 @@ def load_hypernet(path: str, device: str | torch.device = "cpu") -> HyperNetwork
         raise _fail(path, "has damaged hypernetwork metadata (empty layer list or zero rank); "
                           "download or save it again.")
     with torch.device("meta"):
-        net = HyperNetwork(config, layers, lidb_config, encoder)
+        net = (SubspaceHyperNetwork if subspace else HyperNetwork)(config, layers, lidb_config, encoder)
     expected = net.state_dict()
     for key in expected:      # files written before offsets existed predict from zero, as they were trained
         if key.startswith("offset_") and key not in tensors:

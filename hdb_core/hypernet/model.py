@@ -123,7 +123,57 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
-class HyperNetwork(nn.Module):
+class LiDBPredictor(nn.Module):
+    """What every hypernetwork shares: its LiDB layout, encoder and file info, and `predict_lidb`."""
+
+    def __init__(self, layers: Iterable[LayerSpec], lidb_config: LiDBConfig, encoder: EncoderSpec):
+        super().__init__()
+        self.lidb_config, self.encoder = lidb_config, encoder
+        self.base_model = ""        # free-form hint ("SD1.5"), travels in the file
+        self.info: dict[str, str] = {}  # how it was trained, travels in the file
+        self.layers = tuple(layers)
+        if not self.layers:
+            raise ValueError("a HyperNetwork needs at least one target layer")
+        names = [s.name for s in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate layer names in the HyperNetwork's target list")
+
+    def _check_features(self, features: torch.Tensor) -> None:
+        if features.dim() != 3 or features.shape[-1] != self.encoder.hidden_size:
+            raise HDBError(f"The hypernetwork expects image features [batch, tokens, {self.encoder.hidden_size}] "
+                           f"from {self.encoder.name}, but got {tuple(features.shape)}; connect the CLIP vision "
+                           f"model it was trained with.")
+
+    def forward(self, features: torch.Tensor, iterations: int | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(a_train {name: [B, a_l, r]}, b_train {name: [B, r, b_l]}) for a batch of B photos."""
+        raise NotImplementedError
+
+    def check_lidb_compatible(self, lidb: LiDB) -> None:
+        if tuple(lidb.layers) != self.layers or lidb.config != self.lidb_config:
+            raise HDBError("This LiDB was made for another target list or LiDB configuration than the "
+                           "hypernetwork; pre-optimise the LiDBs with the hypernetwork's base model and a/b/rank/seed.")
+
+    @torch.no_grad()
+    def predict_lidb(self, features: torch.Tensor, iterations: int | None = None, **info) -> LiDB:
+        """One LiDB from one or several photos of one person (features [N, T, hidden]; see module doc)."""
+        self._check_features(features)
+        if features.shape[0] == 0:
+            raise HDBError("The image batch is empty; connect at least one photo of the face to image.")
+        device = next(iter(self.buffers())).device
+        memory = features.reshape(1, -1, features.shape[-1]).to(device)
+        a_train, b_train = self.forward(memory, iterations)
+        a_train = {k: v[0].detach().float().cpu().clone() for k, v in a_train.items()}
+        b_train = {k: v[0].detach().float().cpu().clone() for k, v in b_train.items()}
+        info = {"source": "predicted", **info}
+        return LiDB(self.layers, self.lidb_config, a_train, b_train, info)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class HyperNetwork(LiDBPredictor):
     """Predicts the LiDB train matrices of `layers` from CLIP vision features.
 
     `forward(features [B, T, hidden], iterations)` returns the A/B dicts
@@ -133,16 +183,8 @@ class HyperNetwork(nn.Module):
 
     def __init__(self, config: HyperNetConfig, layers: Iterable[LayerSpec], lidb_config: LiDBConfig,
                  encoder: EncoderSpec = VIT_H_14):
-        super().__init__()
-        self.config, self.lidb_config, self.encoder = config, lidb_config, encoder
-        self.base_model = ""        # free-form hint ("SD1.5"), travels in the file
-        self.info: dict[str, str] = {}  # how it was trained, travels in the file
-        self.layers = tuple(layers)
-        if not self.layers:
-            raise ValueError("a HyperNetwork needs at least one target layer")
-        names = [s.name for s in self.layers]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate layer names in the HyperNetwork's target list")
+        super().__init__(layers, lidb_config, encoder)
+        self.config = config
         w = config.width
 
         self.image_norm = nn.LayerNorm(encoder.hidden_size)
@@ -177,12 +219,6 @@ class HyperNetwork(nn.Module):
         return (a_l + b_l) * self.lidb_config.rank
 
     # -- maths --------------------------------------------------------------------------------
-    def _check_features(self, features: torch.Tensor) -> None:
-        if features.dim() != 3 or features.shape[-1] != self.encoder.hidden_size:
-            raise HDBError(f"The hypernetwork expects image features [batch, tokens, {self.encoder.hidden_size}] "
-                           f"from {self.encoder.name}, but got {tuple(features.shape)}; connect the CLIP vision "
-                           f"model it was trained with.")
-
     def weight_features(self, features: torch.Tensor, iterations: int | None = None) -> torch.Tensor:
         """theta_s [B, L, width] after `iterations` refinement passes (default: the config's)."""
         self._check_features(features)
@@ -235,25 +271,3 @@ class HyperNetwork(nn.Module):
                 name = self.layers[i].name
                 a_train[name], b_train[name] = a[:, j], b[:, j]
         return a_train, b_train
-
-    def check_lidb_compatible(self, lidb: LiDB) -> None:
-        if tuple(lidb.layers) != self.layers or lidb.config != self.lidb_config:
-            raise HDBError("This LiDB was made for another target list or LiDB configuration than the "
-                           "hypernetwork; pre-optimise the LiDBs with the hypernetwork's base model and a/b/rank/seed.")
-
-    @torch.no_grad()
-    def predict_lidb(self, features: torch.Tensor, iterations: int | None = None, **info) -> LiDB:
-        """One LiDB from one or several photos of one person (features [N, T, hidden]; see module doc)."""
-        self._check_features(features)
-        if features.shape[0] == 0:
-            raise HDBError("The image batch is empty; connect at least one photo of the face to image.")
-        memory = features.reshape(1, -1, features.shape[-1]).to(self.layer_embed.device)
-        a_train, b_train = self.forward(memory, iterations)
-        a_train = {k: v[0].detach().float().cpu().clone() for k, v in a_train.items()}
-        b_train = {k: v[0].detach().float().cpu().clone() for k, v in b_train.items()}
-        info = {"source": "predicted", **info}
-        return LiDB(self.layers, self.lidb_config, a_train, b_train, info)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -119,8 +119,6 @@ def split_rows(rows: torch.Tensor, layers: Sequence[LayerSpec],
 
 def fit_folder(folder: str, components: int, progress: bool = True) -> IdentitySubspace:
     """The subspace of a stage-0 output folder, read one LiDB at a time (15K of them fit in memory)."""
-    from tqdm.auto import tqdm
-
     if not os.path.isdir(folder):
         raise HDBError(f"The LiDB folder '{folder}' does not exist; pass the output folder of "
                        f"`hdb preoptimize` (in a pipeline run: <run>/lidbs).")
@@ -128,13 +126,20 @@ def fit_folder(folder: str, components: int, progress: bool = True) -> IdentityS
     if len(names) < 2:
         raise HDBError(f"The LiDB folder '{folder}' holds {len(names)} LiDB file(s); an identity subspace "
                        f"needs the stage-0 LiDBs of at least 2 identities.")
-    first = load_lidb(os.path.join(folder, names[0]))
-    rows = torch.empty(len(names), rows_of([first]).shape[1])
-    for i, name in enumerate(tqdm(names, desc="identity subspace", unit="LiDB", disable=not progress)):
-        lidb = first if i == 0 else load_lidb(os.path.join(folder, name))
+    return fit_files([os.path.join(folder, n) for n in names], components, progress)
+
+
+def fit_files(paths: Sequence[str], components: int, progress: bool = True) -> IdentitySubspace:
+    """The subspace of these LiDB files (one stage-0 run's), read one at a time."""
+    from tqdm.auto import tqdm
+
+    first = load_lidb(paths[0])
+    rows = torch.empty(len(paths), rows_of([first]).shape[1])
+    for i, path in enumerate(tqdm(paths, desc="identity subspace", unit="LiDB", disable=not progress)):
+        lidb = first if i == 0 else load_lidb(path)
         if lidb.layers != first.layers or lidb.config != first.config:
-            raise HDBError(f"'{name}' was made for another model or other a/b/rank/seed settings than "
-                           f"'{names[0]}'; fit a subspace to the LiDBs of one stage-0 run.")
+            raise HDBError(f"'{os.path.basename(path)}' was made for another model or other a/b/rank/seed settings "
+                           f"than '{os.path.basename(paths[0])}'; fit a subspace to the LiDBs of one stage-0 run.")
         rows[i] = rows_of([lidb])[0]
     return IdentitySubspace.fit_rows(rows, first.layers, first.config, components)
 
