@@ -69,9 +69,15 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--alpha", type=float, default=1.0,
                    help="weight of the diffusion reconstruction loss (0: regress onto the stage-0 LiDBs only)")
-    p.add_argument("--beta", type=float, default=1.0,
+    p.add_argument("--beta", type=float, default=None,
                    help="the L2 term's gradient relative to the diffusion term's, at the predicted weights "
-                        "(1: equal shares; the raw ratio is logged as weight_to_diffusion_grad)")
+                        f"(default {defaults.STAGE1_BETA:g}: equal shares; with --subspace-components "
+                        f"{defaults.SUBSPACE_STAGE1_BETA:g}: the diffusion term alone; the raw ratio is logged as "
+                        f"weight_to_diffusion_grad)")
+    p.add_argument("--subspace-components", type=int, default=0,
+                   help="k > 0: train the subspace hypernetwork instead of the paper's transformer, one linear map "
+                        "from the photo to coordinates along the top k principal directions of the stage-0 LiDBs "
+                        "(128 is a good value; docs/evidence.md); 0: the transformer")
     p.add_argument("--weight-space", choices=("factors", "delta"), default="factors",
                    help="the L2 term on the A/B factors (the paper) or on each layer's weight change dW, which "
                         "ignores how a rank-1 update is split between its factors")
@@ -317,7 +323,8 @@ def cmd_train_hypernet(args) -> int:
 
     settings = HypernetSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha, beta=args.beta,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, alpha=args.alpha,
+        beta=stage1_beta(args.beta, args.subspace_components > 0), subspace_components=args.subspace_components,
         weight_space=args.weight_space, weight_length=args.weight_length,
         diffusion_photo=args.diffusion_photo, input_photos=args.input_photos, grad_clip=args.grad_clip,
         resolution=args.resolution, width=args.width,
@@ -430,6 +437,11 @@ def cmd_predict(args) -> int:
         save_kohya(lidb, args.lora)
     print(f"LiDB written to {args.output}" + (f", LoRA to {args.lora}" if args.lora else ""))
     return 0
+
+
+def stage1_beta(typed: float | None, subspace_network: bool) -> float:
+    """The beta typed, else the table's: the subspace hypernetwork learns from the diffusion term alone."""
+    return typed if typed is not None else defaults.SUBSPACE_STAGE1_BETA if subspace_network else defaults.STAGE1_BETA
 
 
 def finetune_lr(typed: float | None, in_subspace: bool) -> float:

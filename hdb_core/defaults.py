@@ -35,3 +35,8 @@ STAGE0_DECAY_TO_START = 0.0
 STAGE0_REPEATS = 1               # runs per identity averaged into its LiDB (docs/evidence.md: denoised targets)
 STAGE1_STEPS = 10000
 STAGE1_LR = 1e-4
+STAGE1_BETA = 1.0                # the weight term's gradient share against the diffusion term's (balanced)
+# The subspace hypernetwork (`hdb train-hypernet --subspace-components k`) learns from the diffusion term
+# alone: its prediction is what reconstructs the photo, not a regression onto noisy stage-0 LiDBs
+# (bench/evidence_probe.py amortize, docs/evidence.md).
+SUBSPACE_STAGE1_BETA = 0.0

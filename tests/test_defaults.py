@@ -56,13 +56,16 @@ def test_the_cli_uses_the_table():
     stage1 = _subparser("train-hypernet").parse_args(["--data", "d", "--lidbs", "l", "--output", "o.safetensors",
                                                       "--base-model", "m"])
     assert (stage1.trigger, stage1.steps, stage1.lr) == (defaults.TRIGGER, defaults.STAGE1_STEPS, defaults.STAGE1_LR)
+    assert stage1.subspace_components == 0, "the paper's transformer unless asked"
+    assert cli.stage1_beta(stage1.beta, False) == defaults.STAGE1_BETA
+    assert cli.stage1_beta(stage1.beta, True) == defaults.SUBSPACE_STAGE1_BETA and cli.stage1_beta(2.0, True) == 2.0
 
 
 def test_readme_states_the_table():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
     for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "RELAXED_RANK", "RELAXATION",
-                 "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "MIRROR", "RESOLUTION"):
+                 "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "STAGE1_BETA", "SUBSPACE_STAGE1_BETA", "MIRROR", "RESOLUTION"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 

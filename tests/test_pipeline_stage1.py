@@ -455,3 +455,30 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
     assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu
     assert (seen["fit-subspace"].lidbs, seen["fit-subspace"].output) == (
         str(tmp_path / "run" / "lidbs"), str(tmp_path / "run" / "hypernet.subspace.safetensors"))
+
+
+def test_the_subspace_hypernetwork_learns_from_the_diffusion_term(stage0, base, tiny_model, tmp_path):
+    """`--subspace-components`: the subspace of the training identities' stage-0 LiDBs, input statistics of their
+    photos, beta 0 by default; the map moves from zero and its prediction lies in that subspace."""
+    from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork
+    from hdb_core.lidb.subspace import IdentitySubspace, rows_of
+
+    prepared, lidbs, faces = stage0
+    out = str(tmp_path / "sub.safetensors")
+    assert cli.main(["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--base-model", tiny_model,
+                     "--output", out, "--steps", "6", "--batch-size", "2", "--lr", "1e-2", "--val-identities", "0",
+                     "--subspace-components", "2", *FAST, *FAST_NET]) == 0
+    net = load_hypernet(out)
+    assert isinstance(net, SubspaceHyperNetwork) and net.config.components == 2
+    assert net.info["beta"] == str(defaults.SUBSPACE_STAGE1_BETA) and net.info["subspace_components"] == "2"
+    targets = [load_lidb(os.path.join(lidbs, f)) for f in sorted(os.listdir(lidbs)) if f.endswith(".safetensors")]
+    expected = IdentitySubspace.fit(targets, 2)
+    torch.testing.assert_close(net.subspace_mean, expected.mean)
+    torch.testing.assert_close(net.subspace_directions.abs(), expected.directions.abs(), atol=1e-4, rtol=1e-3)
+    assert (net.feature_spread != 1).any() and net.coordinates.weight.abs().sum() > 0
+    lidb_out = str(tmp_path / "p.safetensors")
+    assert cli.main(["predict", "--hypernet", out, "--image-encoder", os.path.join(tiny_model, "image_encoder"),
+                     "--image", os.path.join(faces, "id01.png"), "--output", lidb_out, "--face-check", "none"]) == 0
+    offset = rows_of([load_lidb(lidb_out)])[0] - expected.mean
+    basis = expected.directions / expected.directions.norm(dim=1, keepdim=True)
+    assert offset.norm() > 0 and (offset - basis.T @ (basis @ offset)).norm() < 1e-3 * offset.norm()

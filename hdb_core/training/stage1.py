@@ -36,8 +36,10 @@ from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.hypernet.file import save_hypernet
 from hdb_core.hypernet.image_encoder import EncoderSpec, spec_from_hf_config
-from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork
+from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork, LiDBPredictor
+from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetConfig
 from hdb_core.lidb.file import load_lidb
+from hdb_core.lidb.subspace import IdentitySubspace, fit_files
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
 from hdb_core.lidb.batch import stack_train, train_factors
 from hdb_core.lidb.weights import aux_for_layers
@@ -71,6 +73,9 @@ class HypernetSettings:
                                    # target's length, however unsure its direction (see `unshrunk_weight_loss`)
     diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
                                     # "other": another photo of the same person, so only identity carries over
+    subspace_components: int = 0   # k > 0: the subspace hypernetwork (`SubspaceHyperNetwork`), which predicts
+                                   # coordinates along the top k principal directions of the stage-0 LiDBs; 0: the
+                                   # paper's transformer, which predicts every number
     input_photos: int = 1          # the network sees 1..input_photos photos of the person at once (one count
                                    # drawn per step), as `predict_lidb` and the nodes accept several
     grad_clip: float = 1.0
@@ -108,6 +113,9 @@ class HypernetSettings:
         if self.diffusion_photo not in DIFFUSION_PHOTOS:
             raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
                            f"not {self.diffusion_photo!r}.")
+        if self.subspace_components < 0:
+            raise HDBError(f"subspace components is {self.subspace_components}; use 0 (no subspace) or more, "
+                           f"such as 128.")
         if self.input_photos < 1:
             raise HDBError(f"input photos is {self.input_photos}; use 1 (one photo per prediction) or more.")
         if not 0 <= self.ema_decay < 1:
@@ -335,18 +343,44 @@ def delta_weight_loss(predicted, target, names) -> torch.Tensor:
 
 
 def new_hypernet(settings: HypernetSettings, layers, config, encoder_spec, base_name: str,
-                 mean: tuple[dict, dict] | None = None) -> HyperNetwork:
+                 mean: tuple[dict, dict] | None = None, subspace: IdentitySubspace | None = None,
+                 feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> LiDBPredictor:
     """The untrained network; seeded, so every process starts from identical weights.
 
     With the mean stage-0 LiDB (A, B) of the training identities, it predicts that mean from
-    the start and learns each identity's offset from it.
+    the start and learns each identity's offset from it. With `settings.subspace_components`:
+    the subspace hypernetwork of `subspace`, its input standardised by `feature_stats`.
     """
     torch.manual_seed(settings.seed)
-    net = HyperNetwork(settings.net_config(), layers, config, encoder_spec)
+    if settings.subspace_components:
+        net = SubspaceHyperNetwork(SubspaceNetConfig(subspace.components), layers, config, encoder_spec)
+        net.set_subspace(subspace)
+        net.set_feature_statistics(*feature_stats)
+    else:
+        net = HyperNetwork(settings.net_config(), layers, config, encoder_spec)
+        if mean is not None:
+            net.set_offset(*mean)
     net.base_model = base_name
-    if mean is not None:
-        net.set_offset(*mean)
     return net
+
+
+def feature_statistics(prepared: PreparedData, ids: list[str], mirrored: bool,
+                       limit: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and spread [T, hidden] of the image features of (at most `limit` of) these identities' photos."""
+    total = squares = None
+    count = 0
+    for ident in ids:
+        for photo in range(prepared.num_photos(ident)):
+            for flip in (False, True) if mirrored else (False,):
+                f = prepared.features(ident, photo, flip).double()
+                total = f if total is None else total + f
+                squares = f * f if squares is None else squares + f * f
+                count += 1
+        if count >= limit:
+            break
+    mean = total / count
+    spread = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), spread.float()
 
 
 @dataclass
@@ -513,7 +547,12 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
                        f"identities with the same settings.")
     base.to(device, dtype)
 
-    net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean)
+    subspace = statistics = None
+    if settings.subspace_components:
+        subspace = fit_files([lidb_path(lidb_dir, i) for i in train_ids], settings.subspace_components,
+                             progress and main)
+        statistics = feature_statistics(prepared, train_ids, settings.flip)
+    net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean, subspace, statistics)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     ema = EMA(net, settings.ema_decay) if settings.ema_decay > 0 else None
     ckpt_path = os.path.join(state, "checkpoint.safetensors")
@@ -599,6 +638,8 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
         raw.info = {"trained_with": "hdb train-hypernet", "identities": str(len(train_ids)),
                     "held_out": str(len(held_out)), "steps": str(settings.steps), "alpha": str(settings.alpha),
                     "beta": str(settings.beta), "trigger": settings.trigger,
+                    **({"subspace_components": str(settings.subspace_components)}
+                       if settings.subspace_components else {}),
                     "prompt": settings.prompt.format(trigger=settings.trigger)}
         save_hypernet(raw, output)
         if ema is not None:
