@@ -157,10 +157,13 @@ def cmd_score(args, manifest, spec, rec) -> None:
         with torch.no_grad():
             preds = {i: predicted(net, encoder, manifest["photos"], i) for i in train}
             line("hypernet prediction, training identities", [score(lidb, i) for i, lidb in preds.items()])
-            start = start_point(net, next(iter(preds.values())))
-            ratio, cos = offset_agreement(start, preds, args.stage0)
-            print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
-                  f"cosine {cos:.2f}", flush=True)
+            if not hasattr(net, "heads_from"):      # the subspace network starts from its subspace's mean
+                start = net.subspace().lidb(net.subspace_mean)
+            else:
+                start = start_point(net, next(iter(preds.values())))
+                ratio, cos = offset_agreement(start, preds, args.stage0)
+                print(f"  its dW offset from the start point against the stage-0 LiDB's: length {ratio:.2f} of it, "
+                      f"cosine {cos:.2f}", flush=True)
             validation = Settings().validation       # the bench's validation identities: the first held-out ones
             held = {i: predicted(net, encoder, manifest["held_out_photos"], i, args.photos)
                     for i in manifest["held_out"]}
@@ -368,6 +371,50 @@ def cmd_pca(args, manifest, spec, rec) -> None:
                 line(tag, [score(lidb, i) for lidb, i in zip(projected(rows, k, lengthen), names)])
 
 
+def photo_stack(base, folder: str, names: list[str], photos: int) -> list:
+    """Per identity: latents [photos, 4, 8, 8] of its photos 0..photos-1 in `folder`."""
+    import torch
+
+    from bench.evidence import world as W
+    from hdb_core.training import data
+    from hdb_core.training.base_model import photo_latents
+
+    return [photo_latents(base, torch.stack([data.prepare_image(os.path.join(folder, n, f"{j}.png"), W.IMAGE_SIZE,
+                                                                "none") for j in range(photos)]), "cpu", False)
+            for n in names]
+
+
+def coefficient_fit(base, injector, aux, subspace, directions, latents, names, first, steps, lr) -> dict:
+    """{steps: rows [N, D]} of subspace coefficients (from `first` [N, k]) trained with Adam on stage 0's loss
+    of each identity's latents, after each of `steps`."""
+    import torch
+
+    from hdb_core.lidb.batch import train_factors
+    from hdb_core.training.base_model import tokenize
+    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch
+
+    settings = PreoptimizeSettings()
+    input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * len(names), "cpu")
+    coefficients = first.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([coefficients], lr=lr)
+    out = {}
+    with injector:
+        for step in range(max(steps) + 1):
+            rows = subspace.mean + coefficients @ directions
+            if step in steps:
+                out[step] = rows.detach()
+            if step == max(steps):
+                break
+            lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
+            loss = diffusion_loss(base, injector, train_factors(aux, *subspace.train_matrices(rows)), input_ids,
+                                  lat, noise, ts, torch.float32, True)
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+        injector.clear()
+    return out
+
+
 def cmd_subspace(args, manifest, spec, rec) -> None:
     """Stage 0 and finetuning restricted to an identity subspace of the other targets (`IdentitySubspace`).
 
@@ -384,15 +431,11 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
 
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
-    from hdb_core.lidb.batch import train_factors
     from hdb_core.lidb.file import load_lidb, save_lidb
     from hdb_core.lidb.subspace import IdentitySubspace, rows_of
     from hdb_core.lidb.weights import aux_for_layers
-    from hdb_core.training import data
-    from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
-    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch, lidb_path
-
-    from bench.evidence import world as W
+    from hdb_core.training.base_model import load_base_model
+    from hdb_core.training.stage0 import lidb_path
 
     train = stage0_identities(manifest, args.stage0)
     lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train]
@@ -402,36 +445,15 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
     base = load_base_model(manifest["base"])
     aux = aux_for_layers(subspace.config, subspace.layers)
     injector = base.injector(subspace.layers)
-    settings = PreoptimizeSettings()
-    prompt = settings.prompt.format(trigger=settings.trigger)      # what stage 0 trains on
 
     def fitted(folder, names, photos, k, start=None) -> dict:
         """{steps: LiDBs} after each of `args.steps`, coefficients from `start`'s projection (default: 0)."""
         directions = subspace.directions[:k]
         first = torch.zeros(len(names), k) if start is None else (
             (start - subspace.mean) @ directions.T / directions.pow(2).sum(1))
-        coefficients = first.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([coefficients], lr=args.lr)
-        latents = [photo_latents(base, torch.stack([data.prepare_image(os.path.join(folder, n, f"{j}.png"),
-                                                                       W.IMAGE_SIZE, "none") for j in range(photos)]),
-                                 "cpu", False) for n in names]
-        input_ids = tokenize(base, [prompt] * len(names), "cpu")
-        out = {}
-        with injector:
-            for step in range(max(args.steps) + 1):
-                rows = subspace.mean + coefficients @ directions
-                if step in args.steps:
-                    out[step] = [subspace.lidb(row) for row in rows]
-                if step == max(args.steps):
-                    break
-                lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
-                factors = train_factors(aux, *subspace.train_matrices(rows))
-                loss = diffusion_loss(base, injector, factors, input_ids, lat, noise, ts, torch.float32, True)
-                optimizer.zero_grad()
-                loss.sum().backward()
-                optimizer.step()
-            injector.clear()
-        return out
+        rows = coefficient_fit(base, injector, aux, subspace, directions, photo_stack(base, folder, names, photos),
+                               names, first, args.steps, args.lr)
+        return {steps: [subspace.lidb(row) for row in r] for steps, r in rows.items()}
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -564,6 +586,103 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
               f"{E.identification(folder, held, spec.photos):.2f}", flush=True)
 
 
+def cmd_amortize(args, manifest, spec, rec) -> None:
+    """A linear map from one photo's image features to identity-subspace coefficients, trained end to end
+    through stage 0's diffusion loss on the training identities' photos (no stage-0 targets to regress onto).
+
+    `subspace` finds an identifying LiDB for a new person in the span by 200 optimisation steps; this asks
+    whether one map from the photo can find it at once. Features: every token of the world's image
+    encoder, standardised with the training photos' mean and spread. Scored after each of `--eval-at`: the
+    held-out identities' prediction from photo 0 (the bench's validation and test identities apart), and,
+    with `--finetune`, that prediction + k steps in the subspace on photo 0.
+    """
+    import time
+
+    import torch
+
+    from bench.evidence.run import Settings
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.batch import train_factors
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.lidb.subspace import IdentitySubspace
+    from hdb_core.lidb.weights import aux_for_layers
+    from hdb_core.training.base_model import load_base_model, tokenize
+    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
+
+    from bench.evidence import encoder as E
+
+    train = stage0_identities(manifest, args.stage0)
+    subspace = IdentitySubspace.fit([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train], args.k)
+    base = load_base_model(manifest["base"])
+    aux = aux_for_layers(subspace.config, subspace.layers)
+    injector = base.injector(subspace.layers)
+    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+    held = manifest["held_out"]
+    with torch.no_grad():
+        features = E.features(encoder, E.load_photos(manifest["photos"], train, spec.photos)).flatten(1)
+        features = features.reshape(len(train), spec.photos, -1)
+        held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], held, 1)).flatten(1)
+    latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
+    centre, spread = features.mean((0, 1)), features.std((0, 1)) + 1e-6
+    head = torch.nn.Linear(features.shape[-1], subspace.components)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)           # an untrained map predicts the subspace's mean
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+    settings = PreoptimizeSettings()
+    input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
+    score = identity_scorer(manifest, spec, rec)
+    validation = Settings().validation
+    g = torch.Generator().manual_seed(0)
+
+    def predict(x):
+        return head((x - centre) / spread)
+
+    def report(label, rows, names):
+        results = [score(subspace.lidb(row), i) for row, i in zip(rows, names)]
+        line(f"{label}, validation", results[:validation])
+        line(f"{label}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/{len(names) - validation})",
+             results[validation:])
+
+    started, losses = time.time(), []
+    with injector:
+        for step in range(1, max(args.eval_at) + 1):
+            pick = torch.randperm(len(train), generator=g)[:args.batch]
+            seen = torch.randint(spec.photos, (len(pick),), generator=g)
+            shown = seen if args.target == "same" else (seen + torch.randint(1, spec.photos, (len(pick),),
+                                                                              generator=g)) % spec.photos
+            rows = subspace.mean + predict(features[pick, seen]) @ subspace.directions
+            lat = latents[pick, shown]
+            noise = torch.randn(lat.shape, generator=g)
+            ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
+            loss = diffusion_loss(base, injector, train_factors(aux, *subspace.train_matrices(rows)),
+                                  input_ids[:len(pick)], lat, noise, ts, torch.float32, True).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if step in args.eval_at:
+                injector.clear()
+                print(f"step {step}: mean loss of the last 100 steps {statistics.fmean(losses[-100:]):.4f}, "
+                      f"{time.time() - started:.0f} s", flush=True)
+                with torch.no_grad():
+                    report(f"  prediction, step {step}", subspace.mean + predict(held_features) @ subspace.directions,
+                           held)
+                    line(f"  prediction, step {step}, {args.train_ids} training identities (photo 0)",
+                         [score(subspace.lidb(r), i) for r, i in
+                          zip(subspace.mean + predict(features[:args.train_ids, 0]) @ subspace.directions, train)])
+        injector.clear()
+    if args.finetune:
+        with torch.no_grad():
+            first = predict(held_features)
+        fits = coefficient_fit(base, injector, aux, subspace, subspace.directions,
+                               photo_stack(base, manifest["held_out_photos"], held, 1), held, first, args.finetune,
+                               args.finetune_lr)
+        with torch.no_grad():
+            for steps, rows in fits.items():
+                report(f"  prediction + {steps} steps in the subspace (Adam {args.finetune_lr:g})", rows, held)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -632,6 +751,18 @@ def main(argv=None) -> int:
     ss.add_argument("--hypernet", help="held-out identities start from this network's prediction, projected")
     ss.add_argument("--held-out-only", action="store_true", help="skip the training identities' 4-photo fit")
     ss.add_argument("--out", help="write every training identity's subspace LiDB here (stage-1 targets)")
+    am = sub.add_parser("amortize", help="a linear map photo -> subspace coefficients, trained by the diffusion loss")
+    am.add_argument("--stage0", required=True)
+    am.add_argument("--k", type=int, default=128, help="principal directions of the stage-0 LiDBs")
+    am.add_argument("--lr", type=float, default=3e-4, help="AdamW rate of the map (1e-3 diverged)")
+    am.add_argument("--batch", type=int, default=46)
+    am.add_argument("--target", choices=("same", "other"), default="same",
+                    help="the diffusion loss on the photo the map sees, or on another photo of the person")
+    am.add_argument("--eval-at", type=lambda v: [int(x) for x in v.split(",")], default=[500, 1000, 2000],
+                    help="training steps after which to score (comma-separated); the last ends training")
+    am.add_argument("--finetune", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                    help="then also the prediction + these step counts in the subspace (comma-separated)")
+    am.add_argument("--finetune-lr", type=float, default=0.1)
     ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
     ag.add_argument("--stage0", required=True)
     ag.add_argument("--other", required=True)
@@ -670,6 +801,8 @@ def main(argv=None) -> int:
         cmd_pca(args, manifest, spec, rec)
     elif args.cmd == "subspace":
         cmd_subspace(args, manifest, spec, rec)
+    elif args.cmd == "amortize":
+        cmd_amortize(args, manifest, spec, rec)
     elif args.cmd == "agreement":
         cmd_agreement(args, manifest, spec)
     elif args.cmd == "average":
