@@ -249,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true")
 
     p = sub.add_parser("fit-subspace", help="the identity subspace of stage-0 LiDBs (for finetune --subspace)")
-    p.add_argument("--lidbs", required=True, help="stage-0 output folder (the hypernetwork's targets)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--lidbs", help="stage-0 output folder (the hypernetwork's targets)")
+    source.add_argument("--hypernet", help="a subspace hypernetwork (--subspace-components): write the subspace it "
+                                           "predicts in, the one to finetune its predictions within")
     p.add_argument("--output", required=True, help="subspace file to write")
     p.add_argument("--components", type=int, default=defaults.SUBSPACE_COMPONENTS,
                    help="principal directions kept (at most one fewer than there are LiDBs)")
@@ -387,7 +390,9 @@ def cmd_pipeline(args) -> int:
     if process.index == 0:
         from hdb_core.training.stage1 import ema_path
 
-        COMMANDS["fit-subspace"](build_parser().parse_args(["fit-subspace", "--lidbs", lidbs, "--output",
+        # a subspace hypernetwork's own subspace, to finetune its predictions within; else that of every LiDB
+        source = ["--hypernet", hypernet] if args.subspace_components else ["--lidbs", lidbs]
+        COMMANDS["fit-subspace"](build_parser().parse_args(["fit-subspace", *source, "--output",
                                                             subspace_path(hypernet)]))
         validation = os.path.join(run, "hypernet.state", "validation.csv")
         files = [f for f in (ema_path(hypernet), hypernet) if os.path.exists(f)]
@@ -498,8 +503,19 @@ def subspace_path(hypernet: str) -> str:
 
 
 def cmd_fit_subspace(args) -> int:
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork
     from hdb_core.lidb.subspace import fit_folder, save_subspace
 
+    if args.hypernet:
+        net = load_hypernet(args.hypernet)
+        if not isinstance(net, SubspaceHyperNetwork):
+            raise HDBError(f"'{args.hypernet}' is a transformer hypernetwork, which predicts outside any subspace; "
+                           f"fit a subspace to its stage-0 LiDBs with --lidbs instead.")
+        save_subspace(net.subspace(), args.output)
+        print(f"the identity subspace of {args.hypernet} ({net.config.components} directions), written to "
+              f"{args.output}")
+        return 0
     subspace = fit_folder(args.lidbs, args.components)
     save_subspace(subspace, args.output)
     print(f"identity subspace of {subspace.info['identities']} LiDBs: {subspace.components} directions holding "

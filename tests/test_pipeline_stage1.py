@@ -455,13 +455,19 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
     assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu
     assert (seen["fit-subspace"].lidbs, seen["fit-subspace"].output) == (
         str(tmp_path / "run" / "lidbs"), str(tmp_path / "run" / "hypernet.subspace.safetensors"))
+    seen.clear()       # a subspace hypernetwork: the subspace it predicts in
+    assert cli.main(["pipeline", "--data", str(tmp_path), "--base-model", str(tmp_path), "--image-encoder",
+                     str(tmp_path), "--output", str(tmp_path / "run"), "--subspace-components", "8"]) == 0
+    assert seen["train-hypernet"].subspace_components == 8 and seen["fit-subspace"].lidbs is None
+    assert seen["fit-subspace"].hypernet == str(tmp_path / "run" / "hypernet.safetensors")
 
 
-def test_the_subspace_hypernetwork_learns_from_the_diffusion_term(stage0, base, tiny_model, tmp_path):
+def test_the_subspace_hypernetwork_learns_from_the_diffusion_term(stage0, base, tiny_model, hypernet_file, tmp_path,
+                                                                  capsys):
     """`--subspace-components`: the subspace of the training identities' stage-0 LiDBs, input statistics of their
     photos, beta 0 by default; the map moves from zero and its prediction lies in that subspace."""
     from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork
-    from hdb_core.lidb.subspace import IdentitySubspace, rows_of
+    from hdb_core.lidb.subspace import IdentitySubspace, load_subspace, rows_of
 
     prepared, lidbs, faces = stage0
     out = str(tmp_path / "sub.safetensors")
@@ -482,3 +488,16 @@ def test_the_subspace_hypernetwork_learns_from_the_diffusion_term(stage0, base, 
     offset = rows_of([load_lidb(lidb_out)])[0] - expected.mean
     basis = expected.directions / expected.directions.norm(dim=1, keepdim=True)
     assert offset.norm() > 0 and (offset - basis.T @ (basis @ offset)).norm() < 1e-3 * offset.norm()
+    # the subspace it predicts in, as a file for Fast Finetune's identity_subspace / hdb finetune --subspace
+    own = str(tmp_path / "sub.subspace.safetensors")
+    assert cli.main(["fit-subspace", "--hypernet", out, "--output", own]) == 0
+    written = load_subspace(own)
+    assert torch.equal(written.mean, net.subspace_mean) and torch.equal(written.directions, net.subspace_directions)
+    assert cli.main(["finetune", "--base-model", tiny_model, "--image", os.path.join(faces, "id01.png"),
+                     "--init", lidb_out, "--subspace", own, "--output", str(tmp_path / "f.safetensors"),
+                     "--steps", "2", "--resolution", "64", "--face-check", "none", "--no-progress"]) == 0
+    tuned = rows_of([load_lidb(str(tmp_path / "f.safetensors"))])[0] - expected.mean
+    assert (tuned - offset).norm() > 0 and (tuned - basis.T @ (basis @ tuned)).norm() < 1e-3 * tuned.norm()
+    assert cli.main(["fit-subspace", "--hypernet", hypernet_file, "--output", str(tmp_path / "x.safetensors")]) == 2
+    assert "is a transformer hypernetwork" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.safetensors")
