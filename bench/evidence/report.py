@@ -5,7 +5,7 @@ import statistics
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .run import Settings
+from .run import SUBSPACE_NET, Settings
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -47,6 +47,10 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
                   f"{lrs[f'hypernet-sub+{p}']:g}") for p in s.subspace_hyper_points]
         rows += [(f"subspace mean + {p} steps in the identity subspace", arms[f"mean-sub+{p}"],
                   f"{lrs[f'mean-sub+{p}']:g}") for p in s.subspace_mean_points]
+    if f"{SUBSPACE_NET}+0" in arms:
+        rows += [("subspace hypernet only" if p == 0 else f"subspace hypernet + {p} steps in its subspace",
+                  arms[f"{SUBSPACE_NET}+{p}"], f"{lrs[f'{SUBSPACE_NET}+{p}']:g}" if p else "")
+                 for p in (0, *s.subspace_hyper_points)]
     if s.single_pass_network:
         k = s.key_steps[0]
         rows += [("hypernet trained with s = 1, only", arms["hypernet(s=1)+0"], ""),
@@ -108,6 +112,17 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
             f"hypernet + {k} in the identity subspace clearly better than zero + {k} (cosine CI lower end > 0)":
                 cis[f"hypernet-sub+{k} - zero+{k} [cos]"][1] > 0,
         })
+    if f"{SUBSPACE_NET}+{k} - zero+{long} [cos]" in cis:     # the same goals for the subspace hypernetwork
+        sub = f"{SUBSPACE_NET}+{k} - zero+{long}"
+        out.update({
+            "subspace hypernet only: rank-1 at least half the teacher's": r1[f"{SUBSPACE_NET}+0"] >= 0.5 * teacher,
+            f"subspace hypernet + {k} (in its subspace) at least as good as zero + {long} (mean cosine and rank-1 "
+            f"differences >= 0)": cis[f"{sub} [cos]"][0] >= 0 and cis[f"{sub} [rank1]"][0] >= 0,
+            "... at equal or better editability and prior drift (subspace hypernet)": cis[f"{sub} [style]"][2] >= 0
+            and cis[f"{sub} [drift]"][1] <= 0,
+            f"subspace hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
+                cis[f"{SUBSPACE_NET}+{k} - zero+{k} [cos]"][1] > 0,
+        })
     return out
 
 
@@ -116,7 +131,7 @@ def goals_text(result: dict, s: Settings) -> str:
 
 
 COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60),
-           "hypernet-sub": (140, 40, 170), "mean-sub": (220, 150, 30)}
+           "hypernet-sub": (140, 40, 170), "mean-sub": (220, 150, 30), SUBSPACE_NET: (20, 150, 150)}
 
 
 def plot_tradeoff(result: dict, path: str) -> str:

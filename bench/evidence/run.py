@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from hdb_core.defaults import SUBSPACE_STAGE1_BETA
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.file import load_lidb
@@ -41,6 +42,7 @@ from . import world as W
 from .identity import Recognizer
 
 GATE_SHARE = 0.9
+SUBSPACE_NET = "subspace-hypernet"     # the network kind and arm prefix of the subspace hypernetwork
 
 
 @dataclass
@@ -67,6 +69,11 @@ class Settings:
     subspace_hyper_points: tuple[int, ...] = (10, 20, 40)   # hypernet prediction + k steps in the subspace
     subspace_mean_points: tuple[int, ...] = (40, 100)       # the subspace's mean + k steps in it
     subspace_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)      # coefficients are in units of the targets' spread
+    # the subspace hypernetwork (`--subspace-components`, beta 0): its prediction alone and + k steps in its
+    # subspace; trained in a second process beside the transformer networks (0 steps: not trained)
+    subspace_net_steps: int = 1000
+    subspace_net_lr: float = 3e-4        # evidence_probe.py amortize: 1e-3 diverged
+    subspace_net_batch: int = 46
     eval_samples: int = 8                 # DDIM samples per arm for the identity metric (and the drift)
     eval_draws: int = 8                   # noise draws per held-out photo for the secondary denoising loss
     pca_dims: int = 64
@@ -87,7 +94,8 @@ def quick() -> Settings:
                     stage0_steps=80, stage0_batch=32, stage1_steps=200, stage1_batch=8, width=64,
                     hyper_points=(0, 10, 40), zero_points=(40, 100), hyper_lrs=(1e-3, 3e-3),
                     zero_lrs=(3e-3, 1e-2), subspace_components=24, subspace_hyper_points=(10, 40),
-                    subspace_mean_points=(40,), subspace_lrs=(0.1, 0.3), single_pass_network=False, eval_samples=6,
+                    subspace_mean_points=(40,), subspace_lrs=(0.1, 0.3), subspace_net_steps=300, subspace_net_batch=16,
+                    subspace_net_lr=1e-3, single_pass_network=False, eval_samples=6,
                     eval_draws=4, lda_dims=16, bootstrap=1000)
 
 
@@ -296,19 +304,28 @@ def run(out: str, settings: Settings, log=print) -> dict:
                                     checkpoint_every=10 ** 6, **common), progress=False)
     timings["stage0"] = time.time() - t0
     t0 = time.time()
-    nets = {"hypernet": s.iterations}
-    if s.single_pass_network:
-        nets["hypernet(s=1)"] = 1      # its own network trained with one pass, not the s = 4 one truncated
-    for kind, iterations in nets.items():
+    # the evidence keeps its own validation identities, and uses raw weights only
+    stage1 = dict(checkpoint_every=10 ** 6, val_identities=0, ema_decay=0, **common)
+    nets = {"hypernet": HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch, learning_rate=s.stage1_lr,
+                                         warmup_steps=s.stage1_steps // 10, alpha=s.stage1_alpha, beta=s.stage1_beta,
+                                         width=s.width, heads=4, iterations=s.iterations, **stage1)}
+    if s.single_pass_network:   # its own network trained with one pass, not the s = 4 one truncated
+        nets["hypernet(s=1)"] = replace(nets["hypernet"], iterations=1)
+    if s.subspace_net_steps:
+        nets[SUBSPACE_NET] = HypernetSettings(steps=s.subspace_net_steps, batch_size=s.subspace_net_batch,
+                                              learning_rate=s.subspace_net_lr, warmup_steps=s.subspace_net_steps // 10,
+                                              beta=SUBSPACE_STAGE1_BETA, subspace_components=s.subspace_components,
+                                              **stage1)
+
+    def train(kind):
         path = os.path.join(out, f"{kind}.safetensors")
         if not os.path.exists(path):
-            train_hypernet(manifest["photos"], stage0, manifest["base"], manifest["image_encoder"], path,
-                           HypernetSettings(steps=s.stage1_steps, batch_size=s.stage1_batch,
-                                            learning_rate=s.stage1_lr, warmup_steps=s.stage1_steps // 10,
-                                            alpha=s.stage1_alpha, beta=s.stage1_beta, width=s.width, heads=4,
-                                            iterations=iterations, checkpoint_every=10 ** 6, val_identities=0,
-                                            ema_decay=0, **common),
-                           progress=False)    # the evidence keeps its own validation identities, raw weights only
+            train_hypernet(manifest["photos"], stage0, manifest["base"], manifest["image_encoder"], path, nets[kind],
+                           progress=False)
+
+    # the transformers in one process and the subspace network in another (the numbers do not change)
+    in_workers(lambda group: [train(kind) for kind in group],
+               [[k for k in nets if k != SUBSPACE_NET], [k for k in nets if k == SUBSPACE_NET]], s.workers)
     subspace = None
     if s.subspace_components:
         path = os.path.join(out, "subspace.safetensors")
@@ -331,6 +348,8 @@ def run(out: str, settings: Settings, log=print) -> dict:
     if subspace is not None:
         families += [("hypernet-sub", s.subspace_lrs, s.subspace_hyper_points),
                      ("mean-sub", s.subspace_lrs, s.subspace_mean_points)]
+    if SUBSPACE_NET in networks:      # finetuned in its own subspace (the same fit as `subspace`)
+        families.append((SUBSPACE_NET, s.subspace_lrs, (0, *s.subspace_hyper_points)))
 
     def start_of(kind, ident, photos):
         if kind == "zero":
@@ -342,8 +361,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
     def arm_scores(kind, ident, lr, points):
         photos = photos_of(ident)
         latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
+        space = (networks[kind].subspace() if kind == SUBSPACE_NET else subspace if kind.endswith("-sub")
+                 else None)
         snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s,
-                                subspace if kind.endswith("-sub") else None)
+                                space)
         return {p: judges[ident](snaps[p]) for p in points}
 
     def validation_run(ident):
@@ -400,6 +421,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
                            (f"hypernet-sub+{k} - zero+{k}", arms[f"hypernet-sub+{k}"], arms[f"zero+{k}"]),
                            (f"hypernet-sub+{k} - mean-sub+{k}", arms[f"hypernet-sub+{k}"], arms[f"mean-sub+{k}"])]
                           if subspace is not None else []),
+                        *([(f"{SUBSPACE_NET}+{k} - zero+{long}", arms[f"{SUBSPACE_NET}+{k}"], arms[f"zero+{long}"]),
+                           (f"{SUBSPACE_NET}+{k} - zero+{k}", arms[f"{SUBSPACE_NET}+{k}"], arms[f"zero+{k}"]),
+                           (f"{SUBSPACE_NET}+0 - hypernet+0", arms[f"{SUBSPACE_NET}+0"], arms["hypernet+0"])]
+                          if SUBSPACE_NET in networks else []),
                         *([(f"hypernet+{k} - hypernet(s=1)+{k}", arms[f"hypernet+{k}"], arms[f"hypernet(s=1)+{k}"]),
                            ("hypernet+0 - hypernet(s=1)+0", arms["hypernet+0"], arms["hypernet(s=1)+0"])]
                           if s.single_pass_network else [])):
