@@ -90,38 +90,25 @@ def ci_text(result: dict) -> str:
 def goals(result: dict, s: Settings) -> dict[str, bool]:
     k, long = s.key_steps
     arms, refs, cis = result["arms"], result["refs"], result["cis"]
-    r1 = {name: statistics.fmean(m["rank1"]) for name, m in arms.items()}
     teacher = statistics.fmean(refs["teacher"]["rank1"])
-    out = {
-        "hypernet only: rank-1 at least half the teacher's": r1["hypernet+0"] >= 0.5 * teacher,
-        f"hypernet + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
-            cis[f"hypernet+{k} - zero+{long} [cos]"][0] >= 0 and cis[f"hypernet+{k} - zero+{long} [rank1]"][0] >= 0,
-        f"... at equal or better editability and prior drift (style kept not below zero + {long}'s, drift not "
-        f"above it, beyond the 95 % interval)":
-            cis[f"hypernet+{k} - zero+{long} [style]"][2] >= 0 and cis[f"hypernet+{k} - zero+{long} [drift]"][1] <= 0,
-        f"hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
-            cis[f"hypernet+{k} - zero+{k} [cos]"][1] > 0,
-    }
-    if f"hypernet-sub+{k} - zero+{long} [cos]" in cis:     # the same goals, finetuning in the identity subspace
-        sub = f"hypernet-sub+{k} - zero+{long}"
+    starts = [("hypernet", "hypernet", True)]
+    if f"hypernet-sub+{k} - zero+{long} [cos]" in cis:
+        starts.append(("hypernet-sub", "hypernet, finetuned in the identity subspace,", False))
+    if f"{SUBSPACE_NET}+{k} - zero+{long} [cos]" in cis:
+        starts.append((SUBSPACE_NET, "subspace hypernet, finetuned in its subspace,", True))
+    out = {}
+    for arm, label, alone in starts:
+        vs_long, vs_k = f"{arm}+{k} - zero+{long}", f"{arm}+{k} - zero+{k}"
+        if alone:
+            out[f"{label.split(',')[0]} only: rank-1 at least half the teacher's"] = \
+                statistics.fmean(arms[f"{arm}+0"]["rank1"]) >= 0.5 * teacher
         out.update({
-            f"hypernet + {k} in the identity subspace at least as good as zero + {long} (mean cosine and rank-1 "
-            f"differences >= 0)": cis[f"{sub} [cos]"][0] >= 0 and cis[f"{sub} [rank1]"][0] >= 0,
-            "... at equal or better editability and prior drift": cis[f"{sub} [style]"][2] >= 0
-            and cis[f"{sub} [drift]"][1] <= 0,
-            f"hypernet + {k} in the identity subspace clearly better than zero + {k} (cosine CI lower end > 0)":
-                cis[f"hypernet-sub+{k} - zero+{k} [cos]"][1] > 0,
-        })
-    if f"{SUBSPACE_NET}+{k} - zero+{long} [cos]" in cis:     # the same goals for the subspace hypernetwork
-        sub = f"{SUBSPACE_NET}+{k} - zero+{long}"
-        out.update({
-            "subspace hypernet only: rank-1 at least half the teacher's": r1[f"{SUBSPACE_NET}+0"] >= 0.5 * teacher,
-            f"subspace hypernet + {k} (in its subspace) at least as good as zero + {long} (mean cosine and rank-1 "
-            f"differences >= 0)": cis[f"{sub} [cos]"][0] >= 0 and cis[f"{sub} [rank1]"][0] >= 0,
-            "... at equal or better editability and prior drift (subspace hypernet)": cis[f"{sub} [style]"][2] >= 0
-            and cis[f"{sub} [drift]"][1] <= 0,
-            f"subspace hypernet + {k} clearly better than zero + {k} (cosine CI lower end > 0)":
-                cis[f"{SUBSPACE_NET}+{k} - zero+{k} [cos]"][1] > 0,
+            f"{label} + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
+                cis[f"{vs_long} [cos]"][0] >= 0 and cis[f"{vs_long} [rank1]"][0] >= 0,
+            f"{label} + {k}: editability and prior drift equal or better than zero + {long}'s (style kept not "
+            f"below, drift not above, beyond the 95 % interval)":
+                cis[f"{vs_long} [style]"][2] >= 0 and cis[f"{vs_long} [drift]"][1] <= 0,
+            f"{label} + {k} clearly better than zero + {k} (cosine CI lower end > 0)": cis[f"{vs_k} [cos]"][1] > 0,
         })
     return out
 
