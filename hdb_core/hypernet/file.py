@@ -1,7 +1,8 @@
 """The .safetensors layout of a hypernetwork file.
 
-  tensors   the HyperNetwork's state dict (float32; heads stacked per (a_l, b_l) group;
-            subspace_basis [k, D], k = 0 without an identity subspace, absent in older files)
+  tensors   the network's state dict (float32). The transformer: heads stacked per (a_l, b_l)
+            group, offset_a/b_<group> (absent in older files: zero). The subspace hypernetwork:
+            coordinates.weight/bias, feature_mean/spread, subspace_mean, subspace_directions
   metadata  format, format_version, config (JSON: width/depth/heads/iterations/mlp_ratio; a subspace
             hypernetwork's: kind "subspace_linear" and components, format_version 2),
             layers (JSON [[name, in, out], ...]), a, b, rank, seed, aux_generator, arch,
