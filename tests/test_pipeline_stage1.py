@@ -501,3 +501,17 @@ def test_the_subspace_hypernetwork_learns_from_the_diffusion_term(stage0, base, 
     assert cli.main(["fit-subspace", "--hypernet", hypernet_file, "--output", str(tmp_path / "x.safetensors")]) == 2
     assert "is a transformer hypernetwork" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_with_beta_zero_no_target_is_read_and_the_gradient_is_the_diffusion_terms(stage0, base):
+    prepared, lidbs, _ = stage0
+    net, samples, objective = objective_parts(prepared, lidbs, base, net_settings(beta=0.0))
+    batch = samples.batch(0)
+    assert "a" not in batch and "b" not in batch, "beta 0: the stage-0 LiDBs are not read per sample"
+    with objective:
+        norms = objective.backward(objective.terms(net, batch))
+        got = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        objective.terms(net, batch).diffusion.mean().backward()
+    assert norms["weight_grad"] == 0 and norms["diffusion_grad"] > 0
+    assert all(torch.equal(g, p.grad) for g, p in zip(got, net.parameters()))

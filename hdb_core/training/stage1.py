@@ -246,12 +246,14 @@ class Samples(torch.utils.data.Dataset):
         if count > 1:    # the drawn photo, then the others in a drawn order (repeated when there are too few)
             others = [(d.photo + 1 + k) % photos for k in torch.randperm(photos - 1, generator=gen).tolist()]
             seen = [(seen + others)[k % photos] for k in range(count)]
-        lidb = load_lidb(lidb_path(self.lidb_dir, ident))
-        return {"features": torch.cat([self.prepared.features(ident, p, d.mirrored) for p in seen]),
-                "latents": self.prepared.latents(ident, target)[int(d.mirrored)],
-                "noise": d.noise, "timestep": d.timestep,
-                "a": {n: v.float() for n, v in lidb.a_train.items()},
-                "b": {n: v.float() for n, v in lidb.b_train.items()}}
+        sample = {"features": torch.cat([self.prepared.features(ident, p, d.mirrored) for p in seen]),
+                  "latents": self.prepared.latents(ident, target)[int(d.mirrored)],
+                  "noise": d.noise, "timestep": d.timestep}
+        if self.s.beta > 0:     # the weight term's target (beta 0: not read, a third of a small model's step)
+            lidb = load_lidb(lidb_path(self.lidb_dir, ident))
+            sample["a"] = {n: v.float() for n, v in lidb.a_train.items()}
+            sample["b"] = {n: v.float() for n, v in lidb.b_train.items()}
+        return sample
 
     def positions(self, step: int, rank: int = 0) -> list[int]:
         """This process's slice of the global batch of `step`."""
@@ -423,16 +425,9 @@ class Objective:
         """The losses of one batch from `Samples` (features, latents, noise, timestep, stage-0 a/b)."""
         device, base = self.device, self.base
         a_hat, b_hat = net(batch["features"].to(device, non_blocking=True))
-        a_t = {n: v.to(device, non_blocking=True) for n, v in batch["a"].items()}
-        b_t = {n: v.to(device, non_blocking=True) for n, v in batch["b"].items()}
         delta = self.s.weight_space == "delta"
         predicted = train_factors(self.aux, a_hat, b_hat) if delta or self.s.alpha > 0 else None
-        if delta:
-            w_loss = delta_weight_loss(predicted, train_factors(self.aux, a_t, b_t), self.names)
-        elif self.s.weight_length == "separate":
-            w_loss = unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, self.mean, self.names)
-        else:
-            w_loss = weight_loss(a_hat, b_hat, a_t, b_t, self.names)
+        w_loss = self._weight_term(a_hat, b_hat, predicted, batch)
         if self.s.alpha > 0:
             self.injector.set_factors(predicted)
             context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
@@ -444,6 +439,18 @@ class Objective:
             d_loss = torch.zeros_like(w_loss)
         return Terms(d_loss, w_loss, [*a_hat.values(), *b_hat.values()])
 
+    def _weight_term(self, a_hat, b_hat, predicted, batch: dict) -> torch.Tensor:
+        """[B] squared distance to the stage-0 LiDBs; zeros with beta 0 (no target was read: `Samples.sample`)."""
+        if self.s.beta == 0:
+            return torch.zeros(len(batch["timestep"]), device=self.device)
+        a_t = {n: v.to(self.device, non_blocking=True) for n, v in batch["a"].items()}
+        b_t = {n: v.to(self.device, non_blocking=True) for n, v in batch["b"].items()}
+        if self.s.weight_space == "delta":
+            return delta_weight_loss(predicted, train_factors(self.aux, a_t, b_t), self.names)
+        if self.s.weight_length == "separate":
+            return unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, self.mean, self.names)
+        return weight_loss(a_hat, b_hat, a_t, b_t, self.names)
+
     def value(self, terms: Terms) -> torch.Tensor:
         """alpha * diffusion + beta * weight, unbalanced: the number the loss log shows."""
         return self.s.alpha * terms.diffusion.mean() + self.s.beta * terms.weight.mean()
@@ -451,6 +458,10 @@ class Objective:
     def backward(self, terms: Terms) -> dict[str, float]:
         """Gradients of the balanced loss into the network; returns the gradient norms at the predictions."""
         outputs = terms.predicted
+        if self.s.beta == 0:        # the diffusion term alone (alpha > 0 then)
+            g_d = torch.autograd.grad(self.s.alpha * terms.diffusion.mean(), outputs, retain_graph=True)
+            torch.autograd.backward(outputs, g_d)
+            return {"diffusion_grad": _global_norms(g_d)[0], "weight_grad": 0.0, "raw_ratio": 0.0}
         g_w = torch.autograd.grad(terms.weight.mean(), outputs, retain_graph=True)
         if self.s.alpha > 0:
             g_d = torch.autograd.grad(self.s.alpha * terms.diffusion.mean(), outputs, retain_graph=True)
