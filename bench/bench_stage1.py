@@ -101,7 +101,7 @@ def step_costs(work: str, scale: str, batch: int, steps: int) -> dict:
     prepared = PreparedData(prepared_dir)
     settings = HypernetSettings(batch_size=batch, steps=10 ** 6, width=WIDTH[scale], heads=4, depth=2,
                                 iterations=4, resolution=RESOLUTION[scale], face_check="none")
-    layers, config, mean = check_targets(prepared.ids, lidbs, base)
+    layers, config, mean, _ = check_targets(prepared.ids, lidbs, base)
     net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     side = RESOLUTION[scale] // 8

@@ -37,7 +37,7 @@ def stage0(tmp_path_factory, base, tiny_model):
 def objective_parts(prepared_dir, lidbs, base, settings):
     """(untrained net, Samples over every identity, Objective) as train_hypernet builds them."""
     prepared = PreparedData(prepared_dir)
-    layers, config, mean = check_targets(prepared.ids, lidbs, base)
+    layers, config, mean, _ = check_targets(prepared.ids, lidbs, base)
     net = new_hypernet(settings, layers, config, prepared.encoder, "model")
     samples = Samples(prepared, prepared.ids, lidbs, settings, 1, base.num_timesteps, (4, 8, 8))
     return net, samples, Objective(layers, config, base, settings, "cpu", torch.float32, mean)

@@ -149,11 +149,6 @@ class LiDBPredictor(nn.Module):
         """(a_train {name: [B, a_l, r]}, b_train {name: [B, r, b_l]}) for a batch of B photos."""
         raise NotImplementedError
 
-    def check_lidb_compatible(self, lidb: LiDB) -> None:
-        if tuple(lidb.layers) != self.layers or lidb.config != self.lidb_config:
-            raise HDBError("This LiDB was made for another target list or LiDB configuration than the "
-                           "hypernetwork; pre-optimise the LiDBs with the hypernetwork's base model and a/b/rank/seed.")
-
     @torch.no_grad()
     def predict_lidb(self, features: torch.Tensor, iterations: int | None = None, **info) -> LiDB:
         """One LiDB from one or several photos of one person (features [N, T, hidden]; see module doc)."""

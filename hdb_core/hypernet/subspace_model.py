@@ -31,7 +31,7 @@ from torch import nn
 from hdb_core.errors import HDBError
 from hdb_core.hypernet.image_encoder import EncoderSpec
 from hdb_core.hypernet.model import LiDBPredictor
-from hdb_core.lidb.subspace import IdentitySubspace, split_rows
+from hdb_core.lidb.subspace import IdentitySubspace, row_width, split_rows
 from hdb_core.lidb.targets import LayerSpec
 from hdb_core.lidb.weights import LiDBConfig
 
@@ -62,7 +62,7 @@ class SubspaceHyperNetwork(LiDBPredictor):
         super().__init__(layers, lidb_config, encoder)
         self.config = config
         inputs = encoder.num_tokens * encoder.hidden_size
-        width = sum(sum(lidb_config.layer_dims(s)) * lidb_config.rank for s in self.layers)
+        width = row_width(self.layers, lidb_config)
         self.register_buffer("feature_mean", torch.zeros(inputs))
         self.register_buffer("feature_spread", torch.ones(inputs))
         self.register_buffer("subspace_mean", torch.zeros(width))

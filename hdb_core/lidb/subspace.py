@@ -104,6 +104,11 @@ def rows_of(lidbs: Sequence[LiDB]) -> torch.Tensor:
     return torch.cat([v.flatten(1) for v in [*a.values(), *b.values()]], 1)
 
 
+def row_width(layers: Sequence[LayerSpec], config: LiDBConfig) -> int:
+    """D: the numbers in one row of `rows_of` (every layer's A_train and B_train)."""
+    return sum(sum(config.layer_dims(s)) * config.rank for s in layers)
+
+
 def split_rows(rows: torch.Tensor, layers: Sequence[LayerSpec],
                config: LiDBConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The inverse of `rows_of`: rows [N, D] as stacked {name: A_train [N, a_l, r]}, {name: B_train [N, r, b_l]};
@@ -119,6 +124,8 @@ def split_rows(rows: torch.Tensor, layers: Sequence[LayerSpec],
 
 def fit_folder(folder: str, components: int, progress: bool = True) -> IdentitySubspace:
     """The subspace of a stage-0 output folder, read one LiDB at a time (15K of them fit in memory)."""
+    from tqdm.auto import tqdm
+
     if not os.path.isdir(folder):
         raise HDBError(f"The LiDB folder '{folder}' does not exist; pass the output folder of "
                        f"`hdb preoptimize` (in a pipeline run: <run>/lidbs).")
@@ -126,20 +133,13 @@ def fit_folder(folder: str, components: int, progress: bool = True) -> IdentityS
     if len(names) < 2:
         raise HDBError(f"The LiDB folder '{folder}' holds {len(names)} LiDB file(s); an identity subspace "
                        f"needs the stage-0 LiDBs of at least 2 identities.")
-    return fit_files([os.path.join(folder, n) for n in names], components, progress)
-
-
-def fit_files(paths: Sequence[str], components: int, progress: bool = True) -> IdentitySubspace:
-    """The subspace of these LiDB files (one stage-0 run's), read one at a time."""
-    from tqdm.auto import tqdm
-
-    first = load_lidb(paths[0])
-    rows = torch.empty(len(paths), rows_of([first]).shape[1])
-    for i, path in enumerate(tqdm(paths, desc="identity subspace", unit="LiDB", disable=not progress)):
-        lidb = first if i == 0 else load_lidb(path)
+    first = load_lidb(os.path.join(folder, names[0]))
+    rows = torch.empty(len(names), row_width(first.layers, first.config))
+    for i, name in enumerate(tqdm(names, desc="identity subspace", unit="LiDB", disable=not progress)):
+        lidb = first if i == 0 else load_lidb(os.path.join(folder, name))
         if lidb.layers != first.layers or lidb.config != first.config:
-            raise HDBError(f"'{os.path.basename(path)}' was made for another model or other a/b/rank/seed settings "
-                           f"than '{os.path.basename(paths[0])}'; fit a subspace to the LiDBs of one stage-0 run.")
+            raise HDBError(f"'{name}' was made for another model or other a/b/rank/seed settings than "
+                           f"'{names[0]}'; fit a subspace to the LiDBs of one stage-0 run.")
         rows[i] = rows_of([lidb])[0]
     return IdentitySubspace.fit_rows(rows, first.layers, first.config, components)
 
@@ -171,7 +171,7 @@ def load_subspace(path: str) -> IdentitySubspace:
         mean, directions = tensors["mean"].float(), tensors["directions"].float()
     except (KeyError, ValueError, TypeError) as e:
         raise file_error(path, f"has damaged identity-subspace data ({e}); make it again.") from None
-    width = sum(sum(config.layer_dims(s)) * config.rank for s in layers)
+    width = row_width(layers, config)
     if mean.shape != (width,) or directions.dim() != 2 or directions.shape[1] != width:
         raise file_error(path, "has tensors that do not match its layer list; the file is damaged, make it again.")
     if not (torch.isfinite(mean).all() and torch.isfinite(directions).all()):

@@ -39,7 +39,7 @@ from hdb_core.hypernet.image_encoder import EncoderSpec, spec_from_hf_config
 from hdb_core.hypernet.model import HyperNetConfig, HyperNetwork, LiDBPredictor
 from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetConfig
 from hdb_core.lidb.file import load_lidb
-from hdb_core.lidb.subspace import IdentitySubspace, fit_files
+from hdb_core.lidb.subspace import IdentitySubspace, row_width, rows_of
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
 from hdb_core.lidb.batch import stack_train, train_factors
 from hdb_core.lidb.weights import aux_for_layers
@@ -135,14 +135,16 @@ class HypernetSettings:
         return d
 
 
-def check_targets(ids: list[str], lidb_dir: str, base: BaseModel):
-    """(layers, LiDB config, (mean A, mean B)) of the identities' stage-0 LiDBs, read one at a time.
+def check_targets(ids: list[str], lidb_dir: str, base: BaseModel, keep_rows: bool = False):
+    """(layers, LiDB config, (mean A, mean B), rows) of the identities' stage-0 LiDBs, read one at a time.
 
-    Every LiDB must fit the base model and share one layout; nothing but the running sum is kept.
+    Every LiDB must fit the base model and share one layout; nothing but the running sum is kept,
+    and with `keep_rows` each LiDB as a row of `subspace.rows_of` [N, D] (for an identity subspace;
+    else rows is None).
     """
-    layers = config = None
+    layers = config = rows = None
     sum_a = sum_b = None
-    for ident in ids:
+    for i, ident in enumerate(ids):
         path = lidb_path(lidb_dir, ident)
         lidb = load_lidb(path)
         if layers is None:
@@ -152,14 +154,17 @@ def check_targets(ids: list[str], lidb_dir: str, base: BaseModel):
                 raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' cover {len(lidb.layers)} layers but the base "
                                f"model has {len(base.layers(te))}; pre-optimise them with this base model.")
             layers, config = lidb.layers, lidb.config
+            rows = torch.empty(len(ids), row_width(layers, config)) if keep_rows else None
         elif lidb.layers != layers or lidb.config != config:
             raise HDBError(f"The stage-0 LiDB '{path}' was made with other layers or a/b/rank/seed than the others; "
                            f"pre-optimise all identities with the same settings.")
+        if rows is not None:
+            rows[i] = rows_of([lidb])[0]
         a, b = stack_train([lidb])
         sum_a = a if sum_a is None else {n: sum_a[n] + v for n, v in a.items()}
         sum_b = b if sum_b is None else {n: sum_b[n] + v for n, v in b.items()}
     mean = ({n: v[0] / len(ids) for n, v in sum_a.items()}, {n: v[0] / len(ids) for n, v in sum_b.items()})
-    return layers, config, mean
+    return layers, config, mean, rows
 
 
 def _check_lidb_folder(lidb_dir: str, base: BaseModel) -> None:
@@ -249,7 +254,7 @@ class Samples(torch.utils.data.Dataset):
         sample = {"features": torch.cat([self.prepared.features(ident, p, d.mirrored) for p in seen]),
                   "latents": self.prepared.latents(ident, target)[int(d.mirrored)],
                   "noise": d.noise, "timestep": d.timestep}
-        if self.s.beta > 0:     # the weight term's target (beta 0: not read, a third of a small model's step)
+        if self.s.beta > 0:     # the weight term's target (beta 0: not read, which saves a file per sample)
             lidb = load_lidb(lidb_path(self.lidb_dir, ident))
             sample["a"] = {n: v.float() for n, v in lidb.a_train.items()}
             sample["b"] = {n: v.float() for n, v in lidb.b_train.items()}
@@ -552,7 +557,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     if len(with_lidb) < len(prepared.ids) and main:
         log.warning("%d identities have no stage-0 LiDB yet and are left out", len(prepared.ids) - len(with_lidb))
     train_ids, held_out = split_held_out(with_lidb, settings.val_identities, settings.seed)
-    layers, config, mean = check_targets(train_ids, lidb_dir, base)
+    layers, config, mean, rows = check_targets(train_ids, lidb_dir, base, keep_rows=settings.subspace_components > 0)
     if held_out and check_targets(held_out, lidb_dir, base)[:2] != (layers, config):
         raise HDBError(f"The stage-0 LiDBs in '{lidb_dir}' were made with different settings; pre-optimise all "
                        f"identities with the same settings.")
@@ -560,8 +565,7 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
 
     subspace = statistics = None
     if settings.subspace_components:
-        subspace = fit_files([lidb_path(lidb_dir, i) for i in train_ids], settings.subspace_components,
-                             progress and main)
+        subspace = IdentitySubspace.fit_rows(rows, layers, config, settings.subspace_components)
         statistics = feature_statistics(prepared, train_ids, settings.flip)
     net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean, subspace, statistics)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
