@@ -616,7 +616,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     base = load_base_model(manifest["base"])
     aux = aux_for_layers(subspace.config, subspace.layers)
     injector = base.injector(subspace.layers)
-    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+    encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
     held = manifest["held_out"]
     with torch.no_grad():
         features = E.features(encoder, E.load_photos(manifest["photos"], train, spec.photos)).flatten(1)
@@ -624,9 +624,13 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
         held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], held, 1)).flatten(1)
     latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
     centre, spread = features.mean((0, 1)), features.std((0, 1)) + 1e-6
-    head = torch.nn.Linear(features.shape[-1], subspace.components)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)           # an untrained map predicts the subspace's mean
+    if args.hidden:
+        head = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], args.hidden), torch.nn.GELU(),
+                                   torch.nn.Linear(args.hidden, subspace.components))
+    else:
+        head = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], subspace.components))
+    torch.nn.init.zeros_(head[-1].weight)
+    torch.nn.init.zeros_(head[-1].bias)       # an untrained map predicts the subspace's mean
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     settings = PreoptimizeSettings()
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
@@ -681,6 +685,59 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
         with torch.no_grad():
             for steps, rows in fits.items():
                 report(f"  prediction + {steps} steps in the subspace (Adam {args.finetune_lr:g})", rows, held)
+
+
+def cmd_distill(args, manifest, spec, rec) -> None:
+    """Amortize by regression instead: every training photo's own subspace coefficients (`coefficient_fit`
+    from the mean, `--fit-steps` on that photo alone, the optimum `amortize` aims at), then ridge regression
+    from the photo's standardised image features to them, one `--ridge` strength after another; the
+    held-out identities scored from photo 0 as `amortize` does."""
+    import torch
+
+    from bench.evidence import encoder as E
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.lidb.file import load_lidb
+    from hdb_core.lidb.subspace import IdentitySubspace
+    from hdb_core.lidb.weights import aux_for_layers
+    from hdb_core.training.base_model import load_base_model
+
+    from bench.evidence.run import Settings
+
+    train = stage0_identities(manifest, args.stage0)
+    subspace = IdentitySubspace.fit([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train], args.k)
+    base = load_base_model(manifest["base"])
+    aux = aux_for_layers(subspace.config, subspace.layers)
+    injector = base.injector(subspace.layers)
+    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+    held = manifest["held_out"]
+    with torch.no_grad():
+        features = E.features(encoder, E.load_photos(manifest["photos"], train, spec.photos)).flatten(1).double()
+        held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], held, 1)).flatten(1).double()
+    photos = [x[j:j + 1] for x in photo_stack(base, manifest["photos"], train, spec.photos) for j in range(spec.photos)]
+    names = [f"{i}/{j}" for i in train for j in range(spec.photos)]
+    start = torch.zeros(len(names), subspace.components)
+    rows = coefficient_fit(base, injector, aux, subspace, subspace.directions, photos, names, start,
+                           [args.fit_steps], args.fit_lr)[args.fit_steps]
+    directions = subspace.directions
+    targets = ((rows - subspace.mean) @ directions.T / directions.pow(2).sum(1)).double()
+    print(f"{len(names)} training photos fit in the subspace ({args.fit_steps} steps, Adam {args.fit_lr:g})",
+          flush=True)
+    centre, spread = features.mean(0), features.std(0) + 1e-6
+    x = torch.cat([(features - centre) / spread, torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    xh = torch.cat([(held_features - centre) / spread, torch.ones(len(held), 1, dtype=torch.float64)], 1)
+    score = identity_scorer(manifest, spec, rec)
+    validation = Settings().validation
+    with torch.no_grad():
+        own = [score(subspace.lidb(subspace.mean + t.float() @ subspace.directions), n.split("/")[0])
+               for t, n in zip(targets[::spec.photos][:args.train_ids], names[::spec.photos])]
+        line(f"  the fits themselves, photo 0 of {args.train_ids} training identities", own)
+        for lam in args.ridge:
+            w = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
+            rows = subspace.mean + (xh @ w).float() @ subspace.directions
+            results = [score(subspace.lidb(r), i) for r, i in zip(rows, held)]
+            line(f"  ridge {lam:g}, validation", results[:validation])
+            line(f"  ridge {lam:g}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/"
+                 f"{len(held) - validation})", results[validation:])
 
 
 def main(argv=None) -> int:
@@ -763,6 +820,15 @@ def main(argv=None) -> int:
     am.add_argument("--finetune", type=lambda v: [int(x) for x in v.split(",")], default=[],
                     help="then also the prediction + these step counts in the subspace (comma-separated)")
     am.add_argument("--finetune-lr", type=float, default=0.1)
+    am.add_argument("--encoder", help="another CLIP vision folder (see make-encoder, pretrain-encoder)")
+    am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
+    di = sub.add_parser("distill", help="ridge regression photo -> its own subspace coefficients")
+    di.add_argument("--stage0", required=True)
+    di.add_argument("--k", type=int, default=128, help="principal directions of the stage-0 LiDBs")
+    di.add_argument("--fit-steps", type=int, default=100, help="Adam steps of each training photo's own fit")
+    di.add_argument("--fit-lr", type=float, default=0.1)
+    di.add_argument("--ridge", type=lambda v: [float(x) for x in v.split(",")], default=[10.0, 100.0, 1000.0],
+                    help="comma-separated ridge strengths")
     ag = sub.add_parser("agreement", help="stage 0's run-to-run agreement (two folders of the same identities)")
     ag.add_argument("--stage0", required=True)
     ag.add_argument("--other", required=True)
@@ -803,6 +869,8 @@ def main(argv=None) -> int:
         cmd_subspace(args, manifest, spec, rec)
     elif args.cmd == "amortize":
         cmd_amortize(args, manifest, spec, rec)
+    elif args.cmd == "distill":
+        cmd_distill(args, manifest, spec, rec)
     elif args.cmd == "agreement":
         cmd_agreement(args, manifest, spec)
     elif args.cmd == "average":
