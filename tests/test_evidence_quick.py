@@ -178,7 +178,8 @@ def test_report_and_plot(evidence, tmp_path):
     assert "hypernet only" in text and "zero start + " in text and "teacher" in text
     assert "GATE" in report.gate_text(r) and "bootstrap 95 % CI" in report.ci_text(r)
     goals = report.goals(r, s)
-    assert len(goals) == 11 and "in the identity subspace" in text and "subspace hypernet only" in text
+    assert len(goals) == 14 and "in the identity subspace" in text and "subspace hypernet only" in text
+    assert "subspace hypernet + 40 steps (default relaxation)" in text
     assert sum(name.endswith("only: rank-1 at least half the teacher's") for name in goals) == 2
     for png in (report.plot(r, str(tmp_path / "plot.png")), report.plot_tradeoff(r, str(tmp_path / "trade.png"))):
         with Image.open(png) as im:

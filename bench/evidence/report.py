@@ -5,7 +5,7 @@ import statistics
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .run import SUBSPACE_NET, Settings
+from .run import RELAXED, SUBSPACE_NET, Settings
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -51,6 +51,8 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
         rows += [("subspace hypernet only" if p == 0 else f"subspace hypernet + {p} steps in its subspace",
                   arms[f"{SUBSPACE_NET}+{p}"], f"{lrs[f'{SUBSPACE_NET}+{p}']:g}" if p else "")
                  for p in (0, *s.subspace_hyper_points)]
+        rows += [(f"subspace hypernet + {p} steps (default relaxation)", arms[f"{RELAXED}+{p}"],
+                  f"{lrs[f'{RELAXED}+{p}']:g}") for p in s.hyper_points if p]
     if s.single_pass_network:
         k = s.key_steps[0]
         rows += [("hypernet trained with s = 1, only", arms["hypernet(s=1)+0"], ""),
@@ -96,6 +98,7 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
         starts.append(("hypernet-sub", "hypernet, finetuned in the identity subspace,", False))
     if f"{SUBSPACE_NET}+{k} - zero+{long} [cos]" in cis:
         starts.append((SUBSPACE_NET, "subspace hypernet, finetuned in its subspace,", True))
+        starts.append((RELAXED, "subspace hypernet, finetuned with the default relaxation,", False))
     out = {}
     for arm, label, alone in starts:
         vs_long, vs_k = f"{arm}+{k} - zero+{long}", f"{arm}+{k} - zero+{k}"
@@ -118,7 +121,8 @@ def goals_text(result: dict, s: Settings) -> str:
 
 
 COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60),
-           "hypernet-sub": (140, 40, 170), "mean-sub": (220, 150, 30), SUBSPACE_NET: (20, 150, 150)}
+           "hypernet-sub": (140, 40, 170), "mean-sub": (220, 150, 30), SUBSPACE_NET: (20, 150, 150),
+           RELAXED: (20, 110, 90)}
 
 
 def plot_tradeoff(result: dict, path: str) -> str:

@@ -43,6 +43,7 @@ from .identity import Recognizer
 
 GATE_SHARE = 0.9
 SUBSPACE_NET = "subspace-hypernet"     # the network kind and arm prefix of the subspace hypernetwork
+RELAXED = f"{SUBSPACE_NET}-relaxed"     # its prediction finetuned like the transformer's (default rank relaxation)
 
 
 @dataclass
@@ -350,13 +351,15 @@ def run(out: str, settings: Settings, log=print) -> dict:
                      ("mean-sub", s.subspace_lrs, s.subspace_mean_points)]
     if SUBSPACE_NET in networks:      # finetuned in its own subspace (the same fit as `subspace`)
         families.append((SUBSPACE_NET, s.subspace_lrs, (0, *s.subspace_hyper_points)))
+        families.append((RELAXED, s.hyper_lrs, tuple(p for p in s.hyper_points if p)))
+    network_of = {"hypernet-sub": "hypernet", RELAXED: SUBSPACE_NET}
 
     def start_of(kind, ident, photos):
         if kind == "zero":
             return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
         if kind == "mean-sub":
             return subspace.lidb(subspace.mean)
-        return networks[kind.removesuffix("-sub")].predict_lidb(encoder.encode(photos[:1]))
+        return networks[network_of.get(kind, kind)].predict_lidb(encoder.encode(photos[:1]))
 
     def arm_scores(kind, ident, lr, points):
         photos = photos_of(ident)
@@ -423,7 +426,11 @@ def run(out: str, settings: Settings, log=print) -> dict:
                           if subspace is not None else []),
                         *([(f"{SUBSPACE_NET}+{k} - zero+{long}", arms[f"{SUBSPACE_NET}+{k}"], arms[f"zero+{long}"]),
                            (f"{SUBSPACE_NET}+{k} - zero+{k}", arms[f"{SUBSPACE_NET}+{k}"], arms[f"zero+{k}"]),
-                           (f"{SUBSPACE_NET}+0 - hypernet+0", arms[f"{SUBSPACE_NET}+0"], arms["hypernet+0"])]
+                           (f"{SUBSPACE_NET}+0 - hypernet+0", arms[f"{SUBSPACE_NET}+0"], arms["hypernet+0"]),
+                           (f"{RELAXED}+{k} - zero+{long}", arms[f"{RELAXED}+{k}"], arms[f"zero+{long}"]),
+                           (f"{RELAXED}+{k} - zero+{k}", arms[f"{RELAXED}+{k}"], arms[f"zero+{k}"]),
+                           (f"{RELAXED}+{k} - {SUBSPACE_NET}+{k}", arms[f"{RELAXED}+{k}"],
+                            arms[f"{SUBSPACE_NET}+{k}"])]
                           if SUBSPACE_NET in networks else []),
                         *([(f"hypernet+{k} - hypernet(s=1)+{k}", arms[f"hypernet+{k}"], arms[f"hypernet(s=1)+{k}"]),
                            ("hypernet+0 - hypernet(s=1)+0", arms["hypernet+0"], arms["hypernet(s=1)+0"])]
