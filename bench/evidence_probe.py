@@ -586,6 +586,46 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
               f"{E.identification(folder, held, spec.photos):.2f}", flush=True)
 
 
+class SubspaceSetup:
+    """What `amortize` and `distill` share: the subspace of the stage-0 LiDBs (`--k` directions), the base
+    model with an injector on its layers, and the image features [N, photos, T*H] of every training photo
+    and [H, T*H] of the held-out identities' photo 0."""
+
+    def __init__(self, args, manifest, spec, encoder_folder: str | None = None):
+        import torch
+
+        from bench.evidence import encoder as E
+        from hdb_core.hypernet.image_encoder import ClipImageEncoder
+        from hdb_core.lidb.file import load_lidb
+        from hdb_core.lidb.subspace import IdentitySubspace
+        from hdb_core.lidb.weights import aux_for_layers
+        from hdb_core.training.base_model import load_base_model
+
+        self.train = stage0_identities(manifest, args.stage0)
+        self.subspace = IdentitySubspace.fit(
+            [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in self.train], args.k)
+        self.base = load_base_model(manifest["base"])
+        self.aux = aux_for_layers(self.subspace.config, self.subspace.layers)
+        self.injector = self.base.injector(self.subspace.layers)
+        self.held = manifest["held_out"]
+        encoder = ClipImageEncoder.from_pretrained(encoder_folder or manifest["image_encoder"])
+        with torch.no_grad():
+            features = E.features(encoder, E.load_photos(manifest["photos"], self.train, spec.photos))
+            self.features = features.flatten(1).reshape(len(self.train), spec.photos, -1)
+            self.held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], self.held, 1)
+                                            ).flatten(1)
+
+    def report(self, score, label: str, rows, names: list[str]) -> None:
+        """Score subspace rows of `names` (the held-out identities): the bench's validation ones, then its test ones."""
+        from bench.evidence.run import Settings
+
+        validation = Settings().validation
+        results = [score(self.subspace.lidb(row), i) for row, i in zip(rows, names)]
+        line(f"{label}, validation", results[:validation])
+        line(f"{label}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/{len(names) - validation})",
+             results[validation:])
+
+
 def cmd_amortize(args, manifest, spec, rec) -> None:
     """A linear map from one photo's image features to identity-subspace coefficients, trained end to end
     through stage 0's diffusion loss on the training identities' photos (no stage-0 targets to regress onto).
@@ -600,28 +640,13 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
 
     import torch
 
-    from bench.evidence.run import Settings
-    from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.batch import train_factors
-    from hdb_core.lidb.file import load_lidb
-    from hdb_core.lidb.subspace import IdentitySubspace
-    from hdb_core.lidb.weights import aux_for_layers
-    from hdb_core.training.base_model import load_base_model, tokenize
+    from hdb_core.training.base_model import tokenize
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
 
-    from bench.evidence import encoder as E
-
-    train = stage0_identities(manifest, args.stage0)
-    subspace = IdentitySubspace.fit([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train], args.k)
-    base = load_base_model(manifest["base"])
-    aux = aux_for_layers(subspace.config, subspace.layers)
-    injector = base.injector(subspace.layers)
-    encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
-    held = manifest["held_out"]
-    with torch.no_grad():
-        features = E.features(encoder, E.load_photos(manifest["photos"], train, spec.photos)).flatten(1)
-        features = features.reshape(len(train), spec.photos, -1)
-        held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], held, 1)).flatten(1)
+    setup = SubspaceSetup(args, manifest, spec, args.encoder)
+    train, subspace, base, aux, injector = setup.train, setup.subspace, setup.base, setup.aux, setup.injector
+    held, features, held_features = setup.held, setup.features, setup.held_features
     latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
     centre, spread = features.mean((0, 1)), features.std((0, 1)) + 1e-6
     if args.hidden:
@@ -635,17 +660,10 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     settings = PreoptimizeSettings()
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
     score = identity_scorer(manifest, spec, rec)
-    validation = Settings().validation
     g = torch.Generator().manual_seed(0)
 
     def predict(x):
         return head((x - centre) / spread)
-
-    def report(label, rows, names):
-        results = [score(subspace.lidb(row), i) for row, i in zip(rows, names)]
-        line(f"{label}, validation", results[:validation])
-        line(f"{label}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/{len(names) - validation})",
-             results[validation:])
 
     started, losses = time.time(), []
     with injector:
@@ -670,8 +688,8 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
                 print(f"step {step}: mean loss of the last 100 steps {statistics.fmean(losses[-100:]):.4f}, "
                       f"{time.time() - started:.0f} s", flush=True)
                 with torch.no_grad():
-                    report(f"  prediction, step {step}", subspace.mean + predict(held_features) @ subspace.directions,
-                           held)
+                    setup.report(score, f"  prediction, step {step}",
+                                 subspace.mean + predict(held_features) @ subspace.directions, held)
                     line(f"  prediction, step {step}, {args.train_ids} training identities (photo 0)",
                          [score(subspace.lidb(r), i) for r, i in
                           zip(subspace.mean + predict(features[:args.train_ids, 0]) @ subspace.directions, train)])
@@ -684,7 +702,8 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
                                args.finetune_lr)
         with torch.no_grad():
             for steps, rows in fits.items():
-                report(f"  prediction + {steps} steps in the subspace (Adam {args.finetune_lr:g})", rows, held)
+                setup.report(score, f"  prediction + {steps} steps in the subspace (Adam {args.finetune_lr:g})",
+                             rows, held)
 
 
 def cmd_distill(args, manifest, spec, rec) -> None:
@@ -694,50 +713,32 @@ def cmd_distill(args, manifest, spec, rec) -> None:
     held-out identities scored from photo 0 as `amortize` does."""
     import torch
 
-    from bench.evidence import encoder as E
-    from hdb_core.hypernet.image_encoder import ClipImageEncoder
-    from hdb_core.lidb.file import load_lidb
-    from hdb_core.lidb.subspace import IdentitySubspace
-    from hdb_core.lidb.weights import aux_for_layers
-    from hdb_core.training.base_model import load_base_model
-
-    from bench.evidence.run import Settings
-
-    train = stage0_identities(manifest, args.stage0)
-    subspace = IdentitySubspace.fit([load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in train], args.k)
-    base = load_base_model(manifest["base"])
-    aux = aux_for_layers(subspace.config, subspace.layers)
-    injector = base.injector(subspace.layers)
-    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
-    held = manifest["held_out"]
-    with torch.no_grad():
-        features = E.features(encoder, E.load_photos(manifest["photos"], train, spec.photos)).flatten(1).double()
-        held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], held, 1)).flatten(1).double()
-    photos = [x[j:j + 1] for x in photo_stack(base, manifest["photos"], train, spec.photos) for j in range(spec.photos)]
-    names = [f"{i}/{j}" for i in train for j in range(spec.photos)]
-    start = torch.zeros(len(names), subspace.components)
-    rows = coefficient_fit(base, injector, aux, subspace, subspace.directions, photos, names, start,
-                           [args.fit_steps], args.fit_lr)[args.fit_steps]
+    setup = SubspaceSetup(args, manifest, spec)
+    subspace = setup.subspace
+    photos = [x[j:j + 1] for x in photo_stack(setup.base, manifest["photos"], setup.train, spec.photos)
+              for j in range(spec.photos)]
+    names = [f"{i}/{j}" for i in setup.train for j in range(spec.photos)]
+    fitted = coefficient_fit(setup.base, setup.injector, setup.aux, subspace, subspace.directions, photos, names,
+                             torch.zeros(len(names), subspace.components), [args.fit_steps],
+                             args.fit_lr)[args.fit_steps]
     directions = subspace.directions
-    targets = ((rows - subspace.mean) @ directions.T / directions.pow(2).sum(1)).double()
+    targets = ((fitted - subspace.mean) @ directions.T / directions.pow(2).sum(1)).double()
     print(f"{len(names)} training photos fit in the subspace ({args.fit_steps} steps, Adam {args.fit_lr:g})",
           flush=True)
+    features, held_features = setup.features.flatten(0, 1).double(), setup.held_features.double()
     centre, spread = features.mean(0), features.std(0) + 1e-6
-    x = torch.cat([(features - centre) / spread, torch.ones(len(features), 1, dtype=torch.float64)], 1)
-    xh = torch.cat([(held_features - centre) / spread, torch.ones(len(held), 1, dtype=torch.float64)], 1)
+
+    def with_bias(x):
+        return torch.cat([(x - centre) / spread, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+    x, xh = with_bias(features), with_bias(held_features)
     score = identity_scorer(manifest, spec, rec)
-    validation = Settings().validation
     with torch.no_grad():
-        own = [score(subspace.lidb(subspace.mean + t.float() @ subspace.directions), n.split("/")[0])
-               for t, n in zip(targets[::spec.photos][:args.train_ids], names[::spec.photos])]
-        line(f"  the fits themselves, photo 0 of {args.train_ids} training identities", own)
+        line(f"  the fits themselves, photo 0 of {args.train_ids} training identities",
+             [score(subspace.lidb(row), i) for row, i in zip(fitted[::spec.photos][:args.train_ids], setup.train)])
         for lam in args.ridge:
             w = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
-            rows = subspace.mean + (xh @ w).float() @ subspace.directions
-            results = [score(subspace.lidb(r), i) for r, i in zip(rows, held)]
-            line(f"  ridge {lam:g}, validation", results[:validation])
-            line(f"  ridge {lam:g}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/"
-                 f"{len(held) - validation})", results[validation:])
+            setup.report(score, f"  ridge {lam:g}", subspace.mean + (xh @ w).float() @ directions, setup.held)
 
 
 def main(argv=None) -> int:
