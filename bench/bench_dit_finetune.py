@@ -8,7 +8,8 @@ and 8 single blocks, ~70M parameters) with 256-wide CLIP-L and T5 encoders; fp32
                    any method that backpropagates through the model. ComfyUI's Flux blocks add their
                    residuals in place, so even this floor copies each LayerNorm input (as HDB does).
   HDB (DiT)        HDB_FastFinetune, train_text_encoder off (304 -> here 80 attention projections)
-  HDB (DiT+CLIP)   HDB_FastFinetune as by default (also CLIP-L; T5 stays frozen)
+  HDB (DiT+CLIP)   HDB_FastFinetune as by default (also CLIP-L; T5 stays frozen), one draw per step
+                   (one forward+backward, as the other rows; the default 4 draws make a step four)
   HDB (DiT, ckpt)  the same with gradient_checkpointing on
   TrainLoraNode    ComfyUI's own trainer at rank 1, fp32, with its gradient checkpointing: in 0.3.75 it
                    runs on ComfyUI's Flux only that way (without, backward fails on the blocks' in-place
@@ -76,7 +77,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
         node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]
         comfy_runtime.call_node(node, model=model, clip=clip, vae=vae, image=image, steps=n,
                                 learning_rate=2e-3, relaxed_rank=4, resolution=resolution, seed=0,
-                                train_text_encoder=te, gradient_checkpointing=ckpt)
+                                train_text_encoder=te, gradient_checkpointing=ckpt, draws_per_step=1)
 
     if method == "paired":
         # Bare and HDB steps taking turns in one process: load from other processes hits both alike.

@@ -7,6 +7,9 @@ and resolution, fp32 on the CPU:
                    the floor for any method that backpropagates through the UNet
   HDB (UNet)       HDB_FastFinetune with train_text_encoder off
   HDB (UNet+TE)    HDB_FastFinetune as by default (also trains the CLIP text encoder)
+
+(HDB runs with one draw per step here, one forward+backward like the other rows; the node's
+default of 4 draws makes a step four of them at the same memory.)
   TrainLoraNode    ComfyUI's own trainer at rank 1 (fp32, no gradient checkpointing)
 
 Each measurement runs in its own process, so peak RSS is its own (and TrainLoraNode's
@@ -64,7 +67,7 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
         node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]
         comfy_runtime.call_node(node, model=model, clip=clip, vae=vae, image=image, steps=steps,
                                 learning_rate=2e-3, relaxed_rank=4, resolution=resolution, seed=0,
-                                train_text_encoder=method == "hdb_te")
+                                train_text_encoder=method == "hdb_te", draws_per_step=1)
     else:
         run_train_lora_node(rt["nodes"], model, latent, cond, pooled, steps, checkpointing=False)
     per_step = [b - a for a, b in zip(stamps, stamps[1:])][-(steps - 1):]

@@ -13,6 +13,8 @@ Run after `bench/bench_evidence.py` has built its world (default: the full run's
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors --offset-scale 1,1.2,1.4   # is it shrunk?
     $P pretrain-encoder --out /tmp/enc                     # an encoder that learnt the training identities
     $P stage1 --stage0 /tmp/s0all --out /tmp/he.safetensors --encoder /tmp/enc   # (score with --encoder too)
+    $P amortize --stage0 /tmp/s0all --space core          # a map photo -> subspace coordinates (also: factors)
+    $P draws --runs zero:400:1e-3:1,zero:400:1e-3:4       # finetunes at 1 and 4 draws per step, validation ids
 
 With `--world bench/out/evidence-scaled` (after `bench_evidence.py --scaled`) the same on 1,000
 training identities; `--extra-train N` first adds training-only identities to a world.
@@ -389,7 +391,6 @@ def coefficient_fit(base, injector, aux, subspace, directions, latents, names, f
     of each identity's latents, after each of `steps`."""
     import torch
 
-    from hdb_core.lidb.batch import train_factors
     from hdb_core.training.base_model import tokenize
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch
 
@@ -406,7 +407,7 @@ def coefficient_fit(base, injector, aux, subspace, directions, latents, names, f
             if step == max(steps):
                 break
             lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
-            loss = diffusion_loss(base, injector, train_factors(aux, *subspace.train_matrices(rows)), input_ids,
+            loss = diffusion_loss(base, injector, subspace_factors(subspace, aux, rows), input_ids,
                                   lat, noise, ts, torch.float32, True)
             optimizer.zero_grad()
             loss.sum().backward()
@@ -586,6 +587,79 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
               f"{E.identification(folder, held, spec.photos):.2f}", flush=True)
 
 
+class CoreSubspace:
+    """An identity subspace linear in dW: the mean and top principal directions of the stage-0 LiDBs'
+    per-layer cores M = A_train B_train (dW = B_aux^T M^T A_aux^T), not of their factors.
+
+    The world's photos move with a teacher's dW about linearly, and its factors multiply, so coordinates
+    of dW may be what a linear map from a photo can predict. A row is every layer's core, flattened; a
+    row's residual has rank b_l (the injector takes it as factors), `truncated` keeps rank r as a LiDB.
+    Directions are stored times their spread, as `IdentitySubspace` does.
+    """
+
+    def __init__(self, lidbs, components: int):
+        import torch
+
+        from hdb_core.lidb.batch import stack_train
+        from hdb_core.lidb.weights import aux_for_layers
+
+        self.layers, self.config = lidbs[0].layers, lidbs[0].config
+        self.aux = aux_for_layers(self.config, self.layers)
+        a, b = stack_train(list(lidbs))
+        rows = torch.cat([(a[s.name] @ b[s.name]).flatten(1) for s in self.layers], 1).double()
+        self.mean = rows.mean(0)
+        _, singular, basis = torch.linalg.svd(rows - self.mean, full_matrices=False)
+        k = min(components, len(lidbs) - 1)
+        self.directions = ((singular[:k] / (len(lidbs) - 1) ** 0.5)[:, None] * basis[:k]).float()
+        self.mean = self.mean.float()
+        self.shapes = [self.config.layer_dims(s) for s in self.layers]
+
+    @property
+    def components(self) -> int:
+        return self.directions.shape[0]
+
+    def cores(self, rows):
+        """{name: M [N, a_l, b_l]} of rows [N, D]; differentiable."""
+        parts = rows.split([a * b for a, b in self.shapes], dim=1)
+        return {s.name: part.reshape(-1, a, b) for s, part, (a, b) in zip(self.layers, parts, self.shapes)}
+
+    def factors(self, rows) -> dict:
+        """{name: (down [N, b_l, in], up [N, out, b_l])} of rows [N, D]: the residual B_aux^T M^T A_aux^T."""
+        out = {}
+        for name, m in self.cores(rows).items():
+            a_aux, b_aux = self.aux[name]
+            out[name] = ((a_aux @ m).transpose(-1, -2), b_aux.T.expand(m.shape[0], *b_aux.T.shape))
+        return out
+
+    def lidb(self, row) -> dict:
+        """One row's residual as shared factors (what `identity_scorer` takes besides a LiDB)."""
+        return {name: (down[0], up[0]) for name, (down, up) in self.factors(row.reshape(1, -1)).items()}
+
+    def truncated(self, row, rank: int):
+        """One row as a LiDB of `rank` (each core's top singular components)."""
+        import dataclasses
+
+        import torch
+
+        from hdb_core.lidb.weights import LiDB
+
+        a, b = {}, {}
+        for name, m in self.cores(row.reshape(1, -1).double()).items():
+            u, sv, vh = torch.linalg.svd(m[0], full_matrices=False)
+            a[name] = (u[:, :rank] * sv[:rank].sqrt()).float()
+            b[name] = (sv[:rank, None].sqrt() * vh[:rank]).float()
+        return LiDB(self.layers, dataclasses.replace(self.config, rank=rank), a, b, {})
+
+
+def subspace_factors(subspace, aux, rows) -> dict:
+    """The injector's factors of subspace rows, in either kind of subspace."""
+    from hdb_core.lidb.batch import train_factors
+
+    if hasattr(subspace, "factors"):
+        return subspace.factors(rows)
+    return train_factors(aux, *subspace.train_matrices(rows))
+
+
 class SubspaceSetup:
     """What `amortize` and `distill` share: the subspace of the stage-0 LiDBs (`--k` directions), the base
     model with an injector on its layers, and the image features [N, photos, T*H] of every training photo
@@ -602,8 +676,9 @@ class SubspaceSetup:
         from hdb_core.training.base_model import load_base_model
 
         self.train = stage0_identities(manifest, args.stage0)
-        self.subspace = IdentitySubspace.fit(
-            [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in self.train], args.k)
+        lidbs = [load_lidb(os.path.join(args.stage0, f"{i}.safetensors")) for i in self.train]
+        self.subspace = (CoreSubspace(lidbs, args.k) if getattr(args, "space", "factors") == "core"
+                         else IdentitySubspace.fit(lidbs, args.k))
         self.base = load_base_model(manifest["base"])
         self.aux = aux_for_layers(self.subspace.config, self.subspace.layers)
         self.injector = self.base.injector(self.subspace.layers)
@@ -615,12 +690,12 @@ class SubspaceSetup:
             self.held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], self.held, 1)
                                             ).flatten(1)
 
-    def report(self, score, label: str, rows, names: list[str]) -> None:
+    def report(self, score, label: str, rows, names: list[str], to_lidb=None) -> None:
         """Score subspace rows of `names` (the held-out identities): the bench's validation ones, then its test ones."""
         from bench.evidence.run import Settings
 
         validation = Settings().validation
-        results = [score(self.subspace.lidb(row), i) for row, i in zip(rows, names)]
+        results = [score((to_lidb or self.subspace.lidb)(row), i) for row, i in zip(rows, names)]
         line(f"{label}, validation", results[:validation])
         line(f"{label}, test ({sum(r['rank1'] for r in results[validation:]):.0f}/{len(names) - validation})",
              results[validation:])
@@ -640,7 +715,6 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
 
     import torch
 
-    from hdb_core.lidb.batch import train_factors
     from hdb_core.training.base_model import tokenize
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
 
@@ -676,7 +750,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             lat = latents[pick, shown]
             noise = torch.randn(lat.shape, generator=g)
             ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
-            loss = diffusion_loss(base, injector, train_factors(aux, *subspace.train_matrices(rows)),
+            loss = diffusion_loss(base, injector, subspace_factors(subspace, aux, rows),
                                   input_ids[:len(pick)], lat, noise, ts, torch.float32, True).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -688,8 +762,11 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
                 print(f"step {step}: mean loss of the last 100 steps {statistics.fmean(losses[-100:]):.4f}, "
                       f"{time.time() - started:.0f} s", flush=True)
                 with torch.no_grad():
-                    setup.report(score, f"  prediction, step {step}",
-                                 subspace.mean + predict(held_features) @ subspace.directions, held)
+                    rows = subspace.mean + predict(held_features) @ subspace.directions
+                    setup.report(score, f"  prediction, step {step}", rows, held)
+                    for rank in args.truncate:
+                        setup.report(score, f"  prediction, step {step}, kept to rank {rank}", rows, held,
+                                     lambda row, rank=rank: subspace.truncated(row, rank))
                     line(f"  prediction, step {step}, {args.train_ids} training identities (photo 0)",
                          [score(subspace.lidb(r), i) for r, i in
                           zip(subspace.mean + predict(features[:args.train_ids, 0]) @ subspace.directions, train)])
@@ -739,6 +816,67 @@ def cmd_distill(args, manifest, spec, rec) -> None:
         for lam in args.ridge:
             w = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
             setup.report(score, f"  ridge {lam:g}", subspace.mean + (xh @ w).float() @ directions, setup.held)
+
+
+def cmd_draws(args, manifest, spec, rec) -> None:
+    """Finetunes of the bench's validation or test identities (one photo each) at given step counts, rates
+    and draws per step, judged as the bench judges an arm: from zero or from `--hypernet`'s prediction,
+    default relaxation; each run's mean, then its paired difference from the first run (bootstrap 95 %)."""
+    from dataclasses import replace
+
+    import torch
+
+    from bench.evidence import world as W
+    from bench.evidence.run import Judge, Settings, bootstrap_ci, draws_in_one_batch, factors_of
+    from hdb_core.hypernet.file import load_hypernet
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.training import data
+    from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
+    from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
+
+    s = replace(Settings(), world=spec)
+    held = manifest["held_out"]
+    idents = held[:s.validation] if args.split == "validation" else held[s.validation:]
+    base = load_base_model(manifest["base"])
+    layers = base.layers(True)
+    injector = base.injector(layers)
+    net = load_hypernet(args.hypernet) if args.hypernet else None
+    encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
+    input_ids = tokenize(base, [W.PROMPT], "cpu")
+    runs = [(kind, int(steps), float(lr), int(draws)) for kind, steps, lr, draws in
+            (r.split(":") for r in args.runs.split(","))]
+    if any(kind == "net" for kind, *_ in runs) and net is None:
+        raise SystemExit("runs from 'net' need --hypernet")
+    scores: dict[tuple, list[dict]] = {run: [] for run in runs}
+    with injector:
+        for ident in idents:
+            folder = os.path.join(manifest["held_out_photos"], ident)
+            photos = torch.stack([data.prepare_image(os.path.join(folder, p), W.IMAGE_SIZE, "none")
+                                  for p in sorted(os.listdir(folder))])
+            judge = Judge(base, injector, rec, photos[1:], ident, s)
+            latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
+            for kind, steps, lr, draws in runs:
+                with torch.no_grad():
+                    start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed)) if kind == "zero"
+                             else net.predict_lidb(encoder.encode(photos[:1])))
+                result = finetune(start, draws_in_one_batch(base, injector, latent, input_ids, draws),
+                                  FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
+                                                   draws_per_step=1, seed=s.seed))
+                injector.clear()
+                scores[(kind, steps, lr, draws)].append(judge(factors_of(result.lidb)))
+            print(f"  {ident} done", flush=True)
+    first = scores[runs[0]]
+    for run, rows in scores.items():
+        kind, steps, lr, draws = run
+        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step"
+        text = (f"{label:<44} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
+                f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
+                f"style {statistics.fmean(r['style'] for r in rows):.3f}  "
+                f"drift {statistics.fmean(r['drift'] for r in rows):.1f}")
+        if run != runs[0]:
+            m, lo, hi = bootstrap_ci([a["cos"] - b["cos"] for a, b in zip(rows, first)], s.bootstrap, s.seed)
+            text += f"  cosine vs the first {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        print(text, flush=True)
 
 
 def main(argv=None) -> int:
@@ -823,6 +961,16 @@ def main(argv=None) -> int:
     am.add_argument("--finetune-lr", type=float, default=0.1)
     am.add_argument("--encoder", help="another CLIP vision folder (see make-encoder, pretrain-encoder)")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
+    am.add_argument("--space", choices=("factors", "core"), default="factors",
+                    help="principal directions of the LiDBs' factors, or of each layer's core A_train B_train "
+                         "(linear in dW; see CoreSubspace)")
+    am.add_argument("--truncate", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                    help="with --space core: also score the prediction kept to these ranks as LiDBs")
+    dr = sub.add_parser("draws", help="finetunes of held-out identities at several draws per step")
+    dr.add_argument("--split", choices=("validation", "test"), default="validation")
+    dr.add_argument("--runs", required=True,
+                    help="comma-separated start:steps:lr:draws, start 'zero' or 'net' (--hypernet's prediction)")
+    dr.add_argument("--hypernet", help="a hypernetwork file, e.g. bench/out/evidence/subspace-hypernet.safetensors")
     di = sub.add_parser("distill", help="ridge regression photo -> its own subspace coefficients")
     di.add_argument("--stage0", required=True)
     di.add_argument("--k", type=int, default=128, help="principal directions of the stage-0 LiDBs")
@@ -878,6 +1026,8 @@ def main(argv=None) -> int:
         cmd_average(args, manifest, spec)
     elif args.cmd == "code-ceiling":
         cmd_code_ceiling(args, manifest, spec, rec)
+    elif args.cmd == "draws":
+        cmd_draws(args, manifest, spec, rec)
     else:
         cmd_predictability(args, manifest, spec)
     return 0

@@ -9,6 +9,9 @@ and devtools.tiny_dits (DiTs at full size with 2-layer text encoders of the righ
                       TrainLoraNode, rank 1 (ComfyUI's own trainer): s/step, peak VRAM
   plus the aux-basis build and a hypernetwork prediction (default config) per architecture.
 
+Fast Finetune runs here with one draw per step, so a step is one forward+backward like the other
+rows; its default (`draws_per_step` 4) makes a step four of them, at the same peak memory.
+
 On an NVIDIA machine after scripts/setup.sh (one call, about 5-8 minutes on an H100/H200):
 
     .venv/bin/python bench/gpu_check.py                  # writes bench/out/gpu_check.md too
@@ -85,7 +88,7 @@ def run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device) -
     t0 = time.perf_counter()
     try:
         call_node(nodes["HDB_FastFinetune"], model=model, clip=clip, vae=vae, image=image, steps=steps,
-                  resolution=resolution, gradient_checkpointing=checkpointing)
+                  resolution=resolution, gradient_checkpointing=checkpointing, draws_per_step=1)
     finally:
         clock.close()
     return time.perf_counter() - t0, clock.per_step(), _peak_gib(device)

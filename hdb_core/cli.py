@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"default {defaults.FINETUNE_LR:g}; with --subspace {defaults.SUBSPACE_LR:g}")
     p.add_argument("--rank", type=int, default=defaults.RELAXED_RANK, help="relaxed rank")
+    p.add_argument("--draws", type=int, default=defaults.FINETUNE_DRAWS,
+                   help="losses (own noise and timestep) averaged per step; each is one more forward and backward")
     p.add_argument("--subspace", default=None,
                    help="identity subspace from `hdb fit-subspace`: move only within it (no rank relaxation); "
                         "without --init, start from its mean")
@@ -483,7 +485,8 @@ def cmd_finetune(args) -> int:
     input_ids = tokenize(base, [args.prompt.format(trigger=trigger)], device)
     injector = base.injector(start.layers, f"The start LiDB '{args.init}'" if args.init else "This LiDB")
     settings = FinetuneSettings(steps=args.steps, learning_rate=finetune_lr(args.lr, subspace is not None),
-                                relaxed_rank=args.rank, relaxation=args.relaxation, seed=args.seed, device=device,
+                                draws_per_step=args.draws, relaxed_rank=args.rank, relaxation=args.relaxation,
+                                seed=args.seed, device=device,
                                 subspace=subspace)
     with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
         loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip)

@@ -14,6 +14,9 @@ TRIGGER = "a ohwx face"
 FINETUNE_STEPS = 40              # the paper's value, from a hypernetwork prediction
 ZERO_START_STEPS = 300           # advised without a prediction (bench/finetune_defaults.py)
 FINETUNE_LR = 3e-3               # bench/finetune_defaults.py, see docs/finetune.md
+# Losses averaged per step, each with its own noise and timestep: 40 steps of 4 draws from a prediction
+# identify like 400 single-draw steps from zero (docs/evidence.md "Draws per step"; bench/bench_evidence.py).
+FINETUNE_DRAWS = 4
 RELAXED_RANK = 4                 # bench/finetune_defaults.py; rank 1 keeps the ~120 KB file
 # bench/relaxation.py (mid model, held-out loss, not identity) favoured "free_lora" (0.746 against
 # 0.791 of the start's loss at the best rate); it stays opt-in until the identity measurement

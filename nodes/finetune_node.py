@@ -91,6 +91,12 @@ class FastFinetune(io.ComfyNode):
                                        "no rank relaxation. Without init_lidb it starts from the subspace's "
                                        f"mean. A learning_rate left at {defaults.FINETUNE_LR:g} becomes "
                                        f"{defaults.SUBSPACE_LR:g}."),
+                # added last: saved workflows list widget values in input order
+                io.Int.Input("draws_per_step", default=defaults.FINETUNE_DRAWS, min=1, max=64, optional=True,
+                             tooltip="Losses averaged per step, each with its own noise and timestep: fewer "
+                                     "noisy steps at the end of a short run. Each draw is one more forward "
+                                     "and backward pass (time grows with it, memory does not); 1 is the "
+                                     "plain one-draw step."),
             ],
             outputs=[LIDB.Output(display_name="LIDB"), io.Image.Output(display_name="loss_curve")],
         )
@@ -100,7 +106,8 @@ class FastFinetune(io.ComfyNode):
                 learning_rate=defaults.FINETUNE_LR, relaxed_rank=defaults.RELAXED_RANK, train_text_encoder=True,
                 resolution=defaults.RESOLUTION, seed=0, init_lidb: LiDB | None = None,
                 gradient_checkpointing=False, mirror=defaults.MIRROR,
-                relaxation=defaults.RELAXATION, identity_subspace=NO_SUBSPACE) -> io.NodeOutput:
+                relaxation=defaults.RELAXATION, identity_subspace=NO_SUBSPACE,
+                draws_per_step=defaults.FINETUNE_DRAWS) -> io.NodeOutput:
         if steps < 1:
             raise HDBError(f"steps is {steps}; use at least 1 ({defaults.FINETUNE_STEPS} from a prediction, "
                            f"about {defaults.ZERO_START_STEPS} from zero).")
@@ -167,6 +174,7 @@ class FastFinetune(io.ComfyNode):
         te_components = {s.component for s in start.layers} - set(DIFFUSION_COMPONENTS)
         components = model_parts | (te_components if train_text_encoder else set())
         settings = FinetuneSettings(steps=int(steps), learning_rate=float(learning_rate),
+                                    draws_per_step=int(draws_per_step),
                                     relaxed_rank=int(relaxed_rank), relaxation=relaxation, seed=int(seed),
                                     device=device,
                                     autocast_dtype=autocast, loss_scaling=loss_scaling,

@@ -19,7 +19,7 @@ from devtools.comfy_runtime import REPO
 FINETUNE_NODE_DEFAULTS = {"trigger": defaults.TRIGGER, "steps": defaults.FINETUNE_STEPS,
                           "learning_rate": defaults.FINETUNE_LR, "relaxed_rank": defaults.RELAXED_RANK,
                           "resolution": defaults.RESOLUTION, "mirror": defaults.MIRROR,
-                          "relaxation": defaults.RELAXATION}
+                          "relaxation": defaults.RELAXATION, "draws_per_step": defaults.FINETUNE_DRAWS}
 
 
 def _subparser(name):
@@ -42,6 +42,7 @@ def test_the_cli_uses_the_table():
                                                            defaults.RELAXED_RANK, defaults.RESOLUTION,
                                                            defaults.MIRROR, defaults.RELAXATION)
     assert cli.finetune_lr(finetune.lr, True) == defaults.SUBSPACE_LR and cli.finetune_lr(0.5, True) == 0.5
+    assert finetune.draws == defaults.FINETUNE_DRAWS
     fit = _subparser("fit-subspace").parse_args(["--lidbs", "l", "--output", "o"])
     assert fit.components == defaults.SUBSPACE_COMPONENTS
     assert finetune.trigger is None, "hdb finetune takes the --init LiDB's trigger, else defaults.TRIGGER"

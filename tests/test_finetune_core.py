@@ -115,6 +115,42 @@ def test_same_seed_same_result_and_different_seed_differs():
     assert any(not torch.equal(a.b_train[n], c.b_train[n]) for n in a.b_train)
 
 
+def test_each_step_follows_the_mean_of_its_draws():
+    """draws_per_step K: K loss calls per step (each drawing from the run's generator), one optimizer step on
+    their mean gradient, their mean as the step's loss; K = 1 is the plain loop."""
+    target = reachable_target()
+    start = zero_start(LAYERS, 2, torch.Generator().manual_seed(0))
+    calls = []
+
+    def noisy_loss(step, factors, generator):
+        weight = 1.0 + float(torch.rand((), generator=generator))      # a different loss per draw
+        calls.append((step, weight))
+        return weight * toy_loss(target)(step, factors, generator)
+
+    def run(draws, fn=noisy_loss):
+        calls.clear()
+        return finetune(start, fn, FinetuneSettings(steps=3, learning_rate=1e-2, relaxed_rank=2, seed=0,
+                                                    draws_per_step=draws))
+
+    four = run(4)
+    assert [c[0] for c in calls] == [0] * 4 + [1] * 4 + [2] * 4 and len(four.losses) == 3
+    weights = [w for _, w in calls[:4]]
+    first = toy_loss(target)(0, {n: (d, u) for n, (d, u) in TrainableLiDB(
+        relaxed_start(start, 2, torch.Generator().manual_seed(0)), torch.device("cpu")).factors().items()},
+        torch.Generator())
+    assert four.losses[0] == pytest.approx(float(first.detach()) * sum(weights) / 4, rel=1e-5)
+
+    # the same draws' mean as one loss, one draw per step: the same weights (Adam sees the same gradient)
+    def mean_of_four(step, factors, generator):
+        return sum(noisy_loss(step, factors, generator) for _ in range(4)) / 4
+
+    one = run(1, mean_of_four)
+    for n in four.lidb.b_train:
+        torch.testing.assert_close(four.lidb.b_train[n], one.lidb.b_train[n], rtol=1e-5, atol=1e-7)
+    with pytest.raises(HDBError, match="draws_per_step is 0"):
+        run(0)
+
+
 def test_zero_start_has_zero_dw_but_learns():
     start = zero_start(LAYERS, 4, torch.Generator().manual_seed(0), source="trained")
     assert start.config.rank == 4 and start.info["source"] == "trained"

@@ -131,6 +131,18 @@ def test_base_weights_and_outputs_untouched_and_same_seed_is_identical(comfy, no
     assert_clean(model, clip, before, hash_weights)
 
 
+def test_draws_per_step_changes_the_steps_not_their_count(comfy, node, ckpt, photo, hash_weights):
+    """Each step follows the mean of draws_per_step draws from the seed's stream; one draw per step is
+    another run, and either leaves the model as it was."""
+    model, clip, vae = ckpt
+    before = snapshot(model, clip, hash_weights)
+    one, _ = finetune(node, model, clip, vae, photo, steps=3, draws_per_step=1)
+    three, _ = finetune(node, model, clip, vae, photo, steps=3, draws_per_step=3)
+    assert one.is_finite() and three.is_finite() and one.config.rank == three.config.rank == 4
+    assert any(not torch.equal(one.b_train[n], three.b_train[n]) for n in one.b_train)
+    assert_clean(model, clip, before, hash_weights)
+
+
 def test_model_loaded_outside_inference_mode_trains_without_touching_grads(comfy, node, tiny_sd, photo, hash_weights):
     model, clip, vae = tiny_sd
     before = snapshot(model, clip, hash_weights)

@@ -66,8 +66,9 @@ def arm_rows(result: dict, s: Settings) -> list[tuple[str, dict[str, list[float]
 
 def table(result: dict, s: Settings) -> str:
     n = len(result["test"])
-    lines = [f"| arm ({n} test identities, one photo each) | lr | rank-1 identification | cosine to own identity "
-             f"| style kept | cosine, styled prompt | held-out loss | prior drift |",
+    lines = [f"| arm ({n} test identities, one photo each; {s.draws} draws per finetune step) | lr "
+             "| rank-1 identification | cosine to own identity | style kept | cosine, styled prompt | held-out loss "
+             "| prior drift |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m, lr in arm_rows(result, s):
         r1 = sum(m["rank1"])

@@ -26,14 +26,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from hdb_core.defaults import SUBSPACE_STAGE1_BETA
+from hdb_core.defaults import FINETUNE_DRAWS, SUBSPACE_STAGE1_BETA
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.subspace import IdentitySubspace, fit_folder, load_subspace, save_subspace
 from hdb_core.training import data
 from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
-from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
+from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
+from hdb_core.training.objective import draw, pick_latents
 from hdb_core.training.seeding import generator
 from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 from hdb_core.training.stage1 import HypernetSettings, train_hypernet
@@ -62,6 +63,7 @@ class Settings:
     iterations: int = 4
     single_pass_network: bool = True      # also train a network with 1 refinement pass and compare it
     ft_rank: int = 4
+    draws: int = FINETUNE_DRAWS           # per finetune step, as Fast Finetune's default (one batch here)
     hyper_points: tuple[int, ...] = (0, 10, 20, 40)
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
     hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -157,13 +159,30 @@ class Judge:
         return loss
 
 
+def draws_in_one_batch(base, injector, photo_latent, input_ids, draws: int):
+    """The loss of one finetune step of `draws` draws (FinetuneSettings.draws_per_step) on one photo latent,
+    as one batch: the draws `diffusers_loss_fn` would make in turn, in the same order, and their mean, so
+    `draws_per_step=1` with this is the same step as `draws_per_step=draws` with the command's loss (checked
+    by tests/test_evidence_quick.py), at less than `draws` times the cost of a tiny model's single draw."""
+    latents = torch.stack([photo_latent, photo_latent], 1)
+
+    def loss_fn(step, factors, generator):
+        injector.set_factors(factors)
+        picked = [draw(generator, 1, False, base.num_timesteps, latents.shape[2:]) for _ in range(draws)]
+        x0 = torch.stack([pick_latents(latents, d) for d in picked])
+        noise = torch.stack([d.noise for d in picked])
+        context = base.text_encoder(input_ids)[0].expand(draws, -1, -1)
+        return base.loss(x0, noise, torch.tensor([d.timestep for d in picked]), context).mean()
+
+    return loss_fn
+
+
 def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: float, s: Settings,
                     subspace: IdentitySubspace | None = None) -> dict:
-    """Finetune `start` on one photo latent (within `subspace` if given); LoRA factors after every step
-    count in `points`."""
+    """Finetune `start` on one photo latent (within `subspace` if given), `s.draws` draws per step; LoRA
+    factors after every step count in `points`."""
     snapshots: dict[int, dict] = {}
-    command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
-                                     mirror=False)
+    command_loss = draws_in_one_batch(base, injector, photo_latent, input_ids, s.draws)
     wanted = set(points)
 
     def loss_fn(step, factors, g):
@@ -176,7 +195,8 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
         from hdb_core.training.finetune import relaxed_start
         return {0: factors_of(relaxed_start(start, s.ft_rank, torch.Generator().manual_seed(s.seed)))}
     result = finetune(start, loss_fn, FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
-                                                       seed=s.seed, subspace=subspace), source="finetuned")
+                                                       draws_per_step=1, seed=s.seed, subspace=subspace),
+                      source="finetuned")
     injector.clear()
     snapshots[steps] = factors_of(result.lidb)
     return snapshots

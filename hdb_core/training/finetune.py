@@ -33,6 +33,7 @@ LossFn = Callable[[int, Factors, torch.Generator], torch.Tensor]
 class FinetuneSettings:
     steps: int = defaults.FINETUNE_STEPS
     learning_rate: float = defaults.FINETUNE_LR
+    draws_per_step: int = defaults.FINETUNE_DRAWS   # losses (each its own noise and timestep) averaged per step
     relaxed_rank: int = defaults.RELAXED_RANK
     relaxation: str = defaults.RELAXATION       # AUX: new components in the aux subspace; FREE: the paper's
     seed: int = 0
@@ -180,14 +181,20 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
 
     `loss_fn(step, factors, generator)` returns a scalar loss; `generator` is a CPU
     generator seeded with settings.seed, for the caller's noise and timesteps, so a
-    run is reproducible. `check_cancel` runs before every step and may raise to stop;
-    `progress(step, steps, loss)` runs after every step. A non-finite loss or
+    run is reproducible. Each step calls it settings.draws_per_step times and follows
+    their mean, one backward pass after each (memory as for one draw): a 40-step run
+    from a prediction ends noisy with single draws (docs/evidence.md). `check_cancel`
+    runs before every draw and may raise to stop; `progress(step, steps, loss)` runs
+    after every step. A non-finite loss or
     weights stop the run with an HDBError; NaN weights are never returned.
     """
     if settings.steps < 1:
         raise HDBError(f"steps is {settings.steps}; finetuning needs at least 1 step (40 is the paper's value).")
     if not (settings.learning_rate > 0 and math.isfinite(settings.learning_rate)):
         raise HDBError(f"learning_rate is {settings.learning_rate}; use a positive value such as 1e-3.")
+    if settings.draws_per_step < 1:
+        raise HDBError(f"draws_per_step is {settings.draws_per_step}; use at least 1 "
+                       f"({defaults.FINETUNE_DRAWS} is the default).")
     generator = torch.Generator().manual_seed(int(settings.seed))
     if settings.subspace is not None:
         weights = SubspaceLiDB(start, settings.subspace, settings.device, settings.trainable)
@@ -204,20 +211,23 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
                 if settings.autocast_dtype is not None else contextlib.nullcontext())
     losses: list[float] = []
     for step in range(settings.steps):
-        if check_cancel is not None:
-            check_cancel()
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_fn(step, weights.factors(), generator)
-        value = float(loss.detach().float())
-        if not math.isfinite(value):
-            raise HDBError(f"The finetuning loss became {value} at step {step + 1} of {settings.steps}; "
-                           f"lower learning_rate (now {settings.learning_rate:g}) or check that the model and "
-                           f"VAE produce finite outputs.")
-        scaler.scale(loss.float()).backward()
+        total = 0.0
+        for _ in range(settings.draws_per_step):
+            if check_cancel is not None:
+                check_cancel()
+            with autocast:
+                loss = loss_fn(step, weights.factors(), generator)
+            value = float(loss.detach().float())
+            if not math.isfinite(value):
+                raise HDBError(f"The finetuning loss became {value} at step {step + 1} of {settings.steps}; "
+                               f"lower learning_rate (now {settings.learning_rate:g}) or check that the model "
+                               f"and VAE produce finite outputs.")
+            scaler.scale(loss.float() / settings.draws_per_step).backward()
+            total += value
         scaler.step(optimizer)
         scaler.update()
-        losses.append(value)
+        losses.append(total / settings.draws_per_step)
         if progress is not None:
             progress(step + 1, settings.steps, value)
     if not all(torch.isfinite(p).all() for p in weights.parameters()):
