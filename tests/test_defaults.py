@@ -65,8 +65,9 @@ def test_the_cli_uses_the_table():
 def test_readme_states_the_table():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
-    for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "RELAXED_RANK", "RELAXATION",
-                 "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "STAGE1_BETA", "SUBSPACE_STAGE1_BETA", "MIRROR", "RESOLUTION"):
+    for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "FINETUNE_DRAWS", "RELAXED_RANK",
+                 "RELAXATION", "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "STAGE1_BETA", "SUBSPACE_STAGE1_BETA", "MIRROR",
+                 "RESOLUTION"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 
