@@ -21,9 +21,9 @@ Asserted (margins from the spread seen in the quick run, docs/evidence.md):
 Not asserted, because the quick run (6 test identities) does not show it
 reliably (docs/evidence.md has the full-run numbers): the hypernet prediction
 alone identifying the person by rank-1 (0/6 here, 1-2/16 in the full run),
-hypernet + k against zero start + k on cosine (quick: +0.03, CI -0.02..+0.08;
-full run +0.02 to +0.05, the lower CI end at -0.02 or +0.02 depending on the learning
-rate 4 validation identities pick) and prior drift (the hypernet start drifts more).
+hypernet + k against zero start + k on cosine (with one draw per step, quick: +0.03,
+CI -0.02..+0.08, full run +0.02 to +0.05; with the default 4 draws the full run's zero + 40
+is as good as zero + 400, -0.015 CI -0.040..+0.003) and prior drift.
 """
 from __future__ import annotations
 
