@@ -6,7 +6,8 @@ model on the identity metric for >= 90 % of held-out identities; if not, nothing
 else is run), then stage 0 and stage 1 on the training identities' photos, then
 for every held-out identity (one input photo) each start finetuned with
 `hdb_core.training.finetune.finetune` on that photo with the loss of
-`hdb finetune --no-flip` (`diffusers_loss_fn`).
+`hdb finetune --no-flip` (`diffusers_loss_fn`) at Fast Finetune's default draws
+per step, the draws of a step in one batch (`draws_in_one_batch`).
 
 Held-out identities are split into validation identities (the finetuning
 learning rate of every arm is picked on them from a small grid, by mean cosine
