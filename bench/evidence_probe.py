@@ -601,17 +601,15 @@ class CoreSubspace:
         import torch
 
         from hdb_core.lidb.batch import stack_train
+        from hdb_core.lidb.subspace import IdentitySubspace
         from hdb_core.lidb.weights import aux_for_layers
 
         self.layers, self.config = lidbs[0].layers, lidbs[0].config
         self.aux = aux_for_layers(self.config, self.layers)
         a, b = stack_train(list(lidbs))
-        rows = torch.cat([(a[s.name] @ b[s.name]).flatten(1) for s in self.layers], 1).double()
-        self.mean = rows.mean(0)
-        _, singular, basis = torch.linalg.svd(rows - self.mean, full_matrices=False)
-        k = min(components, len(lidbs) - 1)
-        self.directions = ((singular[:k] / (len(lidbs) - 1) ** 0.5)[:, None] * basis[:k]).float()
-        self.mean = self.mean.float()
+        rows = torch.cat([(a[s.name] @ b[s.name]).flatten(1) for s in self.layers], 1)
+        fit = IdentitySubspace.fit_rows(rows, self.layers, self.config, components)   # the same PCA, other rows
+        self.mean, self.directions = fit.mean, fit.directions
         self.shapes = [self.config.layer_dims(s) for s in self.layers]
 
     @property
@@ -827,12 +825,12 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     import torch
 
     from bench.evidence import world as W
-    from bench.evidence.run import Judge, Settings, bootstrap_ci, draws_in_one_batch, factors_of
+    from bench.evidence.run import Judge, Settings, bootstrap_ci, factors_of
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.training import data
     from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
-    from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
+    from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 
     s = replace(Settings(), world=spec)
     held = manifest["held_out"]
@@ -859,7 +857,8 @@ def cmd_draws(args, manifest, spec, rec) -> None:
                 with torch.no_grad():
                     start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed)) if kind == "zero"
                              else net.predict_lidb(encoder.encode(photos[:1])))
-                result = finetune(start, draws_in_one_batch(base, injector, latent, input_ids, draws),
+                result = finetune(start, diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1),
+                                                           input_ids, False, draws),
                                   FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
                                                    draws_per_step=1, seed=s.seed))
                 injector.clear()

@@ -151,29 +151,6 @@ def test_workers_return_what_one_process_does():
     assert {pid for pid, _ in here} == {os.getpid()} and os.getpid() not in {pid for pid, _ in forked}
 
 
-def test_the_bench_batches_the_draws_of_a_finetune_step_as_the_command_makes_them(evidence):
-    """`draws_in_one_batch` + one draw per step is the product's step of K draws (`hdb finetune`'s loss)."""
-    from bench.evidence.run import draws_in_one_batch
-    from bench.evidence.world import PROMPT
-    from hdb_core.training.base_model import load_base_model, tokenize
-    from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
-
-    _, r = evidence
-    base = load_base_model(r["manifest"]["base"])
-    layers = base.layers(True)
-    start = zero_start(layers, 4, torch.Generator().manual_seed(0))
-    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ids = tokenize(base, [PROMPT], "cpu")
-    with base.injector(layers) as injector:
-        command = finetune(start, diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1), ids, False),
-                           FinetuneSettings(steps=3, learning_rate=1e-2, draws_per_step=4)).lidb
-        batched = finetune(start, draws_in_one_batch(base, injector, latent, ids, 4),
-                           FinetuneSettings(steps=3, learning_rate=1e-2, draws_per_step=1)).lidb
-    for s in layers:
-        torch.testing.assert_close(batched.delta(s.name), command.delta(s.name), rtol=1e-4, atol=1e-6)
-    assert any(command.delta(s.name).abs().max() > 0 for s in layers)
-
-
 def test_a_copied_world_reads_its_own_folders(tmp_path):
     """world.json names the folder a world was built in; a copy must not read or extend the original."""
     import json

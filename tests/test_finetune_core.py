@@ -127,13 +127,18 @@ def test_each_step_follows_the_mean_of_its_draws():
         calls.append((step, weight))
         return weight * toy_loss(target)(step, factors, generator)
 
+    shown = []
+
     def run(draws, fn=noisy_loss):
         calls.clear()
+        shown.clear()
         return finetune(start, fn, FinetuneSettings(steps=3, learning_rate=1e-2, relaxed_rank=2, seed=0,
-                                                    draws_per_step=draws))
+                                                    draws_per_step=draws),
+                        progress=lambda i, n, loss: shown.append(loss))
 
     four = run(4)
     assert [c[0] for c in calls] == [0] * 4 + [1] * 4 + [2] * 4 and len(four.losses) == 3
+    assert shown == four.losses, "the progress bar shows each step's mean loss, not its last draw's"
     weights = [w for _, w in calls[:4]]
     first = toy_loss(target)(0, {n: (d, u) for n, (d, u) in TrainableLiDB(
         relaxed_start(start, 2, torch.Generator().manual_seed(0)), torch.device("cpu")).factors().items()},

@@ -7,7 +7,7 @@ else is run), then stage 0 and stage 1 on the training identities' photos, then
 for every held-out identity (one input photo) each start finetuned with
 `hdb_core.training.finetune.finetune` on that photo with the loss of
 `hdb finetune --no-flip` (`diffusers_loss_fn`) at Fast Finetune's default draws
-per step, the draws of a step in one batch (`draws_in_one_batch`).
+per step, the draws of a step in one batch (its `draws`).
 
 Held-out identities are split into validation identities (the finetuning
 learning rate of every arm is picked on them from a small grid, by mean cosine
@@ -34,8 +34,7 @@ from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.subspace import IdentitySubspace, fit_folder, load_subspace, save_subspace
 from hdb_core.training import data
 from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
-from hdb_core.training.finetune import FinetuneSettings, finetune, zero_start
-from hdb_core.training.objective import draw, pick_latents
+from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 from hdb_core.training.seeding import generator
 from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 from hdb_core.training.stage1 import HypernetSettings, train_hypernet
@@ -160,30 +159,13 @@ class Judge:
         return loss
 
 
-def draws_in_one_batch(base, injector, photo_latent, input_ids, draws: int):
-    """The loss of one finetune step of `draws` draws (FinetuneSettings.draws_per_step) on one photo latent,
-    as one batch: the draws `diffusers_loss_fn` would make in turn, in the same order, and their mean, so
-    `draws_per_step=1` with this is the same step as `draws_per_step=draws` with the command's loss (checked
-    by tests/test_evidence_quick.py), at less than `draws` times the cost of a tiny model's single draw."""
-    latents = torch.stack([photo_latent, photo_latent], 1)
-
-    def loss_fn(step, factors, generator):
-        injector.set_factors(factors)
-        picked = [draw(generator, 1, False, base.num_timesteps, latents.shape[2:]) for _ in range(draws)]
-        x0 = torch.stack([pick_latents(latents, d) for d in picked])
-        noise = torch.stack([d.noise for d in picked])
-        context = base.text_encoder(input_ids)[0].expand(draws, -1, -1)
-        return base.loss(x0, noise, torch.tensor([d.timestep for d in picked]), context).mean()
-
-    return loss_fn
-
-
 def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: float, s: Settings,
                     subspace: IdentitySubspace | None = None) -> dict:
     """Finetune `start` on one photo latent (within `subspace` if given), `s.draws` draws per step; LoRA
     factors after every step count in `points`."""
     snapshots: dict[int, dict] = {}
-    command_loss = draws_in_one_batch(base, injector, photo_latent, input_ids, s.draws)
+    command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
+                                     mirror=False, draws=s.draws)
     wanted = set(points)
 
     def loss_fn(step, factors, g):
