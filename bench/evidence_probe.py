@@ -699,6 +699,17 @@ class SubspaceSetup:
              results[validation:])
 
 
+def hidden_code_features(spec, name: str):
+    """The world's hidden identity code (u, v) of `name` with its products u x v (the teacher's dW is linear
+    in them): what a perfect reader of the photo could know about the person."""
+    import torch
+
+    from bench.evidence import world as W
+
+    u, v, _ = W.hidden_code(spec, name)
+    return torch.cat([u, v, torch.outer(u, v).flatten()])
+
+
 def cmd_amortize(args, manifest, spec, rec) -> None:
     """A linear map from one photo's image features to identity-subspace coefficients, trained end to end
     through stage 0's diffusion loss on the training identities' photos (no stage-0 targets to regress onto).
@@ -708,6 +719,10 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     encoder, standardised with the training photos' mean and spread. Scored after each of `--eval-at`: the
     held-out identities' prediction from photo 0 (the bench's validation and test identities apart), and,
     with `--finetune`, that prediction + k steps in the subspace on photo 0.
+
+    `--input` swaps what the map reads: a PCA+LDA identity projection (to 24 numbers) fit on the training
+    identities' photos, of the image features or of the photo latents; or, as diagnostics, the judge's own
+    projection of the photo latent, or the hidden identity code.
     """
     import time
 
@@ -720,6 +735,19 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     train, subspace, base, aux, injector = setup.train, setup.subspace, setup.base, setup.aux, setup.injector
     held, features, held_features = setup.held, setup.features, setup.held_features
     latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
+    if args.input == "code":
+        features = torch.stack([hidden_code_features(spec, i) for i in train])[:, None].expand(-1, spec.photos, -1)
+        held_features = torch.stack([hidden_code_features(spec, i) for i in held])
+    elif args.input != "features":
+        from bench.evidence.identity import Recognizer
+
+        held_latents = torch.cat([x[:, 0] for x in photo_stack(base, manifest["held_out_photos"], held, 1)])
+        x, xh = (features, held_features) if args.input == "feature-lda" else (latents, held_latents)
+        projection = rec if args.input == "recognizer" else Recognizer.fit(
+            x.flatten(0, 1), torch.arange(len(train)).repeat_interleave(spec.photos), args.pca_dims, 24)
+        features = projection.project(x.flatten(0, 1)).reshape(len(train), spec.photos, -1)
+        held_features = projection.project(xh)
+    print(f"input: {args.input}, {features.shape[-1]} numbers per photo", flush=True)
     centre, spread = features.mean((0, 1)), features.std((0, 1)) + 1e-6
     if args.hidden:
         head = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], args.hidden), torch.nn.GELU(),
@@ -732,7 +760,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     settings = PreoptimizeSettings()
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
     score = identity_scorer(manifest, spec, rec)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
 
     def predict(x):
         return head((x - centre) / spread)
@@ -959,6 +987,13 @@ def main(argv=None) -> int:
                     help="then also the prediction + these step counts in the subspace (comma-separated)")
     am.add_argument("--finetune-lr", type=float, default=0.1)
     am.add_argument("--encoder", help="another CLIP vision folder (see make-encoder, pretrain-encoder)")
+    am.add_argument("--input", choices=("features", "code", "recognizer", "photo-lda", "feature-lda"),
+                    default="features",
+                    help="what the map reads: the image features; their PCA+LDA fit on the training identities' "
+                         "photos (feature-lda), or the photo latents' (photo-lda); as diagnostics the hidden "
+                         "identity code, or the judge's own projection of the photo's latent (recognizer)")
+    am.add_argument("--seed", type=int, default=0, help="the training draws' seed (batches, noise, timesteps)")
+    am.add_argument("--pca-dims", type=int, default=64, help="PCA dimensions before the LDA of --input *-lda")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
     am.add_argument("--space", choices=("factors", "core"), default="factors",
                     help="principal directions of the LiDBs' factors, or of each layer's core A_train B_train "
