@@ -288,7 +288,6 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     """
     import torch
 
-    from bench.evidence import world as W
     from hdb_core.lidb.file import load_lidb
 
     train = stage0_identities(manifest, args.stage0)
@@ -297,12 +296,8 @@ def cmd_code_ceiling(args, manifest, spec, rec) -> None:
     y = table.rows
 
     def codes(names):
-        rows = []
-        for name in names:
-            u, v, _ = W.hidden_code(spec, name)
-            feats = [u, v] + ([torch.outer(u, v).flatten()] if args.bilinear else [])
-            rows.append(torch.cat([*feats, torch.ones(1)]))
-        return torch.stack(rows).double()
+        return torch.stack([torch.cat([hidden_code_features(spec, name, args.bilinear), torch.ones(1)])
+                            for name in names]).double()
 
     x = codes(train)
     fit, unseen = slice(args.train_ids, None), slice(0, args.train_ids)
@@ -699,15 +694,15 @@ class SubspaceSetup:
              results[validation:])
 
 
-def hidden_code_features(spec, name: str):
-    """The world's hidden identity code (u, v) of `name` with its products u x v (the teacher's dW is linear
-    in them): what a perfect reader of the photo could know about the person."""
+def hidden_code_features(spec, name: str, bilinear: bool = True):
+    """The world's hidden identity code (u, v) of `name`, with `bilinear` also its products u x v (the
+    teacher's dW is linear in them): what a perfect reader of the photo could know about the person."""
     import torch
 
     from bench.evidence import world as W
 
     u, v, _ = W.hidden_code(spec, name)
-    return torch.cat([u, v, torch.outer(u, v).flatten()])
+    return torch.cat([u, v] + ([torch.outer(u, v).flatten()] if bilinear else []))
 
 
 def cmd_amortize(args, manifest, spec, rec) -> None:
@@ -735,13 +730,14 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     train, subspace, base, aux, injector = setup.train, setup.subspace, setup.base, setup.aux, setup.injector
     held, features, held_features = setup.held, setup.features, setup.held_features
     latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
+    held_photos = photo_stack(base, manifest["held_out_photos"], held, 1)
     if args.input == "code":
         features = torch.stack([hidden_code_features(spec, i) for i in train])[:, None].expand(-1, spec.photos, -1)
         held_features = torch.stack([hidden_code_features(spec, i) for i in held])
     elif args.input != "features":
         from bench.evidence.identity import Recognizer
 
-        held_latents = torch.cat([x[:, 0] for x in photo_stack(base, manifest["held_out_photos"], held, 1)])
+        held_latents = torch.cat([x[:, 0] for x in held_photos])
         x, xh = (features, held_features) if args.input == "feature-lda" else (latents, held_latents)
         projection = rec if args.input == "recognizer" else Recognizer.fit(
             x.flatten(0, 1), torch.arange(len(train)).repeat_interleave(spec.photos), args.pca_dims, 24)
@@ -801,7 +797,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
         with torch.no_grad():
             first = predict(held_features)
         fits = coefficient_fit(base, injector, aux, subspace, subspace.directions,
-                               photo_stack(base, manifest["held_out_photos"], held, 1), held, first, args.finetune,
+                               held_photos, held, first, args.finetune,
                                args.finetune_lr)
         with torch.no_grad():
             for steps, rows in fits.items():

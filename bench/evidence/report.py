@@ -24,10 +24,9 @@ def gate_text(result: dict) -> str:
         f"world: held-out identities identified from their 4 photos' latents as sampled: rank-1 "
         f"{w['photos_raw_rank1']:.2f} (one photo {w['photos_raw_one_rank1']:.2f}); after decoding, PNG and the "
         f"VAE encoder: {w['photos_encoded_rank1']:.2f} (one photo {w['photos_encoded_one_rank1']:.2f})",
-        *([f"world: the test identities' input photo itself, judged as one sample: rank-1 "
-           f"{w['input_photo_test_rank1']:.0f}/{w['input_photo_test_identities']:.0f}, "
-           f"cosine {w['input_photo_test_cos']:.3f} "
-           f"(what a finetune on that one photo has to copy)"] if "input_photo_test_rank1" in w else []),
+        f"world: the test identities' input photo itself, judged as one sample: rank-1 "
+        f"{w['input_photo_test_rank1']:.0f}/{w['input_photo_test_identities']:.0f}, "
+        f"cosine {w['input_photo_test_cos']:.3f} (what a finetune on that one photo has to copy)",
         f"GATE: teacher beats the base model on identity cosine for {g['wins']}/{g['identities']} held-out "
         f"identities (need 90 %): {'PASSED' if g['passed'] else 'FAILED'}; rank-1 teacher "
         f"{g['teacher_rank1']:.2f}, base {g['base_rank1']:.2f}",

@@ -257,10 +257,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
         world_stats[f"{key}_cos"] = sum(x["cos"] for x in scores) / len(held)
         one = [rec.score(lat[i, :1], ident) for i, ident in enumerate(held)]
         world_stats[f"{key}_one_rank1"] = sum(x["rank1"] for x in one) / len(held)
-    # The test identities' input photo (photo 0, as the pipeline encodes it) judged as one sample: what a
-    # finetune on that photo alone has to copy.
-    test_photo = [rec.score(saved["encoded"].reshape(len(names), k, 4, 8, 8)[n_train + i, :1], ident)
-                  for i, ident in enumerate(held) if i >= s.validation]
+        if key == "photos_encoded":
+            # The test identities' input photo (photo 0, as the pipeline encodes it) judged as one sample:
+            # what a finetune on that photo alone has to copy.
+            test_photo = one[s.validation:]
     world_stats["input_photo_test_rank1"] = sum(x["rank1"] for x in test_photo)
     world_stats["input_photo_test_identities"] = len(test_photo)
     world_stats["input_photo_test_cos"] = statistics.fmean(x["cos"] for x in test_photo)
