@@ -13,7 +13,9 @@ Run after `bench/bench_evidence.py` has built its world (default: the full run's
     $P score --stage0 /tmp/s0all --hypernet /tmp/h.safetensors --offset-scale 1,1.2,1.4   # is it shrunk?
     $P pretrain-encoder --out /tmp/enc                     # an encoder that learnt the training identities
     $P stage1 --stage0 /tmp/s0all --out /tmp/he.safetensors --encoder /tmp/enc   # (score with --encoder too)
+    $P pretrain-encoder --objective latent --out /tmp/enl  # one that exposes the photo's latent (no labels)
     $P amortize --stage0 /tmp/s0all --space core          # a map photo -> subspace coordinates (also: factors)
+    $P projection --encoder /tmp/enl                       # how well amortize's PCA+LDA inputs identify alone
     $P draws --runs zero:400:1e-3:1,zero:400:1e-3:4       # finetunes at 1 and 4 draws per step, validation ids
 
 With `--world bench/out/evidence-scaled` (after `bench_evidence.py --scaled`) the same on 1,000
@@ -576,10 +578,57 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
 
     train = E.load_photos(manifest["photos"], manifest["train"] + manifest.get("extra_train", []), spec.photos)
     held = E.load_photos(manifest["held_out_photos"], manifest["held_out"], spec.photos)
-    E.pretrain_encoder(manifest["image_encoder"], args.out, train, spec.photos, spec.seed, args.steps, lr=args.lr)
+    if args.objective == "identity":
+        E.pretrain_encoder(manifest["image_encoder"], args.out, train, spec.photos, spec.seed, args.steps, lr=args.lr)
+    else:
+        import torch
+        from safetensors.torch import load_file
+
+        from hdb_core.training.base_model import load_base_model
+
+        saved = load_file(os.path.join(os.path.dirname(manifest["photos"]), "teacher_latents.safetensors"))
+        n = len(manifest["train"])                     # rows are training identities first, then held-out ones
+        latents = torch.cat([saved["latents"][:n * spec.photos], saved["gallery"][:n * spec.gallery]])
+        vae = load_base_model(manifest["base"]).vae
+        E.pretrain_encoder_on_latents(manifest["image_encoder"], args.out, vae, latents, spec.seed, args.steps,
+                                      lr=args.lr)
     for name, folder in (("random (the world's)", manifest["image_encoder"]), ("pretrained", args.out)):
         print(f"{name} encoder: held-out nearest-photo identification "
               f"{E.identification(folder, held, spec.photos):.2f}", flush=True)
+
+
+def cmd_projection(args, manifest, spec) -> None:
+    """How well the PCA+LDA projections `amortize --input *-lda` reads identify the held-out people by
+    themselves: fit on the training identities' photos, each held-out identity enrolled by its photos 1..3
+    and queried with photo 0 (the input photo), nearest enrolment by cosine among all held-out ones."""
+    import torch
+
+    from bench.evidence import encoder as E
+    from bench.evidence.identity import Recognizer
+    from hdb_core.hypernet.image_encoder import ClipImageEncoder
+    from hdb_core.training.base_model import load_base_model
+
+    train, held, count = manifest["train"], manifest["held_out"], spec.photos
+    labels = torch.arange(len(train)).repeat_interleave(count)
+
+    def identified(x, hx, pca_dims):
+        z = Recognizer.fit(x, labels, pca_dims, 24).project(hx).reshape(len(held), count, -1)
+        cos = torch.nn.functional.cosine_similarity(z[:, 0, None], z[:, 1:].mean(1)[None], dim=-1)
+        return float((cos.argmax(1) == torch.arange(len(held))).float().mean())
+
+    base = load_base_model(manifest["base"])
+    inputs = {"photo latent": [torch.stack([x[:, 0] for x in photo_stack(base, manifest[folder], names, count)])
+                               .flatten(0, 1) for folder, names in (("photos", train), ("held_out_photos", held))]}
+    photos = [E.load_photos(manifest["photos"], train, count), E.load_photos(manifest["held_out_photos"], held, count)]
+    for folder in [manifest["image_encoder"], *args.encoder]:
+        encoder = ClipImageEncoder.from_pretrained(folder)
+        x, hx = (E.features(encoder, p).flatten(1) for p in photos)
+        centre, spread = x.mean(0), x.std(0) + 1e-6       # standardised, as amortize reads them
+        inputs[f"image features of {folder}"] = [(x - centre) / spread, (hx - centre) / spread]
+    print(f"held-out identification of photo 0 by the projection alone ({len(held)} identities, chance "
+          f"{1 / len(held):.2f}):", flush=True)
+    for name, (x, hx) in inputs.items():
+        print(f"  {name}: " + ", ".join(f"PCA {d}: {identified(x, hx, d):.2f}" for d in args.pca_dims), flush=True)
 
 
 class CoreSubspace:
@@ -774,6 +823,10 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
             loss = diffusion_loss(base, injector, subspace_factors(subspace, aux, rows),
                                   input_ids[:len(pick)], lat, noise, ts, torch.float32, True).mean()
+            if args.consistency:       # another photo of the same person should give the same coordinates
+                other = (seen + torch.randint(1, spec.photos, (len(pick),), generator=g)) % spec.photos
+                gap = predict(features[pick, seen]) - predict(features[pick, other])
+                loss = loss + args.consistency * gap.pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -942,6 +995,12 @@ def main(argv=None) -> int:
     pe.add_argument("--steps", type=int, default=1500)
     pe.add_argument("--lr", type=float, default=1e-3)
     pe.add_argument("--out", required=True)
+    pe.add_argument("--objective", choices=("identity", "latent"), default="identity",
+                    help="classify the training identities' photos, or (no labels) expose each photo's latent "
+                         "linearly, from the training identities' photos and gallery samples")
+    pj = sub.add_parser("projection", help="held-out identification by amortize's PCA+LDA inputs alone")
+    pj.add_argument("--encoder", action="append", default=[], help="also this CLIP vision folder's features")
+    pj.add_argument("--pca-dims", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256])
     sc = sub.add_parser("score")
     sc.add_argument("--stage0", required=True)
     sc.add_argument("--hypernet")
@@ -988,6 +1047,8 @@ def main(argv=None) -> int:
                     help="what the map reads: the image features; their PCA+LDA fit on the training identities' "
                          "photos (feature-lda), or the photo latents' (photo-lda); as diagnostics the hidden "
                          "identity code, or the judge's own projection of the photo's latent (recognizer)")
+    am.add_argument("--consistency", type=float, default=0.0,
+                    help="weight of the squared gap between the coordinates two photos of one person give")
     am.add_argument("--seed", type=int, default=0, help="the training draws' seed (batches, noise, timesteps)")
     am.add_argument("--pca-dims", type=int, default=64, help="PCA dimensions before the LDA of --input *-lda")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
@@ -1040,6 +1101,8 @@ def main(argv=None) -> int:
         W.save_image_encoder(args.out, spec.seed, args.patch_size, args.width, args.layers)
     elif args.cmd == "pretrain-encoder":
         cmd_pretrain_encoder(args, manifest, spec)
+    elif args.cmd == "projection":
+        cmd_projection(args, manifest, spec)
     elif args.cmd == "score":
         cmd_score(args, manifest, spec, rec)
     elif args.cmd == "pca":

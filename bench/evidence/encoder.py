@@ -1,4 +1,5 @@
-"""The evidence world's image encoder, pretrained to tell people apart.
+"""The evidence world's image encoder, pretrained to tell people apart (or, without labels, to expose
+each photo's latent linearly: `pretrain_encoder_on_latents`).
 
 Users feed the hypernetwork a pretrained CLIP-ViT-H, whose features already
 separate faces; the world's random encoder does not (another photo of the same
@@ -86,6 +87,64 @@ def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_ide
     log(f"image encoder pretrained on {n_ids} training identities ({len(photos)} photos + mirrors, {steps} steps): "
         f"training accuracy {accuracy:.2f}")
     return accuracy
+
+
+def pretrain_encoder_on_latents(random_folder: str, out: str, vae, latents: torch.Tensor, seed: int,
+                                steps: int = 1500, batch: int = 128, lr: float = 1e-3, log=print) -> float:
+    """Train the encoder in `random_folder` to expose a photo's latent linearly in the tokens it gives the
+    hypernetwork; no identity labels. Save to `out`; returns the held-back relative error of the readout.
+
+    A stand-in for a pretrained CLIP's generality: photos are decoded once from `latents` plus noise (the
+    way the world's VAE encoder learnt to invert its decoder), and a linear readout of every penultimate
+    token must give the latent back. The readout is thrown away; the encoder keeps its shape.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    from tqdm import tqdm
+
+    from .world import to_png_range
+
+    model = CLIPVisionModelWithProjection.from_pretrained(random_folder, local_files_only=True).train()
+    spec = spec_from_hf_config(model.config)
+    g = generator(seed, "encoder-latent-pretrain")
+    targets = latents + 0.1 * torch.randn(latents.shape, generator=g)
+    with torch.no_grad():
+        pixels = torch.cat([preprocess(((to_png_range(vae.decode(z).sample) + 1) / 2).permute(0, 2, 3, 1), spec)
+                            for z in tqdm(targets.split(64), desc="decoding", leave=False)])
+    order = torch.randperm(len(targets), generator=g)
+    held, train = order[:256], order[256:]
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=x, output_hidden_states=True).hidden_states[-2].flatten(1)
+
+    torch.manual_seed(seed)
+    n_tokens = (model.config.image_size // model.config.patch_size) ** 2 + 1
+    readout = torch.nn.Linear(n_tokens * model.config.hidden_size, latents[0].numel())
+    params = [*model.parameters(), *readout.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    flat = targets.flatten(1)
+    scale = float(flat.pow(2).mean())
+    for _ in tqdm(range(steps), desc="image encoder pretraining (latents)", leave=False):
+        idx = train[torch.randint(len(train), (batch,), generator=g)]
+        loss = (readout(tokens(pixels[idx])) - flat[idx]).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        error = float((readout(tokens(pixels[held])) - flat[held]).pow(2).mean() / flat[held].pow(2).mean())
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    if os.path.exists(out):
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"image encoder pretrained to expose {len(train)} latents ({steps} steps): held-back relative "
+        f"error of the linear readout {error:.3f}")
+    return error
 
 
 @torch.no_grad()
