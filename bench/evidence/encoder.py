@@ -38,6 +38,17 @@ def pooled(model, pixels: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].mean(1)
 
 
+def save_encoder(model, out: str) -> None:
+    """Write the CLIP vision folder next to `out`, then move it into place (never half-written)."""
+    import shutil
+
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_identity: int, seed: int,
                      steps: int = 1500, batch: int = 256, lr: float = 1e-3, log=print) -> float:
     """Train the encoder in `random_folder` to classify `photos` (identity-major) by person; save to `out`.
@@ -77,13 +88,7 @@ def pretrain_encoder(random_folder: str, out: str, photos: torch.Tensor, per_ide
             correct += int((logits.argmax(1) == labels[idx]).sum())
             total += batch
     accuracy = correct / total
-    tmp = out + ".tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    save_encoder(model, out)
     log(f"image encoder pretrained on {n_ids} training identities ({len(photos)} photos + mirrors, {steps} steps): "
         f"training accuracy {accuracy:.2f}")
     return accuracy
@@ -135,13 +140,7 @@ def pretrain_encoder_on_latents(random_folder: str, out: str, vae, latents: torc
     model.eval()
     with torch.no_grad():
         error = float((readout(tokens(pixels[held])) - flat[held]).pow(2).mean() / flat[held].pow(2).mean())
-    tmp = out + ".tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    save_encoder(model, out)
     log(f"image encoder pretrained to expose {len(train)} latents ({steps} steps): held-back relative "
         f"error of the linear readout {error:.3f}")
     return error
