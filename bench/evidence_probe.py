@@ -764,9 +764,9 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     held-out identities' prediction from photo 0 (the bench's validation and test identities apart), and,
     with `--finetune`, that prediction + k steps in the subspace on photo 0.
 
-    `--input` swaps what the map reads: a PCA+LDA identity projection (to 24 numbers) fit on the training
-    identities' photos, of the image features or of the photo latents; or, as diagnostics, the judge's own
-    projection of the photo latent, or the hidden identity code.
+    `--input` swaps what the map reads: the photo latent itself; a PCA+LDA identity projection (to 24
+    numbers) fit on the training identities' photos, of the image features or of the photo latents; or, as
+    diagnostics, the judge's own projection of the photo latent, or the hidden identity code.
     """
     import time
 
@@ -783,6 +783,15 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     if args.input == "code":
         features = torch.stack([hidden_code_features(spec, i) for i in train])[:, None].expand(-1, spec.photos, -1)
         held_features = torch.stack([hidden_code_features(spec, i) for i in held])
+    elif args.input == "photo":
+        features = latents.flatten(2)
+        held_features = torch.cat([x[:, 0] for x in held_photos]).flatten(1)
+    elif args.input == "feature-pca":
+        flat = features.flatten(0, 1)
+        centre, spread = flat.mean(0), flat.std(0) + 1e-6
+        axes = torch.linalg.svd((flat - centre) / spread, full_matrices=False)[2][:args.pca_dims].T
+        features = ((flat - centre) / spread @ axes).reshape(len(train), spec.photos, -1)
+        held_features = (held_features - centre) / spread @ axes
     elif args.input != "features":
         from bench.evidence.identity import Recognizer
 
@@ -1042,15 +1051,18 @@ def main(argv=None) -> int:
                     help="then also the prediction + these step counts in the subspace (comma-separated)")
     am.add_argument("--finetune-lr", type=float, default=0.1)
     am.add_argument("--encoder", help="another CLIP vision folder (see make-encoder, pretrain-encoder)")
-    am.add_argument("--input", choices=("features", "code", "recognizer", "photo-lda", "feature-lda"),
+    am.add_argument("--input", choices=("features", "photo", "feature-pca", "code", "recognizer", "photo-lda",
+                                                  "feature-lda"),
                     default="features",
-                    help="what the map reads: the image features; their PCA+LDA fit on the training identities' "
-                         "photos (feature-lda), or the photo latents' (photo-lda); as diagnostics the hidden "
+                    help="what the map reads: the image features, their top --pca-dims principal components, or "
+                         "the photo latent itself; a PCA+LDA fit on the training identities' photos of the "
+                         "features (feature-lda) or of the photo latents (photo-lda); as diagnostics the hidden "
                          "identity code, or the judge's own projection of the photo's latent (recognizer)")
     am.add_argument("--consistency", type=float, default=0.0,
                     help="weight of the squared gap between the coordinates two photos of one person give")
     am.add_argument("--seed", type=int, default=0, help="the training draws' seed (batches, noise, timesteps)")
-    am.add_argument("--pca-dims", type=int, default=64, help="PCA dimensions before the LDA of --input *-lda")
+    am.add_argument("--pca-dims", type=int, default=64,
+                    help="PCA dimensions of --input feature-pca, and before the LDA of --input *-lda")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
     am.add_argument("--space", choices=("factors", "core"), default="factors",
                     help="principal directions of the LiDBs' factors, or of each layer's core A_train B_train "
