@@ -40,7 +40,6 @@ sys.path.insert(0, REPO)
 
 def load_world(out: str):
     import torch
-    from safetensors.torch import load_file
 
     from bench.evidence import world as W
     from bench.evidence.identity import Recognizer
@@ -49,7 +48,7 @@ def load_world(out: str):
     spec = W.WorldSpec(**manifest["spec"])
     names = manifest["train"] + manifest["held_out"]
     n_train = len(manifest["train"])
-    gallery = load_file(os.path.join(out, "world", "teacher_latents.safetensors"))["gallery"]
+    gallery = W.load_teacher_latents(os.path.join(out, "world"))["gallery"]
     gallery = gallery.reshape(len(names), spec.gallery, 4, 8, 8)
     labels = torch.arange(n_train).repeat_interleave(spec.gallery)
     rec = Recognizer.fit(gallery[:n_train].reshape(-1, 4, 8, 8), labels, 64, 24 if n_train > 100 else 16)
@@ -582,11 +581,11 @@ def cmd_pretrain_encoder(args, manifest, spec) -> None:
         E.pretrain_encoder(manifest["image_encoder"], args.out, train, spec.photos, spec.seed, args.steps, lr=args.lr)
     else:
         import torch
-        from safetensors.torch import load_file
 
+        from bench.evidence import world as W
         from hdb_core.training.base_model import load_base_model
 
-        saved = load_file(os.path.join(os.path.dirname(manifest["photos"]), "teacher_latents.safetensors"))
+        saved = W.load_teacher_latents(os.path.join(args.world, "world"))
         n = len(manifest["train"])                     # rows are training identities first, then held-out ones
         latents = torch.cat([saved["latents"][:n * spec.photos], saved["gallery"][:n * spec.gallery]])
         vae = load_base_model(manifest["base"]).vae
@@ -606,7 +605,7 @@ def cmd_projection(args, manifest, spec) -> None:
     from bench.evidence import encoder as E
     from bench.evidence.identity import Recognizer
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
-    from hdb_core.training.base_model import load_base_model
+    from hdb_core.training.base_model import load_base_model, photo_latents
 
     train, held, count = manifest["train"], manifest["held_out"], spec.photos
     labels = torch.arange(len(train)).repeat_interleave(count)
@@ -617,9 +616,8 @@ def cmd_projection(args, manifest, spec) -> None:
         return float((cos.argmax(1) == torch.arange(len(held))).float().mean())
 
     base = load_base_model(manifest["base"])
-    inputs = {"photo latent": [torch.stack([x[:, 0] for x in photo_stack(base, manifest[folder], names, count)])
-                               .flatten(0, 1) for folder, names in (("photos", train), ("held_out_photos", held))]}
     photos = [E.load_photos(manifest["photos"], train, count), E.load_photos(manifest["held_out_photos"], held, count)]
+    inputs = {"photo latent": [photo_latents(base, p, "cpu", False)[:, 0] for p in photos]}
     for folder in [manifest["image_encoder"], *args.encoder]:
         encoder = ClipImageEncoder.from_pretrained(folder)
         x, hx = (E.features(encoder, p).flatten(1) for p in photos)
@@ -1051,9 +1049,8 @@ def main(argv=None) -> int:
                     help="then also the prediction + these step counts in the subspace (comma-separated)")
     am.add_argument("--finetune-lr", type=float, default=0.1)
     am.add_argument("--encoder", help="another CLIP vision folder (see make-encoder, pretrain-encoder)")
-    am.add_argument("--input", choices=("features", "photo", "feature-pca", "code", "recognizer", "photo-lda",
-                                                  "feature-lda"),
-                    default="features",
+    am.add_argument("--input", default="features",
+                    choices=("features", "photo", "feature-pca", "code", "recognizer", "photo-lda", "feature-lda"),
                     help="what the map reads: the image features, their top --pca-dims principal components, or "
                          "the photo latent itself; a PCA+LDA fit on the training identities' photos of the "
                          "features (feature-lda) or of the photo latents (photo-lda); as diagnostics the hidden "

@@ -231,9 +231,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     timings["world"] = time.time() - t0
 
     t0 = time.time()
-    from safetensors.torch import load_file
-
-    saved = load_file(os.path.join(os.path.dirname(manifest["base"]), "teacher_latents.safetensors"))
+    saved = W.load_teacher_latents(os.path.join(out, "world"))
     names = manifest["train"] + manifest["held_out"]
     n_train, per = len(manifest["train"]), s.world.gallery
     gallery = saved["gallery"].reshape(len(names), per, 4, 8, 8)

@@ -326,6 +326,15 @@ def _write_png(path: str, pixels: torch.Tensor) -> None:
 
 
 WORLD_FOLDERS = ("base", "image_encoder", "photos", "held_out_photos", "teachers")
+TEACHER_LATENTS = "teacher_latents.safetensors"
+
+
+def load_teacher_latents(root: str) -> dict[str, torch.Tensor]:
+    """The world's saved latents, identity-major, training identities first: every photo as sampled
+    ("latents") and as the pipeline encodes its PNG ("encoded"), and the recognizer's "gallery"."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(root, TEACHER_LATENTS))
 
 
 def read_manifest(root: str) -> dict:
@@ -393,7 +402,7 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
         seen = torch.cat([encode_latents(base, to_png_range(images[i:i + 64]), "cpu")
                           for i in range(0, images.shape[0], 64)])
     save_file({"latents": latents.contiguous(), "gallery": gallery.contiguous(), "encoded": seen.contiguous()},
-              os.path.join(root, "teacher_latents.safetensors"))
+              os.path.join(root, TEACHER_LATENTS))
     w_raw, b_raw, r_raw = distance_ratio(gallery.reshape(len(names), spec.gallery, -1))
     w_enc, b_enc, r_enc = distance_ratio(seen.reshape(len(names), spec.photos, -1))
     with torch.no_grad(), injector:
