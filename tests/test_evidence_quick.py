@@ -140,7 +140,7 @@ def test_workers_return_what_one_process_does():
     """The bench's evaluation workers: other processes, and the same results in the same order as here."""
     import os
 
-    from bench.evidence.run import in_workers
+    from bench.evidence.workers import in_workers
     from hdb_core.training.seeding import generator
 
     weight = torch.randn(8, 8)     # made here, inherited by the forked workers

@@ -42,6 +42,7 @@ from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
 from . import world as W
 from .identity import Recognizer
+from .workers import in_workers
 
 GATE_SHARE = 0.9
 SUBSPACE_NET = "subspace-hypernet"     # the network kind and arm prefix of the subspace hypernetwork
@@ -133,6 +134,13 @@ class Judge:
         self.ids = tokenize(base, [W.PROMPT] * self.x.shape[0], "cpu")
 
     @torch.no_grad()
+    def cosine(self, factors) -> float:
+        """Only the identity cosine (what the learning rates are chosen by): the plain-prompt samples of
+        `__call__`, without the styled and "a face" ones."""
+        return self.rec.score(W.sample(self.base, self.injector, factors, self.seeds, self.s.world),
+                              self.ident)["cos"]
+
+    @torch.no_grad()
     def __call__(self, factors) -> dict[str, float]:
         samples = W.sample(self.base, self.injector, factors, self.seeds, self.s.world)
         out = self.rec.score(samples, self.ident)
@@ -186,33 +194,6 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
     return snapshots
 
 
-_JOB = None    # the job of the forked workers of `in_workers`
-
-
-def _run_job(item):
-    torch.set_num_threads(1)      # as in a forked DataLoader worker: no OpenMP thread pool in the child
-    return _JOB(item)
-
-
-def in_workers(job, items: list, workers: int) -> list:
-    """[job(item) for item in items], run by `workers` forked processes that inherit the loaded models.
-
-    Every evaluation draw is seeded by the identity's name, so the results do not depend on the number
-    of workers. Without the fork start method (Windows) everything runs here.
-    """
-    global _JOB
-    import multiprocessing
-
-    if workers <= 1 or len(items) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [job(item) for item in items]
-    _JOB = job
-    try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(items))) as pool:
-            return pool.map(_run_job, items, chunksize=1)
-    finally:
-        _JOB = None
-
-
 def bootstrap_ci(diffs: list[float], n: int, seed: int = 0) -> tuple[float, float, float]:
     """Mean of paired differences and its percentile-bootstrap 95 % interval (identities resampled)."""
     t = torch.tensor(diffs, dtype=torch.float64)
@@ -227,7 +208,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
     s = settings
     timings = {}
     t0 = time.time()
-    manifest = W.build_world(os.path.join(out, "world"), s.world, log)
+    manifest = W.build_world(os.path.join(out, "world"), s.world, log, s.workers)
     timings["world"] = time.time() - t0
 
     t0 = time.time()
@@ -370,21 +351,23 @@ def run(out: str, settings: Settings, log=print) -> dict:
             return subspace.lidb(subspace.mean)
         return networks[network_of.get(kind, kind)].predict_lidb(encoder.encode(photos[:1]))
 
-    def arm_scores(kind, ident, lr, points):
+    def arm_scores(kind, ident, lr, points, measure=None):
+        """{step: measure(factors)} of one finetune of arm `kind` (default measure: everything the judge
+        measures)."""
         photos = photos_of(ident)
         latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
         space = (networks[kind].subspace() if kind == SUBSPACE_NET else subspace if kind.endswith("-sub")
                  else None)
         snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s,
                                 space)
-        return {p: judges[ident](snaps[p]) for p in points}
+        return {p: (measure or judges[ident])(snaps[p]) for p in points}
 
     def validation_run(ident):
         cos = {}
         for kind, lrs, points in families:
             for lr in lrs:
-                for p, sc in arm_scores(kind, ident, lr, points).items():
-                    cos[(kind, p, lr)] = sc["cos"]
+                for p, c in arm_scores(kind, ident, lr, points, judges[ident].cosine).items():
+                    cos[(kind, p, lr)] = c
         log(f"  validation {ident} done")
         return cos
 

@@ -48,6 +48,8 @@ from hdb_core.training.injector import LowRankInjector
 from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.seeding import generator
 
+from .workers import in_workers
+
 PROMPT = "a sks face"
 FACE_PROMPT = "a face"
 STYLE_SUFFIX = " in red"     # the base learns this as adding `style_direction` to a face
@@ -345,8 +347,9 @@ def read_manifest(root: str) -> dict:
     return {**manifest, **{key: os.path.join(root, key) for key in WORLD_FOLDERS}}
 
 
-def build_world(root: str, spec: WorldSpec, log=print) -> dict:
-    """Write base model, image encoder, photos and teachers under `root`; returns the world's manifest."""
+def build_world(root: str, spec: WorldSpec, log=print, workers: int = 1) -> dict:
+    """Write base model, image encoder, photos and teachers under `root`; returns the world's manifest.
+    `workers` processes sample the photos and the gallery (the world does not depend on their number)."""
     from hdb_core.lidb.file import save_lidb
 
     manifest_path = os.path.join(root, "world.json")
@@ -372,12 +375,13 @@ def build_world(root: str, spec: WorldSpec, log=print) -> dict:
 
     def sample_all(tag: str, per_id: int) -> torch.Tensor:
         jobs = [(teach[i], f"{name}/{tag}{k}") for i, name in enumerate(names) for k in range(per_id)]
-        out = []
-        with injector:
-            for j in range(0, len(jobs), 64):
-                chunk = jobs[j:j + 64]
-                out.append(sample(base, injector, [c[0] for c in chunk], [c[1] for c in chunk], spec))
-        return torch.cat(out)
+
+        def sample_chunk(start: int) -> torch.Tensor:
+            chunk = jobs[start:start + 64]
+            with injector:
+                return sample(base, injector, [c[0] for c in chunk], [c[1] for c in chunk], spec)
+
+        return torch.cat(in_workers(sample_chunk, list(range(0, len(jobs), 64)), workers))
 
     latents = sample_all("photo", spec.photos)
     gallery = sample_all("gallery", spec.gallery)
