@@ -814,8 +814,9 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     score = identity_scorer(manifest, spec, rec)
     g = torch.Generator().manual_seed(args.seed)
 
-    def predict(x):
-        return head((x - centre) / spread)
+    def predict(x, noise: float = 0.0):
+        x = (x - centre) / spread
+        return head(x + noise * torch.randn(x.shape, generator=g) if noise else x)
 
     started, losses = time.time(), []
     with injector:
@@ -824,7 +825,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             seen = torch.randint(spec.photos, (len(pick),), generator=g)
             shown = seen if args.target == "same" else (seen + torch.randint(1, spec.photos, (len(pick),),
                                                                               generator=g)) % spec.photos
-            rows = subspace.mean + predict(features[pick, seen]) @ subspace.directions
+            rows = subspace.mean + predict(features[pick, seen], args.input_noise) @ subspace.directions
             lat = latents[pick, shown]
             noise = torch.randn(lat.shape, generator=g)
             ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
@@ -1060,6 +1061,9 @@ def main(argv=None) -> int:
     am.add_argument("--seed", type=int, default=0, help="the training draws' seed (batches, noise, timesteps)")
     am.add_argument("--pca-dims", type=int, default=64,
                     help="PCA dimensions of --input feature-pca, and before the LDA of --input *-lda")
+    am.add_argument("--input-noise", type=float, default=0.0,
+                    help="standard deviation of Gaussian noise added to the standardised input while training "
+                         "(a ridge penalty in effect: is the map overfitting its many inputs?)")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
     am.add_argument("--space", choices=("factors", "core"), default="factors",
                     help="principal directions of the LiDBs' factors, or of each layer's core A_train B_train "
