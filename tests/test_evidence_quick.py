@@ -137,7 +137,8 @@ def test_the_subspace_hypernetwork_predicts_identity_and_finetunes_in_its_subspa
 
 
 def test_workers_return_what_one_process_does():
-    """The bench's evaluation workers: other processes, and the same results in the same order as here."""
+    """The bench's workers (world sampling, evaluation): other processes, and the same results in the same order
+    as here."""
     import os
 
     from bench.evidence.workers import in_workers

@@ -15,8 +15,9 @@ def _run_job(item):
 def in_workers(job, items: list, workers: int) -> list:
     """[job(item) for item in items], run by `workers` forked processes that inherit the loaded models.
 
-    Every evaluation draw is seeded by the identity's name, so the results do not depend on the number
-    of workers. Without the fork start method (Windows) everything runs here.
+    The bench's jobs seed every draw by what it is for (an identity's name, a sample's seed), so their
+    results do not depend on the number of workers. Without the fork start method (Windows) everything
+    runs here.
     """
     global _JOB
     import multiprocessing
