@@ -903,8 +903,9 @@ def cmd_distill(args, manifest, spec, rec) -> None:
 
 def cmd_draws(args, manifest, spec, rec) -> None:
     """Finetunes of the bench's validation or test identities (one photo each) at given step counts, rates
-    and draws per step, judged as the bench judges an arm: from zero or from `--hypernet`'s prediction,
-    default relaxation; each run's mean, then its paired difference from the first run (bootstrap 95 %)."""
+    and draws per step, judged as the bench judges an arm: from zero or from `--hypernet`'s prediction, with
+    the default relaxation or the one a run names; each run's mean, then its paired difference from the first
+    run (bootstrap 95 %)."""
     from dataclasses import replace
 
     import torch
@@ -915,6 +916,7 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.training import data
     from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
+    from hdb_core.defaults import RELAXATION
     from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 
     s = replace(Settings(), world=spec)
@@ -926,8 +928,8 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     net = load_hypernet(args.hypernet) if args.hypernet else None
     encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
     input_ids = tokenize(base, [W.PROMPT], "cpu")
-    runs = [(kind, int(steps), float(lr), int(draws)) for kind, steps, lr, draws in
-            (r.split(":") for r in args.runs.split(","))]
+    runs = [(kind, int(steps), float(lr), int(draws), relaxation[0] if relaxation else RELAXATION)
+            for kind, steps, lr, draws, *relaxation in (r.split(":") for r in args.runs.split(","))]
     if any(kind == "net" for kind, *_ in runs) and net is None:
         raise SystemExit("runs from 'net' need --hypernet")
     scores: dict[tuple, list[dict]] = {run: [] for run in runs}
@@ -938,21 +940,21 @@ def cmd_draws(args, manifest, spec, rec) -> None:
                                   for p in sorted(os.listdir(folder))])
             judge = Judge(base, injector, rec, photos[1:], ident, s)
             latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
-            for kind, steps, lr, draws in runs:
+            for kind, steps, lr, draws, relaxation in runs:
                 with torch.no_grad():
-                    start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed)) if kind == "zero"
-                             else net.predict_lidb(encoder.encode(photos[:1])))
+                    start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed), relaxation)
+                             if kind == "zero" else net.predict_lidb(encoder.encode(photos[:1])))
                 result = finetune(start, diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1),
                                                            input_ids, False, draws),
                                   FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
-                                                   draws_per_step=1, seed=s.seed))
+                                                   draws_per_step=1, relaxation=relaxation, seed=s.seed))
                 injector.clear()
-                scores[(kind, steps, lr, draws)].append(judge(factors_of(result.lidb)))
+                scores[(kind, steps, lr, draws, relaxation)].append(judge(factors_of(result.lidb)))
             print(f"  {ident} done", flush=True)
     first = scores[runs[0]]
     for run, rows in scores.items():
-        kind, steps, lr, draws = run
-        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step"
+        kind, steps, lr, draws, relaxation = run
+        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}"
         text = (f"{label:<44} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
                 f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
                 f"style {statistics.fmean(r['style'] for r in rows):.3f}  "
@@ -1073,7 +1075,8 @@ def main(argv=None) -> int:
     dr = sub.add_parser("draws", help="finetunes of held-out identities at several draws per step")
     dr.add_argument("--split", choices=("validation", "test"), default="validation")
     dr.add_argument("--runs", required=True,
-                    help="comma-separated start:steps:lr:draws, start 'zero' or 'net' (--hypernet's prediction)")
+                    help="comma-separated start:steps:lr:draws[:relaxation], start 'zero' or 'net' (--hypernet's "
+                         "prediction), relaxation aux_subspace (default) or free_lora")
     dr.add_argument("--hypernet", help="a hypernetwork file, e.g. bench/out/evidence/subspace-hypernet.safetensors")
     di = sub.add_parser("distill", help="ridge regression photo -> its own subspace coefficients")
     di.add_argument("--stage0", required=True)
