@@ -912,11 +912,11 @@ def cmd_draws(args, manifest, spec, rec) -> None:
 
     from bench.evidence import world as W
     from bench.evidence.run import Judge, Settings, bootstrap_ci, factors_of
+    from hdb_core.defaults import RELAXATION
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.training import data
     from hdb_core.training.base_model import encode_latents, load_base_model, tokenize
-    from hdb_core.defaults import RELAXATION
     from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
 
     s = replace(Settings(), world=spec)
@@ -955,7 +955,7 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     for run, rows in scores.items():
         kind, steps, lr, draws, relaxation = run
         label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}"
-        text = (f"{label:<44} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
+        text = (f"{label:<58} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
                 f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
                 f"style {statistics.fmean(r['style'] for r in rows):.3f}  "
                 f"drift {statistics.fmean(r['drift'] for r in rows):.1f}")
@@ -1072,7 +1072,7 @@ def main(argv=None) -> int:
                          "(linear in dW; see CoreSubspace)")
     am.add_argument("--truncate", type=lambda v: [int(x) for x in v.split(",")], default=[],
                     help="with --space core: also score the prediction kept to these ranks as LiDBs")
-    dr = sub.add_parser("draws", help="finetunes of held-out identities at several draws per step")
+    dr = sub.add_parser("draws", help="finetunes of held-out identities at given draws per step and relaxations")
     dr.add_argument("--split", choices=("validation", "test"), default="validation")
     dr.add_argument("--runs", required=True,
                     help="comma-separated start:steps:lr:draws[:relaxation], start 'zero' or 'net' (--hypernet's "
