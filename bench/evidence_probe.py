@@ -723,12 +723,12 @@ class SubspaceSetup:
         self.aux = aux_for_layers(self.subspace.config, self.subspace.layers)
         self.injector = self.base.injector(self.subspace.layers)
         self.held = manifest["held_out"]
-        encoder = ClipImageEncoder.from_pretrained(encoder_folder or manifest["image_encoder"])
+        self.encoder = ClipImageEncoder.from_pretrained(encoder_folder or manifest["image_encoder"])
+        self.photos = E.load_photos(manifest["photos"], self.train, spec.photos)
+        self.held_pixels = E.load_photos(manifest["held_out_photos"], self.held, 1)
         with torch.no_grad():
-            features = E.features(encoder, E.load_photos(manifest["photos"], self.train, spec.photos))
-            self.features = features.flatten(1).reshape(len(self.train), spec.photos, -1)
-            self.held_features = E.features(encoder, E.load_photos(manifest["held_out_photos"], self.held, 1)
-                                            ).flatten(1)
+            self.features = E.features(self.encoder, self.photos).flatten(1).reshape(len(self.train), spec.photos, -1)
+            self.held_features = E.features(self.encoder, self.held_pixels).flatten(1)
 
     def report(self, score, label: str, rows, names: list[str], to_lidb=None) -> None:
         """Score subspace rows of `names` (the held-out identities): the bench's validation ones, then its test ones."""
@@ -764,12 +764,14 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
 
     `--input` swaps what the map reads: the photo latent itself; a PCA+LDA identity projection (to 24
     numbers) fit on the training identities' photos, of the image features or of the photo latents; or, as
-    diagnostics, the judge's own projection of the photo latent, or the hidden identity code.
+    diagnostics, the judge's own projection of the photo latent, or the hidden identity code. `--encoder-lr`
+    trains the image encoder along with the map (the pipeline keeps it frozen).
     """
     import time
 
     import torch
 
+    from hdb_core.hypernet.image_encoder import preprocess
     from hdb_core.training.base_model import tokenize
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
 
@@ -808,7 +810,22 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
         head = torch.nn.Sequential(torch.nn.Linear(features.shape[-1], subspace.components))
     torch.nn.init.zeros_(head[-1].weight)
     torch.nn.init.zeros_(head[-1].bias)       # an untrained map predicts the subspace's mean
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
+    groups = [{"params": list(head.parameters()), "lr": args.lr}]
+    encoder = setup.encoder.model
+    if args.encoder_lr:        # the image encoder learns too, through the same diffusion loss
+        if args.input != "features":
+            raise SystemExit("--encoder-lr trains the encoder the map reads: use it with --input features.")
+        encoder.requires_grad_(True)
+        groups.append({"params": list(encoder.parameters()), "lr": args.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    trained = [p for group in groups for p in group["params"]]
+
+    def encoded(pixels):
+        """Every token of the current encoder's features, flat, with gradient when it trains."""
+        with torch.set_grad_enabled(bool(args.encoder_lr) and torch.is_grad_enabled()):
+            out = encoder(pixel_values=preprocess(pixels, setup.encoder.spec), output_hidden_states=True)
+            return out.hidden_states[-2].flatten(1)
+
     settings = PreoptimizeSettings()
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
     score = identity_scorer(manifest, spec, rec)
@@ -825,7 +842,9 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             seen = torch.randint(spec.photos, (len(pick),), generator=g)
             shown = seen if args.target == "same" else (seen + torch.randint(1, spec.photos, (len(pick),),
                                                                               generator=g)) % spec.photos
-            rows = subspace.mean + predict(features[pick, seen], args.input_noise) @ subspace.directions
+            shown_features = (encoded(setup.photos[pick * spec.photos + seen]) if args.encoder_lr
+                              else features[pick, seen])
+            rows = subspace.mean + predict(shown_features, args.input_noise) @ subspace.directions
             lat = latents[pick, shown]
             noise = torch.randn(lat.shape, generator=g)
             ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
@@ -837,7 +856,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
                 loss = loss + args.consistency * gap.pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
             if step in args.eval_at:
@@ -845,6 +864,9 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
                 print(f"step {step}: mean loss of the last 100 steps {statistics.fmean(losses[-100:]):.4f}, "
                       f"{time.time() - started:.0f} s", flush=True)
                 with torch.no_grad():
+                    if args.encoder_lr:
+                        held_features = encoded(setup.held_pixels)
+                        features = encoded(setup.photos).reshape(len(train), spec.photos, -1)
                     rows = subspace.mean + predict(held_features) @ subspace.directions
                     setup.report(score, f"  prediction, step {step}", rows, held)
                     for rank in args.truncate:
@@ -1066,6 +1088,9 @@ def main(argv=None) -> int:
     am.add_argument("--input-noise", type=float, default=0.0,
                     help="standard deviation of Gaussian noise added to the standardised input while training "
                          "(a ridge penalty in effect: is the map overfitting its many inputs?)")
+    am.add_argument("--encoder-lr", type=float, default=0.0,
+                    help="AdamW rate of the image encoder, trained with the map through the diffusion loss "
+                         "(0: frozen, as the pipeline keeps it)")
     am.add_argument("--hidden", type=int, default=0, help="a hidden GELU layer of this width (0: the linear map)")
     am.add_argument("--space", choices=("factors", "core"), default="factors",
                     help="principal directions of the LiDBs' factors, or of each layer's core A_train B_train "
