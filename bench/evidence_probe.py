@@ -103,7 +103,7 @@ def cmd_stage0(args, manifest, spec) -> None:
 def cmd_stage1(args, manifest, spec) -> None:
     from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
-    values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4)
+    values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4, ema_decay=0)
     for item in args.set:
         key, value = item.split("=", 1)
         kind = type(getattr(HypernetSettings, key))
@@ -113,7 +113,7 @@ def cmd_stage1(args, manifest, spec) -> None:
     train_hypernet(args.faces or manifest["photos"], args.stage0, manifest["base"],
                    args.encoder or manifest["image_encoder"], args.out,
                    HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
-                                    flip=False, seed=0, val_identities=0, ema_decay=0, **values))
+                                    flip=False, seed=0, val_identities=0, **values))
 
 
 def identity_scorer(manifest, spec, rec):
