@@ -155,6 +155,24 @@ def test_workers_return_what_one_process_does():
     assert {pid for pid, _ in here} == {os.getpid()} and os.getpid() not in {pid for pid, _ in forked}
 
 
+def test_the_learning_rate_grid_grows_past_an_edge_where_an_arm_peaks():
+    """An arm whose best validation rate is its grid's lowest or highest is tried one rate further, on the grid's
+    1-3 ladder; an arm that peaks inside, a diverged run (NaN) and the prediction alone (0 steps) add nothing."""
+    from bench.evidence.run import best_rate, rates_past_edges
+
+    tried = {"zero": [1e-3, 3e-3, 1e-2], "hypernet": [3e-4, 1e-3, 3e-3], "sub": [0.03, 0.1, 0.3]}
+    points = {"zero": (40, 400), "hypernet": (0, 10, 40), "sub": (40,)}
+    val_cos = {("zero", 40, 1e-3): [0.6], ("zero", 40, 3e-3): [0.8], ("zero", 40, 1e-2): [0.9],   # peaks high
+               ("zero", 400, 1e-3): [0.9], ("zero", 400, 3e-3): [0.8], ("zero", 400, 1e-2): [0.7],  # peaks low
+               ("sub", 40, 0.03): [0.8], ("sub", 40, 0.1): [0.9], ("sub", 40, 0.3): [float("nan")]}
+    for p in points["hypernet"]:      # 0 steps: every rate ties; 10 and 40 peak inside
+        val_cos.update({("hypernet", p, lr): [0.5 + (lr == 1e-3) * 0.1 * bool(p)] for lr in tried["hypernet"]})
+    assert rates_past_edges(val_cos, tried, points) == {"zero": [0.03, 0.0003]}
+    assert best_rate(val_cos, "sub", 40, tried["sub"]) == 0.1      # the NaN run never wins
+    val_cos[("sub", 40, 0.1)] = [float("nan")]
+    assert rates_past_edges(val_cos, tried, points)["sub"] == [0.01]
+
+
 def test_a_copied_world_reads_its_own_folders(tmp_path):
     """world.json names the folder a world was built in; a copy must not read or extend the original."""
     import json

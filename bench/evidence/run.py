@@ -11,7 +11,8 @@ per step, the draws of a step in one batch (its `draws`).
 
 Held-out identities are split into validation identities (the finetuning
 learning rate of every arm is picked on them from a small grid, by mean cosine
-similarity) and test identities (all reported numbers). An arm's LiDB is judged
+similarity; where the best rate is at the grid's edge the grid grows past it,
+`grid_extensions` times at most) and test identities (all reported numbers). An arm's LiDB is judged
 by DDIM samples of base + LiDB from seeds the recognizer never saw: identity
 (rank-1, cosine), editability (the same seeds with the styled prompt: the share of
 the known edit kept, and identity once the edit is taken out), prior drift ("a
@@ -21,6 +22,7 @@ constant learning rate they are exactly what a k-step run returns.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -74,6 +76,9 @@ class Settings:
     subspace_hyper_points: tuple[int, ...] = (10, 20, 40)   # hypernet prediction + k steps in the subspace
     subspace_mean_points: tuple[int, ...] = (40, 100)       # the subspace's mean + k steps in it
     subspace_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)      # coefficients are in units of the targets' spread
+    # rounds that add the next rate (1-3 per decade) past a grid edge where an arm's best rate sits: a rate at
+    # the edge is not known to be the best (measured: zero + 40 and the subspace network + 40 chose an edge)
+    grid_extensions: int = 2
     # the subspace hypernetwork (`--subspace-components`, beta 0): its prediction alone and + k steps in its
     # subspace; trained in a second process beside the transformer networks (0 steps: not trained)
     subspace_net_steps: int = 1000
@@ -100,7 +105,7 @@ def quick() -> Settings:
                     hyper_points=(0, 10, 40), zero_points=(40, 100), hyper_lrs=(1e-3, 3e-3),
                     zero_lrs=(3e-3, 1e-2), subspace_components=24, subspace_hyper_points=(10, 40),
                     subspace_mean_points=(40,), subspace_lrs=(0.1, 0.3), subspace_net_steps=300, subspace_net_batch=16,
-                    subspace_net_lr=1e-3, single_pass_network=False, eval_samples=6,
+                    subspace_net_lr=1e-3, single_pass_network=False, eval_samples=6, grid_extensions=0,
                     eval_draws=4, lda_dims=16, bootstrap=1000)
 
 
@@ -192,6 +197,45 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
     injector.clear()
     snapshots[steps] = factors_of(result.lidb)
     return snapshots
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of `lr` on the ladder ..., 0.3, 1, 3, 10, ... (times a power of ten) the grids are made of."""
+    ones = lr / 10 ** math.floor(math.log10(lr) + 1e-9) < 2      # 1e-3 and not 3e-3
+    factor = (3.0 if ones else 10 / 3) if up else (0.3 if ones else 1 / 3)
+    return float(f"{lr * factor:.3g}")
+
+
+def _validation_total(values: list[float]) -> float:
+    """The summed validation cosine of one arm at one rate; a run that diverged (not finite) never wins."""
+    total = sum(values)
+    return total if math.isfinite(total) else -math.inf
+
+
+def best_rate(val_cos: dict[tuple[str, int, float], list[float]], kind: str, steps: int, lrs: list[float]) -> float:
+    """The rate of `lrs` with the highest summed validation cosine for arm (kind, steps); ties: the first."""
+    return max(lrs, key=lambda lr: _validation_total(val_cos[(kind, steps, lr)]))
+
+
+def rates_past_edges(val_cos: dict[tuple[str, int, float], list[float]], tried: dict[str, list[float]],
+                     points: dict[str, tuple[int, ...]]) -> dict[str, list[float]]:
+    """{kind: rates to try next}: for every arm (kind, steps > 0) whose best validation rate is the lowest or
+    highest its kind has tried, the next rate beyond it."""
+    new: dict[str, list[float]] = {}
+    for kind, lrs in tried.items():
+        for p in points[kind]:
+            if not p:
+                continue
+            best = best_rate(val_cos, kind, p, lrs)
+            if best == min(lrs):
+                beyond = next_rate(best, up=False)
+            elif best == max(lrs):
+                beyond = next_rate(best, up=True)
+            else:
+                continue
+            if beyond not in lrs and beyond not in new.get(kind, []):
+                new.setdefault(kind, []).append(beyond)
+    return new
 
 
 def bootstrap_ci(diffs: list[float], n: int, seed: int = 0) -> tuple[float, float, float]:
@@ -362,11 +406,14 @@ def run(out: str, settings: Settings, log=print) -> dict:
                                 space)
         return {p: (measure or judges[ident])(snaps[p]) for p in points}
 
+    points_of = {kind: points for kind, _, points in families}
+    rates_now: dict[str, list[float]] = {}
+
     def validation_run(ident):
         cos = {}
-        for kind, lrs, points in families:
+        for kind, lrs in rates_now.items():
             for lr in lrs:
-                for p, c in arm_scores(kind, ident, lr, points, judges[ident].cosine).items():
+                for p, c in arm_scores(kind, ident, lr, points_of[kind], judges[ident].cosine).items():
                     cos[(kind, p, lr)] = c
         log(f"  validation {ident} done")
         return cos
@@ -394,13 +441,24 @@ def run(out: str, settings: Settings, log=print) -> dict:
     with injector:
         # learning rate per arm on the validation identities
         val_cos: dict[tuple[str, int, float], list[float]] = {}
-        for cos in in_workers(validation_run, val, s.workers):
-            for key, value in cos.items():
-                val_cos.setdefault(key, []).append(value)
+        tried = {kind: list(lrs) for kind, lrs, _ in families}
+        rates_now = {kind: list(lrs) for kind, lrs in tried.items()}
+        for extension in range(s.grid_extensions + 1):
+            if extension:
+                rates_now = rates_past_edges(val_cos, tried, points_of)
+                if not rates_now:
+                    break
+                log("  grid grown past its edge: " + ", ".join(f"{kind} {lr:g}" for kind, lrs in rates_now.items()
+                                                              for lr in lrs))
+                for kind, lrs in rates_now.items():
+                    tried[kind] += lrs
+            for cos in in_workers(validation_run, val, s.workers):
+                for key, value in cos.items():
+                    val_cos.setdefault(key, []).append(value)
         chosen = {}
-        for kind, lrs, points in families:
-            for p in points:
-                chosen[(kind, p)] = max(lrs, key=lambda lr: sum(val_cos[(kind, p, lr)]))
+        for kind, lrs in tried.items():
+            for p in points_of[kind]:
+                chosen[(kind, p)] = best_rate(val_cos, kind, p, lrs)
         arms: dict[str, dict[str, list[float]]] = {}
         for scores, control in in_workers(test_run, list(range(len(test))), s.workers):
             for arm, sc in scores:
