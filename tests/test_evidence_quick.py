@@ -23,7 +23,8 @@ reliably (docs/evidence.md has the full-run numbers): the hypernet prediction
 alone identifying the person by rank-1 (0/6 here, 1-2/16 in the full run),
 hypernet + k against zero start + k on cosine (with one draw per step, quick: +0.03,
 CI -0.02..+0.08, full run +0.02 to +0.05; with the default 4 draws the full run's zero + 40
-is as good as zero + 400, -0.015 CI -0.040..+0.003) and prior drift.
+is as good as zero + 400, -0.015 CI -0.040..+0.003, and ahead only where its rate is grown past the
+grid, +0.024 CI +0.008..+0.041) and prior drift. The quick run does not grow its two-rate grids.
 """
 from __future__ import annotations
 
