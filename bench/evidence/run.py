@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -407,11 +408,10 @@ def run(out: str, settings: Settings, log=print) -> dict:
         return {p: (measure or judges[ident])(snaps[p]) for p in points}
 
     points_of = {kind: points for kind, _, points in families}
-    rates_now: dict[str, list[float]] = {}
 
-    def validation_run(ident):
+    def validation_run(ident, rates: dict[str, list[float]]):
         cos = {}
-        for kind, lrs in rates_now.items():
+        for kind, lrs in rates.items():
             for lr in lrs:
                 for p, c in arm_scores(kind, ident, lr, points_of[kind], judges[ident].cosine).items():
                     cos[(kind, p, lr)] = c
@@ -442,17 +442,17 @@ def run(out: str, settings: Settings, log=print) -> dict:
         # learning rate per arm on the validation identities
         val_cos: dict[tuple[str, int, float], list[float]] = {}
         tried = {kind: list(lrs) for kind, lrs, _ in families}
-        rates_now = {kind: list(lrs) for kind, lrs in tried.items()}
+        rates = dict(tried)
         for extension in range(s.grid_extensions + 1):
             if extension:
-                rates_now = rates_past_edges(val_cos, tried, points_of)
-                if not rates_now:
+                rates = rates_past_edges(val_cos, tried, points_of)
+                if not rates:
                     break
-                log("  grid grown past its edge: " + ", ".join(f"{kind} {lr:g}" for kind, lrs in rates_now.items()
+                log("  grid grown past its edge: " + ", ".join(f"{kind} {lr:g}" for kind, lrs in rates.items()
                                                               for lr in lrs))
-                for kind, lrs in rates_now.items():
-                    tried[kind] += lrs
-            for cos in in_workers(validation_run, val, s.workers):
+                for kind, lrs in rates.items():
+                    tried[kind] = tried[kind] + lrs
+            for cos in in_workers(partial(validation_run, rates=rates), val, s.workers):
                 for key, value in cos.items():
                     val_cos.setdefault(key, []).append(value)
         chosen = {}
