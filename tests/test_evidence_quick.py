@@ -156,6 +156,33 @@ def test_workers_return_what_one_process_does():
     assert {pid for pid, _ in here} == {os.getpid()} and os.getpid() not in {pid for pid, _ in forked}
 
 
+
+def test_a_background_job_returns_what_it_returns_here_and_raises_what_it_raises():
+    """`in_background` (the zero start's rate search during stage 0): another process, its result handed back
+    when asked for, and a failure re-raised here with the child's traceback."""
+    import os
+
+    from bench.evidence.workers import in_background
+
+    weight = torch.randn(8, 8)     # made here, inherited by the forked process
+
+    def job():
+        return os.getpid(), torch.ones(2, 8) @ weight
+
+    wait = in_background(job, fork=True)
+    expected = torch.ones(2, 8) @ weight
+    weight.zero_()                 # after the fork: the child keeps the weights it was started with
+    pid, value = wait()            # a tensor: handed back whole although the child has ended
+    assert pid != os.getpid() and torch.equal(value, expected) and expected.abs().sum() > 0
+    pid, value = in_background(job, fork=False)()
+    assert pid == os.getpid() and torch.equal(value, torch.zeros(2, 8))
+
+    def failing():
+        raise ValueError("no photo for id7")
+
+    with pytest.raises(RuntimeError, match="no photo for id7"):
+        in_background(failing, fork=True)()
+
 def test_the_learning_rate_grid_grows_past_an_edge_where_an_arm_peaks():
     """An arm whose best validation rate is its grid's lowest or highest is tried one rate further, on the grid's
     1-3 ladder; an arm that peaks inside, a diverged run (NaN) and the prediction alone (0 steps) add nothing."""

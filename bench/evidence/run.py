@@ -12,7 +12,9 @@ per step, the draws of a step in one batch (its `draws`).
 Held-out identities are split into validation identities (the finetuning
 learning rate of every arm is picked on them from a small grid, by mean cosine
 similarity; where the best rate is at the grid's edge the grid grows past it,
-`grid_extensions` times at most) and test identities (all reported numbers). An arm's LiDB is judged
+`grid_extensions` times at most; the zero start's search needs no network, so with
+two workers it runs in another process during stage 0 and stage 1) and test
+identities (all reported numbers). An arm's LiDB is judged
 by DDIM samples of base + LiDB from seeds the recognizer never saw: identity
 (rank-1, cosine), editability (the same seeds with the styled prompt: the share of
 the known edit kept, and identity once the edit is taken out), prior drift ("a
@@ -45,7 +47,7 @@ from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
 from . import world as W
 from .identity import Recognizer
-from .workers import in_workers
+from .workers import in_background, in_workers
 
 GATE_SHARE = 0.9
 SUBSPACE_NET = "subspace-hypernet"     # the network kind and arm prefix of the subspace hypernetwork
@@ -309,11 +311,15 @@ def run(out: str, settings: Settings, log=print) -> dict:
             for key, v in values.items():
                 table.setdefault(arm, {}).setdefault(key, []).append(v)
 
+        def gate_scores(n):
+            """The teacher, the base model and another identity's teacher judged for held-out identity n."""
+            judge = judges[held[n]]
+            return (judge(factors_of(teachers[held[n]])), judge(None),
+                    judge(factors_of(teachers[held[(n + 1) % len(held)]])))
+
         gate_rows = []
-        for n, ident in enumerate(held):
-            t_score = judges[ident](factors_of(teachers[ident]))
-            b_score = judges[ident](None)
-            o_score = judges[ident](factors_of(teachers[held[(n + 1) % len(held)]]))
+        for n, (t_score, b_score, o_score) in enumerate(in_workers(gate_scores, list(range(len(held))), s.workers)):
+            ident = held[n]
             gate_rows.append((ident, t_score["cos"], b_score["cos"], t_score["rank1"], b_score["rank1"]))
             if n >= s.validation:
                 add(refs, "teacher", t_score)
@@ -331,6 +337,76 @@ def run(out: str, settings: Settings, log=print) -> dict:
     result = {"gate": gate, "world_stats": world_stats, "manifest": manifest, "timings": timings}
     if not gate["passed"]:
         return result
+
+    input_ids = tokenize(base, [W.PROMPT], "cpu")
+    val, test = held[: s.validation], held[s.validation:]
+    k, long = s.key_steps
+    networks: dict = {}         # filled after stage 1; the zero start needs none of them
+    encoder = subspace = None
+
+    # (kind, learning rates, step counts): "hypernet-sub" and "mean-sub" finetune only the coefficients of
+    # the identity subspace, from the prediction and from the subspace's mean (the mean stage-0 LiDB)
+    families = [("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)]
+    if s.subspace_components:
+        families += [("hypernet-sub", s.subspace_lrs, s.subspace_hyper_points),
+                     ("mean-sub", s.subspace_lrs, s.subspace_mean_points)]
+    if s.subspace_net_steps:      # finetuned in its own subspace (the same fit as `subspace`)
+        families.append((SUBSPACE_NET, s.subspace_lrs, (0, *s.subspace_hyper_points)))
+        families.append((RELAXED, s.hyper_lrs, tuple(p for p in s.hyper_points if p)))
+    network_of = {"hypernet-sub": "hypernet", RELAXED: SUBSPACE_NET}
+    points_of = {kind: points for kind, _, points in families}
+
+    def start_of(kind, ident, photos):
+        if kind == "zero":
+            return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
+        if kind == "mean-sub":
+            return subspace.lidb(subspace.mean)
+        return networks[network_of.get(kind, kind)].predict_lidb(encoder.encode(photos[:1]))
+
+    def arm_scores(kind, ident, lr, points, measure=None):
+        """{step: measure(factors)} of one finetune of arm `kind` (default measure: everything the judge
+        measures)."""
+        photos = photos_of(ident)
+        latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
+        space = (networks[kind].subspace() if kind == SUBSPACE_NET else subspace if kind.endswith("-sub")
+                 else None)
+        snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s,
+                                space)
+        return {p: (measure or judges[ident])(snaps[p]) for p in points}
+
+    def validation_run(ident, rates: dict[str, list[float]]):
+        cos = {}
+        for kind, lrs in rates.items():
+            for lr in lrs:
+                for p, c in arm_scores(kind, ident, lr, points_of[kind], judges[ident].cosine).items():
+                    cos[(kind, p, lr)] = c
+        log(f"  validation {ident} done ({', '.join(rates)})")
+        return cos
+
+    def search_rates(kinds: list[str], workers: int):
+        """Validation cosines {(kind, steps, lr): [per identity]} and the rates tried {kind: [lr]} of `kinds`,
+        each kind's grid grown past an edge where one of its arms peaks."""
+        val_cos: dict[tuple[str, int, float], list[float]] = {}
+        tried = {kind: list(lrs) for kind, lrs, _ in families if kind in kinds}
+        rates = dict(tried)
+        with injector:
+            for extension in range(s.grid_extensions + 1):
+                if extension:
+                    rates = rates_past_edges(val_cos, tried, points_of)
+                    if not rates:
+                        break
+                    log("  grid grown past its edge: " + ", ".join(f"{kind} {lr:g}" for kind, lrs in rates.items()
+                                                                  for lr in lrs))
+                    for kind, lrs in rates.items():
+                        tried[kind] = tried[kind] + lrs
+                for cos in in_workers(partial(validation_run, rates=rates), val, workers):
+                    for key, value in cos.items():
+                        val_cos.setdefault(key, []).append(value)
+        return val_cos, tried
+
+    # The zero start's learning rates need neither stage 0 nor stage 1: chosen meanwhile in another process
+    # (stage 0 trains on one core).
+    zero_search = in_background(partial(search_rates, ["zero"], 1), fork=s.workers > 1)
 
     common = dict(resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False, seed=s.seed)
     t0 = time.time()
@@ -362,7 +438,6 @@ def run(out: str, settings: Settings, log=print) -> dict:
     # the transformers in one process and the subspace network in another (the numbers do not change)
     in_workers(lambda group: [train(kind) for kind in group],
                [[k for k in nets if k != SUBSPACE_NET], [k for k in nets if k == SUBSPACE_NET]], s.workers)
-    subspace = None
     if s.subspace_components:
         path = os.path.join(out, "subspace.safetensors")
         if not os.path.exists(path):
@@ -371,52 +446,9 @@ def run(out: str, settings: Settings, log=print) -> dict:
     timings["stage1"] = time.time() - t0
 
     t0 = time.time()
-    networks = {kind: load_hypernet(os.path.join(out, f"{kind}.safetensors")) for kind in nets}
+    networks.update((kind, load_hypernet(os.path.join(out, f"{kind}.safetensors"))) for kind in nets)
     net = networks["hypernet"]
     encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
-    input_ids = tokenize(base, [W.PROMPT], "cpu")
-    val, test = held[: s.validation], held[s.validation:]
-    k, long = s.key_steps
-
-    # (kind, learning rates, step counts): "hypernet-sub" and "mean-sub" finetune only the coefficients of
-    # the identity subspace, from the prediction and from the subspace's mean (the mean stage-0 LiDB)
-    families = [("hypernet", s.hyper_lrs, s.hyper_points), ("zero", s.zero_lrs, s.zero_points)]
-    if subspace is not None:
-        families += [("hypernet-sub", s.subspace_lrs, s.subspace_hyper_points),
-                     ("mean-sub", s.subspace_lrs, s.subspace_mean_points)]
-    if SUBSPACE_NET in networks:      # finetuned in its own subspace (the same fit as `subspace`)
-        families.append((SUBSPACE_NET, s.subspace_lrs, (0, *s.subspace_hyper_points)))
-        families.append((RELAXED, s.hyper_lrs, tuple(p for p in s.hyper_points if p)))
-    network_of = {"hypernet-sub": "hypernet", RELAXED: SUBSPACE_NET}
-
-    def start_of(kind, ident, photos):
-        if kind == "zero":
-            return zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed))
-        if kind == "mean-sub":
-            return subspace.lidb(subspace.mean)
-        return networks[network_of.get(kind, kind)].predict_lidb(encoder.encode(photos[:1]))
-
-    def arm_scores(kind, ident, lr, points, measure=None):
-        """{step: measure(factors)} of one finetune of arm `kind` (default measure: everything the judge
-        measures)."""
-        photos = photos_of(ident)
-        latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
-        space = (networks[kind].subspace() if kind == SUBSPACE_NET else subspace if kind.endswith("-sub")
-                 else None)
-        snaps = finetune_points(base, injector, start_of(kind, ident, photos), latent, input_ids, points, lr, s,
-                                space)
-        return {p: (measure or judges[ident])(snaps[p]) for p in points}
-
-    points_of = {kind: points for kind, _, points in families}
-
-    def validation_run(ident, rates: dict[str, list[float]]):
-        cos = {}
-        for kind, lrs in rates.items():
-            for lr in lrs:
-                for p, c in arm_scores(kind, ident, lr, points_of[kind], judges[ident].cosine).items():
-                    cos[(kind, p, lr)] = c
-        log(f"  validation {ident} done")
-        return cos
 
     def test_run(n):
         ident, scores = test[n], []
@@ -438,28 +470,17 @@ def run(out: str, settings: Settings, log=print) -> dict:
             f"zero+{long} {cos[f'zero+{long}']:.3f}, teacher {refs['teacher']['cos'][n]:.3f}")
         return scores, control
 
+    # learning rate per arm on the validation identities
+    val_cos, tried = search_rates([kind for kind, _, _ in families if kind != "zero"], s.workers)
+    zero_cos, zero_tried = zero_search()
+    val_cos.update(zero_cos)
+    tried = {kind: (zero_tried if kind == "zero" else tried)[kind] for kind, _, _ in families}
+    chosen = {}
+    for kind, lrs in tried.items():
+        for p in points_of[kind]:
+            chosen[(kind, p)] = best_rate(val_cos, kind, p, lrs)
+    arms: dict[str, dict[str, list[float]]] = {}
     with injector:
-        # learning rate per arm on the validation identities
-        val_cos: dict[tuple[str, int, float], list[float]] = {}
-        tried = {kind: list(lrs) for kind, lrs, _ in families}
-        rates = dict(tried)
-        for extension in range(s.grid_extensions + 1):
-            if extension:
-                rates = rates_past_edges(val_cos, tried, points_of)
-                if not rates:
-                    break
-                log("  grid grown past its edge: " + ", ".join(f"{kind} {lr:g}" for kind, lrs in rates.items()
-                                                              for lr in lrs))
-                for kind, lrs in rates.items():
-                    tried[kind] = tried[kind] + lrs
-            for cos in in_workers(partial(validation_run, rates=rates), val, s.workers):
-                for key, value in cos.items():
-                    val_cos.setdefault(key, []).append(value)
-        chosen = {}
-        for kind, lrs in tried.items():
-            for p in points_of[kind]:
-                chosen[(kind, p)] = best_rate(val_cos, kind, p, lrs)
-        arms: dict[str, dict[str, list[float]]] = {}
         for scores, control in in_workers(test_run, list(range(len(test))), s.workers):
             for arm, sc in scores:
                 add(arms, arm, sc)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from hdb_core.training.injector import LowRankInjector
 from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.seeding import generator
 
-from .workers import in_workers
+from .workers import in_background, in_workers
 
 PROMPT = "a sks face"
 FACE_PROMPT = "a face"
@@ -373,7 +374,7 @@ def build_world(root: str, spec: WorldSpec, log=print, workers: int = 1) -> dict
     teach = teachers(layers, config, spec, names)
     injector = base.injector(layers)
 
-    def sample_all(tag: str, per_id: int) -> torch.Tensor:
+    def sample_all(tag: str, per_id: int, workers: int = workers) -> torch.Tensor:
         jobs = [(teach[i], f"{name}/{tag}{k}") for i, name in enumerate(names) for k in range(per_id)]
 
         def sample_chunk(start: int) -> torch.Tensor:
@@ -384,9 +385,11 @@ def build_world(root: str, spec: WorldSpec, log=print, workers: int = 1) -> dict
         return torch.cat(in_workers(sample_chunk, list(range(0, len(jobs), 64)), workers))
 
     latents = sample_all("photo", spec.photos)
-    gallery = sample_all("gallery", spec.gallery)
+    # the VAE encoder trains on the photos only, on one core: the gallery is sampled meanwhile on the other
+    gallery = in_background(partial(sample_all, "gallery", spec.gallery, 1), fork=workers > 1)
     scale = 1.0
     err = _train_encoder(base, latents, spec.vae_steps, spec.seed)
+    gallery = gallery()
     base.vae.save_pretrained(os.path.join(base_dir, "vae"), safe_serialization=True)
     photos_dir, teach_dir = os.path.join(root, "photos"), os.path.join(root, "teachers")
     held_dir = os.path.join(root, "held_out_photos")
