@@ -156,7 +156,6 @@ def test_workers_return_what_one_process_does():
     assert {pid for pid, _ in here} == {os.getpid()} and os.getpid() not in {pid for pid, _ in forked}
 
 
-
 def test_a_background_job_returns_what_it_returns_here_and_raises_what_it_raises():
     """`in_background` (the zero start's rate search during stage 0): another process, its result handed back
     when asked for, and a failure re-raised here with the child's traceback."""
@@ -182,6 +181,7 @@ def test_a_background_job_returns_what_it_returns_here_and_raises_what_it_raises
 
     with pytest.raises(RuntimeError, match="no photo for id7"):
         in_background(failing, fork=True)()
+
 
 def test_the_learning_rate_grid_grows_past_an_edge_where_an_arm_peaks():
     """An arm whose best validation rate is its grid's lowest or highest is tried one rate further, on the grid's

@@ -386,10 +386,10 @@ def build_world(root: str, spec: WorldSpec, log=print, workers: int = 1) -> dict
 
     latents = sample_all("photo", spec.photos)
     # the VAE encoder trains on the photos only, on one core: the gallery is sampled meanwhile on the other
-    gallery = in_background(partial(sample_all, "gallery", spec.gallery, 1), fork=workers > 1)
+    sampled_gallery = in_background(partial(sample_all, "gallery", spec.gallery, 1), fork=workers > 1)
     scale = 1.0
     err = _train_encoder(base, latents, spec.vae_steps, spec.seed)
-    gallery = gallery()
+    gallery = sampled_gallery()
     base.vae.save_pretrained(os.path.join(base_dir, "vae"), safe_serialization=True)
     photos_dir, teach_dir = os.path.join(root, "photos"), os.path.join(root, "teachers")
     held_dir = os.path.join(root, "held_out_photos")
