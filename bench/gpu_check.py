@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -53,18 +54,21 @@ def _peak_gib(device) -> str:
 
 
 class StepClock:
-    """Times between ComfyUI progress updates (one per training step)."""
+    """Times between ComfyUI progress updates of a bar of `steps` (one per training step); other bars
+    (the aux-basis build on an architecture's first use) are not steps."""
 
-    def __init__(self, device):
+    def __init__(self, device, steps: int):
         import comfy.utils
 
-        self.device, self.stamps = device, []
+        self.device, self.steps, self.stamps = device, steps, []
         self._old = comfy.utils.PROGRESS_BAR_HOOK
         comfy.utils.set_progress_bar_global_hook(self._hook)
 
-    def _hook(self, *args, **kwargs):
+    def _hook(self, value, total, *args, **kwargs):
         import torch
 
+        if total != self.steps:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
@@ -84,7 +88,7 @@ def run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device) -
 
     model, clip, vae = ckpt
     _peak_reset(device)
-    clock = StepClock(device)
+    clock = StepClock(device, steps)
     t0 = time.perf_counter()
     try:
         call_node(nodes["HDB_FastFinetune"], model=model, clip=clip, vae=vae, image=image, steps=steps,
@@ -154,7 +158,7 @@ def run_trainlora(nodes, ckpt, resolution, steps, dtype_name, device) -> tuple[f
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a ohwx face"), return_pooled=True)
     latent = torch.randn(1, *_latent_shape(model.model, resolution))
     _peak_reset(device)
-    clock = StepClock(device)
+    clock = StepClock(device, steps)
     try:
         # Two latents: ComfyUI 0.3.75's trainer fails on a single one (multi_res unset).
         call_node(nodes["TrainLoraNode"], model=[model], latents=[{"samples": latent}, {"samples": latent}],
@@ -212,9 +216,10 @@ def main(argv=None) -> int:
 
     from devtools import comfy_runtime, tiny_dits, tiny_models
 
-    rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_gpu_check_"))
-    nodes = rt["nodes"].NODE_CLASS_MAPPINGS
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # ComfyUI manages the GPU itself (text encoder and VAE devices, memory) unless booted with --cpu
+    rt = comfy_runtime.boot(tempfile.mkdtemp(prefix="hdb_gpu_check_"), cpu=device.type == "cpu")
+    nodes = rt["nodes"].NODE_CLASS_MAPPINGS
     if device.type == "cpu" and not args.tiny:
         print("no CUDA device: running the --tiny variant on the CPU")
         args.tiny = True
@@ -227,6 +232,20 @@ def main(argv=None) -> int:
     rows = ["| arch | dtype | grad. ckpt | what | wall s | s/step | peak VRAM GiB |",
             "|---|---|---|---|---|---|---|"]
     extras = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def report(line: str | None = None, into: list = rows, error: Exception | None = None) -> None:
+        """Adds a line and rewrites the report, so a run cut short keeps every row it finished."""
+        if error is not None:
+            traceback.print_exception(error)
+        if line is not None:
+            into.append(line)
+            print(line, flush=True)
+        with open(args.out + ".partial", "w") as f:
+            f.write("\n".join([header, "", *rows, "", *extras]) + "\n")
+        os.replace(args.out + ".partial", args.out)
+
+    print(header, flush=True)
     for arch in args.archs.split(","):
         resolution = 64 if args.tiny else {"sd15": 512}.get(arch, 1024)
         image = torch.rand(1, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
@@ -240,36 +259,33 @@ def main(argv=None) -> int:
             for checkpointing in (False, True):
                 try:
                     wall, per_step, peak = run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device)
-                    rows.append(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
-                                f"{wall:.1f} | {per_step:.3f} | {peak} |")
+                    report(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
+                           f"{wall:.1f} | {per_step:.3f} | {peak} |")
                 except Exception as e:  # a row that fails says why; the rest still runs
-                    rows.append(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
-                                f"failed: {type(e).__name__}: {str(e)[:80]} | | |")
+                    report(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
+                           f"failed: {type(e).__name__}: {str(e)[:80]} | | |", error=e)
             autocast = None if device.type == "cpu" else dtype
             try:
                 per_step, peak = run_bare(ckpt, resolution, max(3, min(steps, 10)), autocast, device)
                 what = "bare DiT fwd+bwd" if arch in tiny_dits.FAMILIES else "bare UNet fwd+bwd"
-                rows.append(f"| {arch} | {dname} | off | {what} | | {per_step:.3f} | {peak} |")
+                report(f"| {arch} | {dname} | off | {what} | | {per_step:.3f} | {peak} |")
             except Exception as e:
-                rows.append(f"| {arch} | {dname} | off | bare UNet fwd+bwd | failed: {type(e).__name__} | | |")
+                report(f"| {arch} | {dname} | off | bare fwd+bwd | failed: {type(e).__name__}: {str(e)[:80]} | | |",
+                       error=e)
             try:
                 per_step, peak = run_trainlora(nodes, ckpt, resolution, max(3, min(steps, 10)), dname, device)
                 ckpt_on = "on" if arch in tiny_dits.FAMILIES else "off"
-                rows.append(f"| {arch} | {dname} | {ckpt_on} | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
+                report(f"| {arch} | {dname} | {ckpt_on} | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
             except Exception as e:
-                rows.append(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
-                            f"{str(e)[:60]} | | |")
+                report(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
+                       f"{str(e)[:60]} | | |", error=e)
             if dname == next(iter(dtypes)):
                 aux_s, predict_s = time_aux_and_prediction(ckpt[0], ckpt[1], device)
-                extras.append(f"{arch}: aux-basis build {aux_s:.2f} s, hypernetwork prediction {predict_s:.3f} s")
+                report(f"{arch}: aux-basis build {aux_s:.2f} s, hypernetwork prediction {predict_s:.3f} s", extras)
             del ckpt
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report = "\n".join([header, "", *rows, "", *extras])
-    print(report)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report + "\n")
+    report()
     return 0
 
 

@@ -21,8 +21,9 @@ def comfy_path() -> str:
     return os.path.abspath(path)
 
 
-def boot(base_directory: str) -> dict:
-    """Import ComfyUI with --cpu, models/output under `base_directory`, and load this pack.
+def boot(base_directory: str, cpu: bool = True) -> dict:
+    """Import ComfyUI (with --cpu unless `cpu` is False), models/output under `base_directory`, and load
+    this pack.
 
     Returns {'pack': the pack module, 'nodes': ComfyUI's nodes module, ...}. Idempotent.
     """
@@ -34,7 +35,7 @@ def boot(base_directory: str) -> dict:
     import comfy.options  # noqa: F401  (argument parsing stays disabled: pytest owns argv)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     args.base_directory = base_directory
     args.use_pytorch_cross_attention = True
     for d in ("models", "output", "input", "temp", "user", "custom_nodes"):
