@@ -23,25 +23,33 @@ def _text(prefix: str, cfg: dict) -> list[LayerSpec]:
         return specs_from_module(CLIPTextModel(CLIPTextConfig(**cfg)), prefix)
 
 
-def sd15_targets() -> list[LayerSpec]:
-    """176 layers: 128 UNet attention projections + 48 CLIP-L self-attention projections."""
+def sd15_unet():
+    """The SD1.5 UNet (diffusers) on the meta device."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    return specs_from_module(unet, "unet") + _text("te", CLIP_L)
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
 
-def sdxl_targets() -> list[LayerSpec]:
-    """UNet (560 projections) + CLIP-L (te1, 48) + OpenCLIP-bigG (te2, 128)."""
+def sdxl_unet():
+    """The SDXL base UNet (diffusers) on the meta device."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
+        return UNet2DConditionModel(
             sample_size=128, block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816, layers_per_block=2)
-    return specs_from_module(unet, "unet") + _text("te1", CLIP_L) + _text("te2", CLIP_BIGG)
+
+
+def sd15_targets() -> list[LayerSpec]:
+    """176 layers: 128 UNet attention projections + 48 CLIP-L self-attention projections."""
+    return specs_from_module(sd15_unet(), "unet") + _text("te", CLIP_L)
+
+
+def sdxl_targets() -> list[LayerSpec]:
+    """UNet (560 projections) + CLIP-L (te1, 48) + OpenCLIP-bigG (te2, 128)."""
+    return specs_from_module(sdxl_unet(), "unet") + _text("te1", CLIP_L) + _text("te2", CLIP_BIGG)

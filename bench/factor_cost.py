@@ -1,0 +1,100 @@
+"""What building a LiDB's LoRA factors costs per draw at full size: aten ops dispatched and CPU time.
+
+Fast Finetune rebuilds every target layer's factors (down, up) from the aux bases and the train
+matrices for each draw, one rank component at a time (so relaxing a LiDB leaves its dW bit for
+bit), and backpropagates through them. On a GPU each op is a kernel launch and some microseconds of
+CPU, so the op count is the number that carries over from this machine; the CPU time here also
+holds the small matmuls' arithmetic. For scale, it counts the ops of the bare UNet's forward and
+backward too (diffusers' UNet of the same architecture on the meta device: ops dispatched, nothing
+computed). Full-size layer lists come from devtools.arch_targets (meta device, no weights).
+
+    .venv/bin/python bench/factor_cost.py            # SD1.5 and SDXL at relaxed rank 4 (the default)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--rank", type=int, default=None, help="relaxed rank (default: the node's)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from devtools import arch_targets
+    from hdb_core import defaults
+    from hdb_core.lidb.weights import LiDB, LiDBConfig
+    from hdb_core.training.finetune import TrainableLiDB
+
+    class OpCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    rank = args.rank or defaults.RELAXED_RANK
+    torch.set_num_threads(1)
+    print(f"factors of every target layer, forward and backward, relaxed rank {rank}, 1 CPU thread")
+    print("| arch | layers | factor ops per draw | per layer | CPU s per draw (median) | bare UNet fwd+bwd ops |")
+    print("|---|---|---|---|---|---|")
+    for arch, targets, unet in (("sd15", arch_targets.sd15_targets, arch_targets.sd15_unet),
+                                ("sdxl", arch_targets.sdxl_targets, arch_targets.sdxl_unet)):
+        with OpCount() as bare:
+            unet_forward_backward(unet())
+        layers = targets()
+        start = LiDB.trainable_start(layers, LiDBConfig(rank=rank), torch.Generator().manual_seed(0))
+        weights = TrainableLiDB(start, torch.device("cpu"))
+
+        def draw(weights=weights):
+            factors = weights.factors()
+            # one scalar that depends on every factor, as the diffusion loss does
+            torch.stack([down.sum() + up.sum() for down, up in factors.values()]).sum().backward()
+
+        draw()  # first use builds and caches the aux bases
+        with OpCount() as count:
+            draw()
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            draw()
+            times.append(time.perf_counter() - t0)
+        print(f"| {arch} | {len(layers)} | {count.ops:,} | {count.ops / len(layers):.0f} | "
+              f"{statistics.median(times):.3f} | {bare.ops:,} |")
+    return 0
+
+
+def unet_forward_backward(unet) -> None:
+    """One forward and backward to the input (frozen weights, as in a finetune) of a meta-device
+    diffusers UNet at its native latent size."""
+    import torch
+
+    unet.requires_grad_(False)
+    cfg = unet.config
+    size = cfg.sample_size
+    x = torch.zeros(1, cfg.in_channels, size, size, device="meta", requires_grad=True)
+    text = torch.zeros(1, 77, cfg.cross_attention_dim, device="meta")
+    extra = {}
+    if cfg.addition_embed_type == "text_time":   # SDXL: pooled text and the size/crop conditioning
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, device="meta"),
+                                       "time_ids": torch.zeros(1, 6, device="meta")}}
+    out = unet(x, torch.tensor([500], device="meta"), text, **extra).sample
+    out.float().pow(2).mean().backward()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
