@@ -1,12 +1,14 @@
 """What building a LiDB's LoRA factors costs per draw at full size: aten ops dispatched and CPU time.
 
 Fast Finetune rebuilds every target layer's factors (down, up) from the aux bases and the train
-matrices for each draw, one rank component at a time (so relaxing a LiDB leaves its dW bit for
-bit), and backpropagates through them. On a GPU each op is a kernel launch and some microseconds of
-CPU, so the op count is the number that carries over from this machine; the CPU time here also
-holds the small matmuls' arithmetic. For scale, it counts the ops of the bare UNet's forward and
-backward too (diffusers' UNet of the same architecture on the meta device: ops dispatched, nothing
-computed). Full-size layer lists come from devtools.arch_targets (meta device, no weights).
+matrices for each draw and backpropagates through them: on the CPU one layer and rank component
+at a time (so relaxing a LiDB leaves its dW bit for bit), elsewhere with one batched matmul per
+group of same-shaped layers (`grouped_down_up`). Both builds are counted here. On a GPU each op
+is a kernel launch and some microseconds of CPU, so the op count is the number that carries over
+from this machine; the CPU time here also holds the small matmuls' arithmetic. For scale, it
+counts the ops of the bare UNet's forward and backward too (diffusers' UNet of the same
+architecture on the meta device: ops dispatched, nothing computed). Full-size layer lists come
+from devtools.arch_targets (meta device, no weights).
 
     .venv/bin/python bench/factor_cost.py            # SD1.5 and SDXL at relaxed rank 4 (the default)
 """
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     rank = args.rank or defaults.RELAXED_RANK
     torch.set_num_threads(1)
     print(f"factors of every target layer, forward and backward, relaxed rank {rank}, 1 CPU thread")
-    print("| arch | layers | factor ops per draw | per layer | CPU s per draw (median) | bare UNet fwd+bwd ops |")
+    print("| arch | layers | build | factor ops per draw | CPU s per draw (median) | bare UNet fwd+bwd ops |")
     print("|---|---|---|---|---|---|")
     for arch, targets, unet in (("sd15", arch_targets.sd15_targets, arch_targets.sd15_unet),
                                 ("sdxl", arch_targets.sdxl_targets, arch_targets.sdxl_unet)):
@@ -57,23 +59,27 @@ def main(argv=None) -> int:
             unet_forward_backward(unet())
         layers = targets()
         start = LiDB.trainable_start(layers, LiDBConfig(rank=rank), torch.Generator().manual_seed(0))
-        weights = TrainableLiDB(start, torch.device("cpu"))
+        for grouped in (False, True):
+            weights = TrainableLiDB(start, torch.device("cpu"), grouped=grouped)
 
-        def draw(weights=weights):
-            factors = weights.factors()
-            # one scalar that depends on every factor, as the diffusion loss does
-            torch.stack([down.sum() + up.sum() for down, up in factors.values()]).sum().backward()
+            # a gradient for every factor, made beforehand: only the build and its backward are counted
+            grads = [torch.ones_like(t) for pair in weights.factors().values() for t in pair]
 
-        draw()  # first use builds and caches the aux bases
-        with OpCount() as count:
-            draw()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            draw()
-            times.append(time.perf_counter() - t0)
-        print(f"| {arch} | {len(layers)} | {count.ops:,} | {count.ops / len(layers):.0f} | "
-              f"{statistics.median(times):.3f} | {bare.ops:,} |")
+            def draw(weights=weights, grads=grads):
+                factors = weights.factors()
+                torch.autograd.backward([t for pair in factors.values() for t in pair], grads)
+
+            draw()  # first use builds and caches the aux bases
+            with OpCount() as count:
+                draw()
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                draw()
+                times.append(time.perf_counter() - t0)
+            build = f"grouped ({len(weights._groups)} shape groups)" if grouped else "per layer"
+            print(f"| {arch} | {len(layers)} | {build} | {count.ops:,} | {statistics.median(times):.3f} | "
+                  f"{bare.ops:,} |")
     return 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -176,6 +176,35 @@ def down_up_from(a_aux, b_aux, a_train, b_train) -> tuple[torch.Tensor, torch.Te
     down = torch.cat([a_aux @ a_train[..., k:k + 1] for k in range(r)], dim=-1).transpose(-1, -2)  # [r, in]
     up = torch.cat([b_train[..., k:k + 1, :] @ b_aux for k in range(r)], dim=-2).transpose(-1, -2)  # [out, r]
     return down, up
+
+
+AuxGroup = tuple[list[int], torch.Tensor, torch.Tensor]
+
+
+def aux_shape_groups(aux: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[AuxGroup]:
+    """Layers (by position) whose aux bases have one shape, with those bases stacked [L, ...]."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (a_aux, b_aux) in enumerate(aux):
+        by_shape.setdefault((tuple(a_aux.shape), tuple(b_aux.shape)), []).append(i)
+    return [(idx, torch.stack([aux[i][0] for i in idx]), torch.stack([aux[i][1] for i in idx]))
+            for idx in by_shape.values()]
+
+
+def grouped_down_up(groups: Sequence[AuxGroup], a_train: Sequence[torch.Tensor],
+                    b_train: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`down_up_from` of every layer, one batched matmul per shape group and rank component.
+
+    A few hundred ops for a whole model instead of about 70 per layer (forward and backward,
+    bench/factor_cost.py), for devices where each op is a kernel launch. Equal to the per-layer
+    result up to rounding, not bit for bit.
+    """
+    out: list = [None] * len(a_train)
+    for idx, a_aux, b_aux in groups:
+        down, up = down_up_from(a_aux, b_aux, torch.stack([a_train[i] for i in idx]),
+                                torch.stack([b_train[i] for i in idx]))
+        for i, d, u in zip(idx, down.unbind(0), up.unbind(0)):
+            out[i] = (d, u)
+    return out
 
 
 @dataclass

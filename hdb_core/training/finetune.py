@@ -22,7 +22,8 @@ from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.lidb.subspace import IdentitySubspace, rows_of
 from hdb_core.lidb.targets import LayerSpec
-from hdb_core.lidb.weights import AUX, FREE, RELAXATIONS, LiDB, LiDBConfig, aux_for_layers, down_up_from
+from hdb_core.lidb.weights import (AUX, FREE, RELAXATIONS, LiDB, LiDBConfig, aux_for_layers, aux_shape_groups,
+                                   down_up_from, grouped_down_up)
 from hdb_core.training.objective import draw, pick_latents
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -88,12 +89,16 @@ class TrainableLiDB(torch.nn.Module):
     """A LiDB's train matrices (and free LoRA factors) as parameters, its aux bases on the device.
 
     With `train_aux` False the aux-factored part is kept as it is (the paper's relaxation:
-    only the free LoRA part learns).
+    only the free LoRA part learns). `grouped` builds the factors per group of same-shaped layers
+    (`grouped_down_up`); by default it does so off the CPU, where each small op is a kernel launch
+    and results are not bit-reproducible anyway. On the CPU the per-layer build keeps a relaxed
+    start's dW bit for bit, and the evidence bench's arithmetic as it was measured.
     """
 
     def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None,
-                 train_aux: bool = True):
+                 train_aux: bool = True, grouped: bool | None = None):
         super().__init__()
+        self.grouped = torch.device(device).type != "cpu" if grouped is None else grouped
         self.template = lidb
         self.names = [s.name for s in lidb.layers]
         self.a_train, self.b_train = torch.nn.ParameterList(), torch.nn.ParameterList()
@@ -111,17 +116,24 @@ class TrainableLiDB(torch.nn.Module):
             if lidb.free_down:
                 self.free_down.append(param(lidb.free_down[spec.name], learn))
                 self.free_up.append(param(lidb.free_up[spec.name], learn))
-            a_aux, b_aux = aux[spec.name]
-            self._aux.append((a_aux.to(device), b_aux.to(device)))
+        on_cpu = [aux[spec.name] for spec in lidb.layers]
+        if self.grouped:
+            self._groups = [(idx, a.to(device), b.to(device)) for idx, a, b in aux_shape_groups(on_cpu)]
+        else:
+            self._groups, self._aux = [], [(a.to(device), b.to(device)) for a, b in on_cpu]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (down [r, in], up [out, r]); differentiable in the trainable matrices."""
+        if self.grouped:
+            aux_parts = grouped_down_up(self._groups, list(self.a_train), list(self.b_train))
+        else:
+            aux_parts = [down_up_from(a_aux, b_aux, a, b)
+                         for (a_aux, b_aux), a, b in zip(self._aux, self.a_train, self.b_train)]
         out = {}
-        for i, (name, (a_aux, b_aux)) in enumerate(zip(self.names, self._aux)):
-            down, up = down_up_from(a_aux, b_aux, self.a_train[i], self.b_train[i])
+        for i, (name, (down, up)) in enumerate(zip(self.names, aux_parts)):
             if len(self.free_down):
                 down = torch.cat([down, self.free_down[i]], dim=0)
                 up = torch.cat([up, self.free_up[i]], dim=1)
