@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 draw()
                 times.append(time.perf_counter() - t0)
-            build = f"grouped ({len(weights._groups)} shape groups)" if grouped else "per layer"
+            build = f"grouped ({len(weights.build.groups)} shape groups)" if grouped else "per layer"
             print(f"| {arch} | {len(layers)} | {build} | {count.ops:,} | {statistics.median(times):.3f} | "
                   f"{bare.ops:,} |")
     return 0

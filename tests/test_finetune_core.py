@@ -312,6 +312,6 @@ def test_the_grouped_build_does_not_grow_in_ops_with_the_layers_that_share_a_sha
 
 def test_the_factors_are_grouped_off_the_cpu_by_default():
     lidb = relaxed_start(rank1_init(), 2, torch.Generator().manual_seed(0))
-    assert not TrainableLiDB(lidb, torch.device("cpu")).grouped
+    assert not TrainableLiDB(lidb, torch.device("cpu")).build.grouped
     on_meta = TrainableLiDB(lidb, torch.device("meta"))
-    assert on_meta.grouped and set(on_meta.factors()) == {s.name for s in LAYERS}
+    assert on_meta.build.grouped and set(on_meta.factors()) == {s.name for s in LAYERS}

@@ -98,9 +98,11 @@ def test_finetuning_in_the_subspace_starts_at_the_start_and_moves_only_within_it
     start = sub.lidb(start_row, source="predicted")
     assert in_span(start_row, sub) > 1e-3
     factors = SubspaceLiDB(start, sub, torch.device("cpu")).factors()
+    grouped = SubspaceLiDB(start, sub, torch.device("cpu"), grouped=True).factors()   # as on a GPU
     for s in LAYERS:                                       # step 0 is the start exactly
         down, up = factors[s.name]
         assert torch.equal(up @ down, start.delta(s.name))
+        assert torch.allclose(grouped[s.name][1] @ grouped[s.name][0], start.delta(s.name), rtol=1e-5, atol=1e-7)
     target = {s.name: lidbs[3].delta(s.name) for s in LAYERS}
     result = finetune(start, toy_loss(target), FinetuneSettings(steps=60, learning_rate=0.1, subspace=sub),
                       source="finetuned")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -85,26 +85,47 @@ def zero_start(layers: Iterable[LayerSpec], rank: int, generator: torch.Generato
     return LiDB.trainable_start(layers, LiDBConfig(rank=rank), generator, **info)
 
 
+class LayerFactors:
+    """Every layer's LoRA factors from its train matrices, the aux bases held on the device.
+
+    `grouped` builds them per group of same-shaped layers (`grouped_down_up`); by default it does
+    so off the CPU, where each small op is a kernel launch and results are not bit-reproducible
+    anyway. On the CPU the per-layer build is faster, keeps a relaxed start's dW bit for bit, and
+    keeps the arithmetic the evidence bench was measured with.
+    """
+
+    def __init__(self, lidb: LiDB, device: torch.device, grouped: bool | None = None):
+        self.grouped = torch.device(device).type != "cpu" if grouped is None else grouped
+        aux = aux_for_layers(lidb.config, lidb.layers)
+        on_cpu = [aux[s.name] for s in lidb.layers]
+        if self.grouped:
+            self.groups = [(idx, a.to(device), b.to(device)) for idx, a, b in aux_shape_groups(on_cpu)]
+        else:
+            self.per_layer = [(a.to(device), b.to(device)) for a, b in on_cpu]
+
+    def __call__(self, a_train: Sequence[torch.Tensor],
+                 b_train: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(down [r, in], up [out, r]) of each layer, in layer order."""
+        if self.grouped:
+            return grouped_down_up(self.groups, a_train, b_train)
+        return [down_up_from(a_aux, b_aux, a, b) for (a_aux, b_aux), a, b in zip(self.per_layer, a_train, b_train)]
+
+
 class TrainableLiDB(torch.nn.Module):
     """A LiDB's train matrices (and free LoRA factors) as parameters, its aux bases on the device.
 
     With `train_aux` False the aux-factored part is kept as it is (the paper's relaxation:
-    only the free LoRA part learns). `grouped` builds the factors per group of same-shaped layers
-    (`grouped_down_up`); by default it does so off the CPU, where each small op is a kernel launch
-    and results are not bit-reproducible anyway. On the CPU the per-layer build keeps a relaxed
-    start's dW bit for bit, and the evidence bench's arithmetic as it was measured.
+    only the free LoRA part learns). `grouped`: see `LayerFactors`.
     """
 
     def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None,
                  train_aux: bool = True, grouped: bool | None = None):
         super().__init__()
-        self.grouped = torch.device(device).type != "cpu" if grouped is None else grouped
+        self.build = LayerFactors(lidb, device, grouped)
         self.template = lidb
         self.names = [s.name for s in lidb.layers]
         self.a_train, self.b_train = torch.nn.ParameterList(), torch.nn.ParameterList()
         self.free_down, self.free_up = torch.nn.ParameterList(), torch.nn.ParameterList()
-        self._aux: list[tuple[torch.Tensor, torch.Tensor]] = []
-        aux = aux_for_layers(lidb.config, lidb.layers)
 
         def param(t: torch.Tensor, learn: bool) -> torch.nn.Parameter:
             return torch.nn.Parameter(t.detach().float().to(device).clone(), requires_grad=learn)
@@ -116,24 +137,14 @@ class TrainableLiDB(torch.nn.Module):
             if lidb.free_down:
                 self.free_down.append(param(lidb.free_down[spec.name], learn))
                 self.free_up.append(param(lidb.free_up[spec.name], learn))
-        on_cpu = [aux[spec.name] for spec in lidb.layers]
-        if self.grouped:
-            self._groups = [(idx, a.to(device), b.to(device)) for idx, a, b in aux_shape_groups(on_cpu)]
-        else:
-            self._groups, self._aux = [], [(a.to(device), b.to(device)) for a, b in on_cpu]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (down [r, in], up [out, r]); differentiable in the trainable matrices."""
-        if self.grouped:
-            aux_parts = grouped_down_up(self._groups, list(self.a_train), list(self.b_train))
-        else:
-            aux_parts = [down_up_from(a_aux, b_aux, a, b)
-                         for (a_aux, b_aux), a, b in zip(self._aux, self.a_train, self.b_train)]
         out = {}
-        for i, (name, (down, up)) in enumerate(zip(self.names, aux_parts)):
+        for i, (name, (down, up)) in enumerate(zip(self.names, self.build(list(self.a_train), list(self.b_train)))):
             if len(self.free_down):
                 down = torch.cat([down, self.free_down[i]], dim=0)
                 up = torch.cat([up, self.free_up[i]], dim=1)
@@ -155,8 +166,9 @@ class SubspaceLiDB(torch.nn.Module):
     """
 
     def __init__(self, start: LiDB, subspace: IdentitySubspace, device: torch.device,
-                 trainable: frozenset[str] | None = None):
+                 trainable: frozenset[str] | None = None, grouped: bool | None = None):
         super().__init__()
+        self.build = LayerFactors(start, device, grouped)
         subspace.check_fits(start)
         self.template, self.subspace = start, subspace
         directions = subspace.directions
@@ -167,16 +179,14 @@ class SubspaceLiDB(torch.nn.Module):
         self.register_buffer("start_row", rows_of([start]).to(device))
         self.register_buffer("directions", directions.to(device))
         self.coefficients = torch.nn.Parameter(torch.zeros(1, subspace.components, device=device))
-        aux = aux_for_layers(start.config, start.layers)
-        self._aux = [tuple(t.to(device) for t in aux[s.name]) for s in start.layers]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.coefficients] if self.directions.abs().sum() > 0 else []
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         a, b = self.subspace.train_matrices(self.start_row + self.coefficients @ self.directions)
-        return {s.name: down_up_from(a_aux, b_aux, a[s.name][0], b[s.name][0])
-                for s, (a_aux, b_aux) in zip(self.template.layers, self._aux)}
+        names = [s.name for s in self.template.layers]
+        return dict(zip(names, self.build([a[n][0] for n in names], [b[n][0] for n in names])))
 
     def to_lidb(self, **info) -> LiDB:
         row = (self.start_row + self.coefficients @ self.directions).detach().float().cpu()
