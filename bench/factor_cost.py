@@ -32,21 +32,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from devtools import arch_targets
+    from devtools.op_count import OpCount
     from hdb_core import defaults
     from hdb_core.lidb.weights import LiDB, LiDBConfig
     from hdb_core.training.finetune import TrainableLiDB
-
-    class OpCount(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
 
     rank = args.rank or defaults.RELAXED_RANK
     torch.set_num_threads(1)

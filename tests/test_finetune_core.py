@@ -262,16 +262,7 @@ MANY = [LayerSpec(f"unet.block{i}.attn1.to_{p}", 64, 64) for i in range(4) for p
 
 def factor_pass(lidb: LiDB, grouped: bool, weight: dict[str, torch.Tensor]):
     """Factors, gradients and the aten ops of building them and backpropagating a loss through them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpCount(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            return func(*args, **(kwargs or {}))
+    from devtools.op_count import OpCount
 
     weights = TrainableLiDB(lidb, torch.device("cpu"), grouped=grouped)
     with OpCount() as count:
