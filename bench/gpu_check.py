@@ -10,9 +10,12 @@ and devtools.tiny_dits (DiTs at full size with 2-layer text encoders of the righ
   plus the aux-basis build and a hypernetwork prediction (default config) per architecture.
 
 Fast Finetune runs here with one draw per step, so a step is one forward+backward like the other
-rows; its default (`draws_per_step` 4) makes a step four of them, at the same peak memory.
+rows (after an untimed 2-step run per model and dtype: the aux bases' first build and the card's
+first use of the shapes are in no row); its default (`draws_per_step` 4) makes a step four of them,
+at the same peak memory.
 
-On an NVIDIA machine after scripts/setup.sh (one call, about 5-8 minutes on an H100/H200):
+On an NVIDIA machine after scripts/setup.sh (over 7 minutes on an H200: the first run there, without
+the warm-up runs, was stopped at 400 s inside SDXL fp16; `--dtypes bf16` runs half the rows):
 
     .venv/bin/python bench/gpu_check.py                  # writes bench/out/gpu_check.md too
     .venv/bin/python bench/gpu_check.py --archs flux1    # full-size Flux.1 (12B) at 1024 px, bf16/fp16
@@ -209,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models at 64 px (runs on the CPU in seconds)")
     p.add_argument("--steps", type=int, default=None, help="finetune steps (default 40; 3 with --tiny)")
     p.add_argument("--archs", default="sd15,sdxl")
+    p.add_argument("--dtypes", default="bf16,fp16", help="on a GPU: bf16, fp16 or both (the CPU runs fp32)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "out", "gpu_check.md"))
     args = p.parse_args(argv)
 
@@ -225,7 +229,8 @@ def main(argv=None) -> int:
         args.tiny = True
     steps = args.steps or (3 if args.tiny else 40)
     scale = "tiny" if args.tiny else "full"
-    dtypes = {"fp32": torch.float32} if device.type == "cpu" else {"bf16": torch.bfloat16, "fp16": torch.float16}
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32} if device.type == "cpu" else {d: named[d] for d in args.dtypes.split(",")}
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     header = (f"HyperDreamBooth GPU check on {gpu}, torch {torch.__version__}, {scale} models, "
               f"Fast Finetune {steps} steps")
@@ -256,6 +261,11 @@ def main(argv=None) -> int:
                 ckpt = tiny_dits.comfy_dit_checkpoint(arch, scale, device=str(device), dtype=dtype)
             else:
                 ckpt = tiny_models.comfy_checkpoint_of(arch, scale, device=str(device), dtype=dtype)
+            try:  # untimed: the aux bases' first build and the card's first use of these shapes belong to no row
+                run_finetune(nodes, ckpt, image, 2, resolution, False, device)
+            except Exception as e:
+                report(f"| {arch} | {dname} | off | warm-up | failed: {type(e).__name__}: {str(e)[:80]} | | |",
+                       error=e)
             for checkpointing in (False, True):
                 try:
                     wall, per_step, peak = run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device)
