@@ -12,7 +12,9 @@ ComfyUI internals this file relies on (check them on a ComfyUI upgrade):
 * ComfyUI's CLIP layers and DiT blocks (Flux, ...) add residuals in place (`x += attn(norm(x))`)
   after a LayerNorm (an nn.LayerNorm subclass) saved x for backward;
 * the UNet's `diffusion_model` children (input/middle/output blocks) are ModuleLists of
-  blocks whose forward can be recomputed (gradient checkpointing).
+  TimestepEmbedSequential blocks that `openaimodel.forward_timestep_embed` runs layer by layer,
+  calling each layer (ResBlock, SpatialTransformer, Down/Upsample) but never the block's own
+  forward: gradient checkpointing recomputes those layers (DiT blocks are called whole).
 """
 from __future__ import annotations
 
@@ -96,14 +98,17 @@ def _on_copies(forward):
 
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool):
-    """Recompute each top-level block (UNet input/middle/output blocks, DiT double/single blocks) in backward
-    instead of storing its activations."""
+    """Recompute each top-level block in backward instead of storing its activations: DiT double/single
+    blocks, and each layer of the UNet's input/middle/output blocks (the UNet calls those, not the blocks)."""
     if not enabled:
         yield
         return
     blocks = []
     for child in diffusion_model.children():
-        blocks.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
+        for block in child if isinstance(child, torch.nn.ModuleList) else [child]:
+            # the UNet runs a TimestepEmbedSequential layer by layer (forward_timestep_embed), never through
+            # its forward: its layers are what gets called
+            blocks.extend(block if isinstance(block, torch.nn.Sequential) else [block])
     saved = []
     try:
         for block in blocks:

@@ -155,8 +155,32 @@ def test_gradient_checkpointing_gives_the_same_lidb(comfy, node, ckpt, photo):
     model, clip, vae = ckpt
     plain, _ = finetune(node, model, clip, vae, photo, steps=3)
     ckpt_run, _ = finetune(node, model, clip, vae, photo, steps=3, gradient_checkpointing=True)
+    # equal but for rounding: the recomputing backward sums in another order, and Adam's step
+    # (gradient over its running scale) magnifies that in components whose gradient is near zero
     for n in plain.b_train:
-        torch.testing.assert_close(ckpt_run.b_train[n], plain.b_train[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ckpt_run.b_train[n], plain.b_train[n], rtol=1e-3, atol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_far_fewer_activations_for_backward(comfy, node, ckpt, photo):
+    """ComfyUI's UNet runs each block's layers itself (forward_timestep_embed), never the block's forward."""
+    model, clip, vae = ckpt
+
+    def saved_bytes(checkpointing: bool) -> int:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            finetune(node, model, clip, vae, photo, steps=1, draws_per_step=1, train_text_encoder=False,
+                     gradient_checkpointing=checkpointing)
+        return total
+
+    plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    print(f"bytes kept for backward: {plain:,} plain, {checkpointed:,} with checkpointing")
+    assert checkpointed < 0.5 * plain, (checkpointed, plain)
 
 
 def test_cancel_mid_run_leaves_the_model_clean_and_the_next_run_works(comfy, node, ckpt, photo, hash_weights):
