@@ -239,6 +239,9 @@ def main(argv=None) -> int:
     extras = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
+    def failed(e: Exception) -> str:
+        return f"failed: {type(e).__name__}: {str(e)[:80]}"
+
     def report(line: str | None = None, into: list = rows, error: Exception | None = None) -> None:
         """Adds a line and rewrites the report, so a run cut short keeps every row it finished."""
         if error is not None:
@@ -264,8 +267,7 @@ def main(argv=None) -> int:
             try:  # untimed: the aux bases' first build and the card's first use of these shapes belong to no row
                 run_finetune(nodes, ckpt, image, 2, resolution, False, device)
             except Exception as e:
-                report(f"| {arch} | {dname} | off | warm-up | failed: {type(e).__name__}: {str(e)[:80]} | | |",
-                       error=e)
+                report(f"| {arch} | {dname} | off | warm-up | {failed(e)} | | |", error=e)
             for checkpointing in (False, True):
                 try:
                     wall, per_step, peak = run_finetune(nodes, ckpt, image, steps, resolution, checkpointing, device)
@@ -273,22 +275,20 @@ def main(argv=None) -> int:
                            f"{wall:.1f} | {per_step:.3f} | {peak} |")
                 except Exception as e:  # a row that fails says why; the rest still runs
                     report(f"| {arch} | {dname} | {'on' if checkpointing else 'off'} | HDB_FastFinetune | "
-                           f"failed: {type(e).__name__}: {str(e)[:80]} | | |", error=e)
+                           f"{failed(e)} | | |", error=e)
             autocast = None if device.type == "cpu" else dtype
             try:
                 per_step, peak = run_bare(ckpt, resolution, max(3, min(steps, 10)), autocast, device)
                 what = "bare DiT fwd+bwd" if arch in tiny_dits.FAMILIES else "bare UNet fwd+bwd"
                 report(f"| {arch} | {dname} | off | {what} | | {per_step:.3f} | {peak} |")
             except Exception as e:
-                report(f"| {arch} | {dname} | off | bare fwd+bwd | failed: {type(e).__name__}: {str(e)[:80]} | | |",
-                       error=e)
+                report(f"| {arch} | {dname} | off | bare fwd+bwd | {failed(e)} | | |", error=e)
             try:
                 per_step, peak = run_trainlora(nodes, ckpt, resolution, max(3, min(steps, 10)), dname, device)
                 ckpt_on = "on" if arch in tiny_dits.FAMILIES else "off"
                 report(f"| {arch} | {dname} | {ckpt_on} | TrainLoraNode rank 1 | | {per_step:.3f} | {peak} |")
             except Exception as e:
-                report(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | failed: {type(e).__name__}: "
-                       f"{str(e)[:60]} | | |", error=e)
+                report(f"| {arch} | {dname} | off | TrainLoraNode rank 1 | {failed(e)} | | |", error=e)
             if dname == next(iter(dtypes)):
                 aux_s, predict_s = time_aux_and_prediction(ckpt[0], ckpt[1], device)
                 report(f"{arch}: aux-basis build {aux_s:.2f} s, hypernetwork prediction {predict_s:.3f} s", extras)
