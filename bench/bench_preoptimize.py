@@ -40,8 +40,8 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from hdb_core.training.base_model import BaseModel
-    from hdb_core.lidb.batch import train_factors
-    from hdb_core.lidb.weights import LiDBConfig, aux_for_layers
+    from hdb_core.lidb.batch import LayerFactors
+    from hdb_core.lidb.weights import LiDBConfig
     from hdb_core.training.stage0 import diffusion_loss, init_chunk
 
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).to(device).requires_grad_(False)
@@ -53,7 +53,7 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
     print(f"\nstage-0 step at SD1.5 shapes ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M UNet params, "
           f"{len(layers)} LiDB layers), 64x64 latent, fp32, device {device}, {torch.get_num_threads()} threads")
     print(f"{'batch':>5} | {'s/step':>7} | {'s/identity-step':>15}")
-    aux = {n: (x.to(device), y.to(device)) for n, (x, y) in aux_for_layers(config, layers).items()}
+    factors = LayerFactors(config, layers, device)
     with base.injector(layers) as inj:
         for bs in batches:
             a, b = init_chunk([str(i) for i in range(bs)], layers, config, 0)
@@ -65,7 +65,7 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
             for k in range(steps + 1):
                 lat = torch.randn(bs, 4, 64, 64, device=device)
                 t0 = time.perf_counter()
-                loss = diffusion_loss(base, inj, train_factors(aux, a, b), ids, lat, torch.randn_like(lat),
+                loss = diffusion_loss(base, inj, factors.named(a, b), ids, lat, torch.randn_like(lat),
                                       torch.randint(1000, (bs,), device=device), torch.float32, True)
                 opt.zero_grad()
                 loss.sum().backward()

@@ -382,7 +382,7 @@ def photo_stack(base, folder: str, names: list[str], photos: int) -> list:
             for n in names]
 
 
-def coefficient_fit(base, injector, aux, subspace, directions, latents, names, first, steps, lr) -> dict:
+def coefficient_fit(base, injector, build, subspace, directions, latents, names, first, steps, lr) -> dict:
     """{steps: rows [N, D]} of subspace coefficients (from `first` [N, k]) trained with Adam on stage 0's loss
     of each identity's latents, after each of `steps`."""
     import torch
@@ -403,7 +403,7 @@ def coefficient_fit(base, injector, aux, subspace, directions, latents, names, f
             if step == max(steps):
                 break
             lat, noise, ts = draw_batch(names, latents, base.num_timesteps, 0, step, False)
-            loss = diffusion_loss(base, injector, subspace_factors(subspace, aux, rows), input_ids,
+            loss = diffusion_loss(base, injector, subspace_factors(subspace, build, rows), input_ids,
                                   lat, noise, ts, torch.float32, True)
             optimizer.zero_grad()
             loss.sum().backward()
@@ -430,7 +430,7 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
     from hdb_core.lidb.file import load_lidb, save_lidb
     from hdb_core.lidb.subspace import IdentitySubspace, rows_of
-    from hdb_core.lidb.weights import aux_for_layers
+    from hdb_core.lidb.batch import LayerFactors
     from hdb_core.training.base_model import load_base_model
     from hdb_core.training.stage0 import lidb_path
 
@@ -440,7 +440,7 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
     subspace = IdentitySubspace.fit(lidbs[unseen:], max(args.k))
     total = float((rows_of(lidbs[unseen:]) - subspace.mean).pow(2).sum()) / (len(lidbs) - unseen - 1)
     base = load_base_model(manifest["base"])
-    aux = aux_for_layers(subspace.config, subspace.layers)
+    build = LayerFactors(subspace.config, subspace.layers, "cpu")
     injector = base.injector(subspace.layers)
 
     def fitted(folder, names, photos, k, start=None) -> dict:
@@ -448,7 +448,7 @@ def cmd_subspace(args, manifest, spec, rec) -> None:
         directions = subspace.directions[:k]
         first = torch.zeros(len(names), k) if start is None else (
             (start - subspace.mean) @ directions.T / directions.pow(2).sum(1))
-        rows = coefficient_fit(base, injector, aux, subspace, directions, photo_stack(base, folder, names, photos),
+        rows = coefficient_fit(base, injector, build, subspace, directions, photo_stack(base, folder, names, photos),
                                names, first, args.steps, args.lr)
         return {steps: [subspace.lidb(row) for row in r] for steps, r in rows.items()}
 
@@ -691,13 +691,11 @@ class CoreSubspace:
         return LiDB(self.layers, dataclasses.replace(self.config, rank=rank), a, b, {})
 
 
-def subspace_factors(subspace, aux, rows) -> dict:
-    """The injector's factors of subspace rows, in either kind of subspace."""
-    from hdb_core.lidb.batch import train_factors
-
+def subspace_factors(subspace, build, rows) -> dict:
+    """The injector's factors of subspace rows, in either kind of subspace (`build`: a `LayerFactors`)."""
     if hasattr(subspace, "factors"):
         return subspace.factors(rows)
-    return train_factors(aux, *subspace.train_matrices(rows))
+    return build.named(*subspace.train_matrices(rows))
 
 
 class SubspaceSetup:
@@ -711,8 +709,8 @@ class SubspaceSetup:
         from bench.evidence import encoder as E
         from hdb_core.hypernet.image_encoder import ClipImageEncoder
         from hdb_core.lidb.file import load_lidb
+        from hdb_core.lidb.batch import LayerFactors
         from hdb_core.lidb.subspace import IdentitySubspace
-        from hdb_core.lidb.weights import aux_for_layers
         from hdb_core.training.base_model import load_base_model
 
         self.train = stage0_identities(manifest, args.stage0)
@@ -720,7 +718,7 @@ class SubspaceSetup:
         self.subspace = (CoreSubspace(lidbs, args.k) if getattr(args, "space", "factors") == "core"
                          else IdentitySubspace.fit(lidbs, args.k))
         self.base = load_base_model(manifest["base"])
-        self.aux = aux_for_layers(self.subspace.config, self.subspace.layers)
+        self.build = LayerFactors(self.subspace.config, self.subspace.layers, "cpu")
         self.injector = self.base.injector(self.subspace.layers)
         self.held = manifest["held_out"]
         self.encoder = ClipImageEncoder.from_pretrained(encoder_folder or manifest["image_encoder"])
@@ -776,7 +774,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
 
     setup = SubspaceSetup(args, manifest, spec, args.encoder)
-    train, subspace, base, aux, injector = setup.train, setup.subspace, setup.base, setup.aux, setup.injector
+    train, subspace, base, build, injector = setup.train, setup.subspace, setup.base, setup.build, setup.injector
     held, features, held_features = setup.held, setup.features, setup.held_features
     latents = torch.stack([x[:, 0] for x in photo_stack(base, manifest["photos"], train, spec.photos)])
     held_photos = photo_stack(base, manifest["held_out_photos"], held, 1)
@@ -848,7 +846,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             lat = latents[pick, shown]
             noise = torch.randn(lat.shape, generator=g)
             ts = torch.randint(base.num_timesteps, (len(pick),), generator=g)
-            loss = diffusion_loss(base, injector, subspace_factors(subspace, aux, rows),
+            loss = diffusion_loss(base, injector, subspace_factors(subspace, build, rows),
                                   input_ids[:len(pick)], lat, noise, ts, torch.float32, True).mean()
             if args.consistency:       # another photo of the same person should give the same coordinates
                 other = (seen + torch.randint(1, spec.photos, (len(pick),), generator=g)) % spec.photos
@@ -879,7 +877,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     if args.finetune:
         with torch.no_grad():
             first = predict(held_features)
-        fits = coefficient_fit(base, injector, aux, subspace, subspace.directions,
+        fits = coefficient_fit(base, injector, build, subspace, subspace.directions,
                                held_photos, held, first, args.finetune,
                                args.finetune_lr)
         with torch.no_grad():
@@ -900,7 +898,7 @@ def cmd_distill(args, manifest, spec, rec) -> None:
     photos = [x[j:j + 1] for x in photo_stack(setup.base, manifest["photos"], setup.train, spec.photos)
               for j in range(spec.photos)]
     names = [f"{i}/{j}" for i in setup.train for j in range(spec.photos)]
-    fitted = coefficient_fit(setup.base, setup.injector, setup.aux, subspace, subspace.directions, photos, names,
+    fitted = coefficient_fit(setup.base, setup.injector, setup.build, subspace, subspace.directions, photos, names,
                              torch.zeros(len(names), subspace.components), [args.fit_steps],
                              args.fit_lr)[args.fit_steps]
     directions = subspace.directions

@@ -287,6 +287,36 @@ def test_the_grouped_factor_build_matches_the_per_layer_one(relaxation):
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(grads, grouped_grads))
 
 
+def test_the_grouped_build_of_identities_stacked_for_training_matches_the_per_layer_one():
+    """Stage 0 trains a chunk of identities and stage 1 predicts a batch: train matrices [N, a_l, r]."""
+    from hdb_core.lidb.batch import LayerFactors, stack_train
+
+    g = torch.Generator().manual_seed(2)
+    config = LiDBConfig(rank=2)
+    lidbs = [LiDB.trainable_start(MANY, config, g) for _ in range(3)]
+    lidbs = [x.with_tensors(x.a_train, {n: torch.randn(b.shape, generator=g) for n, b in x.b_train.items()})
+             for x in lidbs]
+    weight = {s.name: torch.randn(s.out_features, s.in_features, generator=g) for s in MANY}
+
+    def build(grouped: bool):
+        a, b = stack_train(lidbs)
+        params = [t.requires_grad_(True) for t in (*a.values(), *b.values())]
+        factors = LayerFactors(config, MANY, "cpu", grouped).named(a, b)
+        torch.stack([((up @ down) * weight[n]).sum() for n, (down, up) in factors.items()]).sum().backward()
+        return factors, [p.grad for p in params]
+
+    per_layer, grads = build(False)
+    grouped, grouped_grads = build(True)
+    for s in MANY:
+        down, up = per_layer[s.name]
+        assert down.shape == (3, 2, s.in_features) and up.shape == (3, s.out_features, 2)
+        for i, lidb in enumerate(lidbs):     # row i is identity i's own factors
+            assert torch.allclose(up[i] @ down[i], lidb.delta(s.name), rtol=1e-5, atol=1e-6), s.name
+        assert torch.allclose(grouped[s.name][0], down, rtol=1e-5, atol=1e-6), s.name
+        assert torch.allclose(grouped[s.name][1], up, rtol=1e-5, atol=1e-6), s.name
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(grads, grouped_grads))
+
+
 def test_the_grouped_build_does_not_grow_in_ops_with_the_layers_that_share_a_shape():
     def ops(n: int, grouped: bool) -> int:
         layers = [LayerSpec(f"unet.block{i}.attn1.to_q", 64, 64) for i in range(n)]

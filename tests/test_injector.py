@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hdb_core.errors import HDBError
-from hdb_core.lidb.batch import lidb_factors, stack_train, train_factors
-from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers
+from hdb_core.lidb.batch import LayerFactors, lidb_factors, stack_train
+from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.injector import LowRankInjector
 
 
@@ -151,11 +151,11 @@ def test_injection_leaves_the_model_untouched_and_gradients_reach_the_train_matr
     a, b = stack_train(random_lidbs(layers, 2))
     a = {k: v.requires_grad_(True) for k, v in a.items()}
     b = {k: v.requires_grad_(True) for k, v in b.items()}
-    aux = aux_for_layers(LiDBConfig(), layers)
+    factors = LayerFactors(LiDBConfig(), layers, "cpu")
     x, t, _ = unet_inputs(2)
     ids = base.tokenizer(["a ohwx face"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with base.injector(layers) as inj:
-        inj.set_factors(train_factors(aux, a, b))
+        inj.set_factors(factors.named(a, b))
         out = base.unet(x, t, base.text_encoder(ids)[0]).sample
         out.pow(2).mean().backward()
     assert not any(m._forward_hooks for m in base.unet.modules())  # hooks removed

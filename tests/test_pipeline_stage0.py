@@ -211,6 +211,28 @@ def test_gradient_checkpointing_and_bf16_autocast_in_stage0(faces, base, tmp_pat
     assert (runs["bf16"] - runs["plain"]).norm() / runs["plain"].norm() < 0.2
 
 
+def test_the_grouped_factor_build_trains_the_same_lidbs(faces, base, tmp_path, monkeypatch):
+    """Off the CPU stage 0 builds a chunk's factors per group of same-shaped layers (`LayerFactors`),
+    forced here on the CPU: the same LiDBs up to rounding (amplified by Adam's first steps)."""
+    from hdb_core.lidb import batch
+
+    preoptimize(faces, base, str(tmp_path / "per_layer"), settings(batch_size=3), progress=False)
+    built = []
+
+    class Grouped(batch.LayerFactors):
+        def __init__(self, config, layers, device, grouped=None):
+            super().__init__(config, layers, device, grouped=True)
+            built.append(self)
+
+    monkeypatch.setattr("hdb_core.training.stage0.LayerFactors", Grouped)
+    preoptimize(faces, base, str(tmp_path / "grouped"), settings(batch_size=3), progress=False)
+    assert built and all(b.grouped for b in built)
+    for ident in ("id00", "id01", "id02"):
+        per_layer = flat_delta(load_lidb(str(tmp_path / "per_layer" / f"{ident}.safetensors")))
+        grouped = flat_delta(load_lidb(str(tmp_path / "grouped" / f"{ident}.safetensors")))
+        assert (grouped - per_layer).norm() / per_layer.norm() < 5e-3
+
+
 def test_shards_cover_every_identity_exactly_once():
     items = list(range(11))
     parts = [shard(items, ProcessInfo(k, 3)) for k in range(3)]

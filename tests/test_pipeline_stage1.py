@@ -94,30 +94,59 @@ def test_weight_and_diffusion_gradients_are_balanced_at_the_default_beta(stage0,
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("space", ["factors", "delta"])
+def test_the_grouped_factor_build_gives_stage1_the_same_terms_and_gradients(stage0, base, space):
+    """Off the CPU the objective builds its factors per group of same-shaped layers (`LayerFactors`),
+    forced here on the CPU: the same losses and network gradients to rounding, in both weight spaces
+    (the delta space builds the stage-0 targets' factors too)."""
+    from hdb_core.lidb.batch import LayerFactors
+
+    prepared, lidbs, _ = stage0
+    layers, config, _, _ = check_targets(PreparedData(prepared).ids, lidbs, base)
+    net, samples, objective = objective_parts(prepared, lidbs, base, net_settings(weight_space=space))
+    batch = samples.batch(0)
+
+    def terms_and_grads():
+        net.zero_grad()
+        terms = objective.terms(net, batch)
+        objective.value(terms).backward()
+        return terms, [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    with objective:
+        assert not objective.factors.grouped        # the CPU's default
+        plain, grads = terms_and_grads()
+        objective.factors = LayerFactors(config, layers, "cpu", grouped=True)
+        grouped, grouped_grads = terms_and_grads()
+    torch.testing.assert_close(grouped.diffusion, plain.diffusion, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grouped.weight, plain.weight, rtol=1e-5, atol=1e-7)
+    assert len(grads) == len(grouped_grads) > 0
+    for a, b in zip(grouped_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_delta_weight_term_is_the_dw_distance_and_blind_to_the_factors_gauge():
     """--weight-space delta: sum over layers of ||dW_hat - dW||_F^2, computed without forming dW, and the
     same when a rank-1 update is split differently between its factors (A c, B / c)."""
-    from hdb_core.lidb.batch import train_factors
+    from hdb_core.lidb.batch import LayerFactors
     from hdb_core.lidb.targets import LayerSpec
-    from hdb_core.lidb.weights import aux_for_layers
     from hdb_core.training.stage1 import delta_weight_loss, weight_loss
 
     layers = (LayerSpec("unet.x.to_q", 24, 16), LayerSpec("unet.x.to_out.0", 16, 24))
     config = LiDBConfig(a=8, b=6, rank=1)
-    aux = aux_for_layers(config, layers)
+    factors = LayerFactors(config, layers, "cpu")
     names = [s.name for s in layers]
     g = torch.Generator().manual_seed(0)
     a_hat = {n: torch.randn(3, 8, 1, generator=g) for n in names}
     b_hat = {n: torch.randn(3, 1, 6, generator=g) for n in names}
     a_t = {n: torch.randn(3, 8, 1, generator=g) for n in names}
     b_t = {n: torch.randn(3, 1, 6, generator=g) for n in names}
-    hat, target = train_factors(aux, a_hat, b_hat), train_factors(aux, a_t, b_t)
+    hat, target = factors.named(a_hat, b_hat), factors.named(a_t, b_t)
     got = delta_weight_loss(hat, target, names)
     want = sum((hat[n][1] @ hat[n][0] - target[n][1] @ target[n][0]).pow(2).sum((1, 2)) for n in names)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     regauged_a = {n: 3.0 * v for n, v in a_t.items()}
     regauged_b = {n: v / 3.0 for n, v in b_t.items()}
-    torch.testing.assert_close(delta_weight_loss(hat, train_factors(aux, regauged_a, regauged_b), names), got,
+    torch.testing.assert_close(delta_weight_loss(hat, factors.named(regauged_a, regauged_b), names), got,
                                rtol=1e-4, atol=1e-5)
     assert not torch.allclose(weight_loss(a_hat, b_hat, regauged_a, regauged_b, names),
                               weight_loss(a_hat, b_hat, a_t, b_t, names))

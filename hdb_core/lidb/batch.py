@@ -12,10 +12,10 @@ import torch
 
 from hdb_core.errors import HDBError
 from hdb_core.lidb.targets import LayerSpec
-from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers, down_up_from
+from hdb_core.lidb.weights import (LiDB, LiDBConfig, aux_for_layers, aux_shape_groups, down_up_from,
+                                   grouped_down_up)
 
 Train = Mapping[str, torch.Tensor]
-Aux = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def stack_train(lidbs: Sequence[LiDB], device=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -41,13 +41,37 @@ def unstack_train(a: Train, b: Train, layers: Sequence[LayerSpec], config: LiDBC
             for i in range(n)]
 
 
-def train_factors(aux: Aux, a_train: Train, b_train: Train) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{name: (down, up)} of (stacked) train matrices; differentiable in them, aux on their device."""
-    out = {}
-    for name, at in a_train.items():
-        a_aux, b_aux = aux[name]
-        out[name] = down_up_from(a_aux.to(at.device), b_aux.to(at.device), at.float(), b_train[name].float())
-    return out
+class LayerFactors:
+    """Every layer's LoRA factors from its train matrices, the aux bases held on the device.
+
+    `grouped` builds them per group of same-shaped layers (`grouped_down_up`); by default it does
+    so off the CPU, where each small op is a kernel launch and results are not bit-reproducible
+    anyway. On the CPU the per-layer build is faster, keeps a relaxed start's dW bit for bit, and
+    keeps the arithmetic the evidence bench was measured with. Train matrices may be one LiDB's
+    or stacked over identities (`stack_train`); the factors are differentiable in them.
+    """
+
+    def __init__(self, config: LiDBConfig, layers: Sequence[LayerSpec], device, grouped: bool | None = None):
+        self.grouped = torch.device(device).type != "cpu" if grouped is None else grouped
+        self.names = [s.name for s in layers]
+        aux = aux_for_layers(config, layers)
+        on_cpu = [aux[name] for name in self.names]
+        if self.grouped:
+            self.groups = [(idx, a.to(device), b.to(device)) for idx, a, b in aux_shape_groups(on_cpu)]
+        else:
+            self.per_layer = [(a.to(device), b.to(device)) for a, b in on_cpu]
+
+    def __call__(self, a_train: Sequence[torch.Tensor],
+                 b_train: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(down [..., r, in], up [..., out, r]) of each layer, in layer order."""
+        a_train, b_train = [a.float() for a in a_train], [b.float() for b in b_train]
+        if self.grouped:
+            return grouped_down_up(self.groups, a_train, b_train)
+        return [down_up_from(a_aux, b_aux, a, b) for (a_aux, b_aux), a, b in zip(self.per_layer, a_train, b_train)]
+
+    def named(self, a_train: Train, b_train: Train) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (down, up)} of {name: train matrix} mappings."""
+        return dict(zip(self.names, self([a_train[n] for n in self.names], [b_train[n] for n in self.names])))
 
 
 def lidb_factors(lidbs: LiDB | Sequence[LiDB], device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -58,4 +82,4 @@ def lidb_factors(lidbs: LiDB | Sequence[LiDB], device=None) -> dict[str, tuple[t
         return {s.name: tuple(torch.stack(f).to(device) for f in zip(*(x.down_up(s.name) for x in lidbs)))
                 for s in lidbs[0].layers}
     a, b = stack_train(list(lidbs), device)
-    return train_factors(aux_for_layers(lidbs[0].config, lidbs[0].layers), a, b)
+    return LayerFactors(lidbs[0].config, lidbs[0].layers, device or "cpu").named(a, b)

@@ -194,14 +194,19 @@ def grouped_down_up(groups: Sequence[AuxGroup], a_train: Sequence[torch.Tensor],
                     b_train: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`down_up_from` of every layer, one batched matmul per shape group and rank component.
 
+    Each layer's train matrices are [a_l, r] / [r, b_l], or stacked over identities with any
+    leading dimensions (stage 0 trains many at once), the same for every layer.
+
     A few hundred ops for a whole model instead of about 70 per layer (forward and backward,
     bench/factor_cost.py), for devices where each op is a kernel launch. Equal to the per-layer
     result up to rounding, not bit for bit.
     """
     out: list = [None] * len(a_train)
     for idx, a_aux, b_aux in groups:
-        down, up = down_up_from(a_aux, b_aux, torch.stack([a_train[i] for i in idx]),
-                                torch.stack([b_train[i] for i in idx]))
+        a, b = torch.stack([a_train[i] for i in idx]), torch.stack([b_train[i] for i in idx])
+        batch = (1,) * (a.dim() - 3)     # train matrices stacked over identities: [L, N, a_l, r]
+        down, up = down_up_from(a_aux.view(len(idx), *batch, *a_aux.shape[1:]),
+                                b_aux.view(len(idx), *batch, *b_aux.shape[1:]), a, b)
         for i, d, u in zip(idx, down.unbind(0), up.unbind(0)):
             out[i] = (d, u)
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -22,8 +22,8 @@ from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.lidb.subspace import IdentitySubspace, rows_of
 from hdb_core.lidb.targets import LayerSpec
-from hdb_core.lidb.weights import (AUX, FREE, RELAXATIONS, LiDB, LiDBConfig, aux_for_layers, aux_shape_groups,
-                                   down_up_from, grouped_down_up)
+from hdb_core.lidb.batch import LayerFactors
+from hdb_core.lidb.weights import AUX, FREE, RELAXATIONS, LiDB, LiDBConfig
 from hdb_core.training.objective import draw, pick_latents
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -85,32 +85,6 @@ def zero_start(layers: Iterable[LayerSpec], rank: int, generator: torch.Generato
     return LiDB.trainable_start(layers, LiDBConfig(rank=rank), generator, **info)
 
 
-class LayerFactors:
-    """Every layer's LoRA factors from its train matrices, the aux bases held on the device.
-
-    `grouped` builds them per group of same-shaped layers (`grouped_down_up`); by default it does
-    so off the CPU, where each small op is a kernel launch and results are not bit-reproducible
-    anyway. On the CPU the per-layer build is faster, keeps a relaxed start's dW bit for bit, and
-    keeps the arithmetic the evidence bench was measured with.
-    """
-
-    def __init__(self, lidb: LiDB, device: torch.device, grouped: bool | None = None):
-        self.grouped = torch.device(device).type != "cpu" if grouped is None else grouped
-        aux = aux_for_layers(lidb.config, lidb.layers)
-        on_cpu = [aux[s.name] for s in lidb.layers]
-        if self.grouped:
-            self.groups = [(idx, a.to(device), b.to(device)) for idx, a, b in aux_shape_groups(on_cpu)]
-        else:
-            self.per_layer = [(a.to(device), b.to(device)) for a, b in on_cpu]
-
-    def __call__(self, a_train: Sequence[torch.Tensor],
-                 b_train: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(down [r, in], up [out, r]) of each layer, in layer order."""
-        if self.grouped:
-            return grouped_down_up(self.groups, a_train, b_train)
-        return [down_up_from(a_aux, b_aux, a, b) for (a_aux, b_aux), a, b in zip(self.per_layer, a_train, b_train)]
-
-
 class TrainableLiDB(torch.nn.Module):
     """A LiDB's train matrices (and free LoRA factors) as parameters, its aux bases on the device.
 
@@ -121,7 +95,7 @@ class TrainableLiDB(torch.nn.Module):
     def __init__(self, lidb: LiDB, device: torch.device, trainable: frozenset[str] | None = None,
                  train_aux: bool = True, grouped: bool | None = None):
         super().__init__()
-        self.build = LayerFactors(lidb, device, grouped)
+        self.build = LayerFactors(lidb.config, lidb.layers, device, grouped)
         self.template = lidb
         self.names = [s.name for s in lidb.layers]
         self.a_train, self.b_train = torch.nn.ParameterList(), torch.nn.ParameterList()
@@ -168,7 +142,7 @@ class SubspaceLiDB(torch.nn.Module):
     def __init__(self, start: LiDB, subspace: IdentitySubspace, device: torch.device,
                  trainable: frozenset[str] | None = None, grouped: bool | None = None):
         super().__init__()
-        self.build = LayerFactors(start, device, grouped)
+        self.build = LayerFactors(start.config, start.layers, device, grouped)
         subspace.check_fits(start)
         self.template, self.subspace = start, subspace
         directions = subspace.directions

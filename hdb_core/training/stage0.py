@@ -30,8 +30,8 @@ from hdb_core import defaults
 from hdb_core.errors import HDBError
 from hdb_core.lidb.file import load_lidb, save_lidb
 from hdb_core.lidb.targets import check_layers_match
-from hdb_core.lidb.batch import stack_train, train_factors, unstack_train
-from hdb_core.lidb.weights import LiDB, LiDBConfig, aux_for_layers
+from hdb_core.lidb.batch import LayerFactors, stack_train, unstack_train
+from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.base_model import BaseModel, load_base_model, photo_latents, tokenize
 from hdb_core.training.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from hdb_core.training.injector import LowRankInjector
@@ -260,7 +260,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
 
     prompt = settings.prompt.format(trigger=settings.trigger)
     injector = base.injector(layers)
-    aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, layers).items()}
+    factors = LayerFactors(config, layers, device)
     trained = 0
     bar = tqdm(total=len(chunks) * settings.steps, disable=not progress, position=process.index,
                desc=f"stage 0 [{process.index + 1}/{process.count}]", unit="step", dynamic_ncols=True)
@@ -303,7 +303,7 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
             for step in range(step0, settings.steps):
                 lat, noise, ts = draw_batch(runs, latents, base.num_timesteps, settings.seed, step, settings.flip)
                 with autocast(settings.autocast, device):
-                    per_sample = diffusion_loss(base, injector, train_factors(aux, a, b), input_ids, lat.to(device),
+                    per_sample = diffusion_loss(base, injector, factors.named(a, b), input_ids, lat.to(device),
                                                 noise.to(device), ts.to(device), dtype, settings.text_encoder)
                 objective = per_sample.sum()
                 if settings.decay_to_start:

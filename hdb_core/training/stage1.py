@@ -41,8 +41,7 @@ from hdb_core.hypernet.subspace_model import SubspaceHyperNetwork, SubspaceNetCo
 from hdb_core.lidb.file import load_lidb
 from hdb_core.lidb.subspace import IdentitySubspace, row_width, rows_of
 from hdb_core.lidb.targets import TEXT_ENCODERS, check_layers_match
-from hdb_core.lidb.batch import stack_train, train_factors
-from hdb_core.lidb.weights import aux_for_layers
+from hdb_core.lidb.batch import LayerFactors, stack_train
 from hdb_core.training.base_model import BaseModel, load_base_model, tokenize
 from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
                                           save_checkpoint)
@@ -335,7 +334,7 @@ def unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, mean, names) -> torch.Tensor:
 
 def delta_weight_loss(predicted, target, names) -> torch.Tensor:
     """Per-sample sum over layers of ||dW_hat - dW||_F^2 [B] from {name: (down, up)} factors
-    (`train_factors`): blind to the A/B factors' gauge.
+    (`LayerFactors`): blind to the A/B factors' gauge.
 
     A/B are only defined up to A -> A c, B -> B / c (and rotations for rank > 1); dW is not.
     With U = [up_hat, -up] and D = [down_hat; down], ||U D||^2 = sum((U^T U) * (D D^T)),
@@ -415,7 +414,7 @@ class Objective:
         self.layers = layers
         self.names = [s.name for s in self.layers]
         self.injector = base.injector(self.layers, "The stage-0 LiDBs")
-        self.aux = {n: (a.to(device), b.to(device)) for n, (a, b) in aux_for_layers(config, self.layers).items()}
+        self.factors = LayerFactors(config, self.layers, device)
         prompt = settings.prompt.format(trigger=settings.trigger)
         self.input_ids = tokenize(base, [prompt], device)
 
@@ -431,7 +430,7 @@ class Objective:
         device, base = self.device, self.base
         a_hat, b_hat = net(batch["features"].to(device, non_blocking=True))
         delta = self.s.weight_space == "delta"
-        predicted = train_factors(self.aux, a_hat, b_hat) if delta or self.s.alpha > 0 else None
+        predicted = self.factors.named(a_hat, b_hat) if delta or self.s.alpha > 0 else None
         w_loss = self._weight_term(a_hat, b_hat, predicted, batch)
         if self.s.alpha > 0:
             self.injector.set_factors(predicted)
@@ -451,7 +450,7 @@ class Objective:
         a_t = {n: v.to(self.device, non_blocking=True) for n, v in batch["a"].items()}
         b_t = {n: v.to(self.device, non_blocking=True) for n, v in batch["b"].items()}
         if self.s.weight_space == "delta":
-            return delta_weight_loss(predicted, train_factors(self.aux, a_t, b_t), self.names)
+            return delta_weight_loss(predicted, self.factors.named(a_t, b_t), self.names)
         if self.s.weight_length == "separate":
             return unshrunk_weight_loss(a_hat, b_hat, a_t, b_t, self.mean, self.names)
         return weight_loss(a_hat, b_hat, a_t, b_t, self.names)
