@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid-extensions", type=int, default=None,
                    help="rounds that grow an arm's learning-rate grid past an edge where its best validation rate "
                         "sits (default 2, the quick run 0; 0 saves about 4 min of the full run)")
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="the weight of every finetune's prior term for \"a face\" (default 0: off; "
+                        "docs/evidence.md \"The prior term\")")
     p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     if args.quick and args.scaled:
         p.error("--quick and --scaled are two different sizes; choose one.")
     settings = replace(quick() if args.quick else scaled() if args.scaled else Settings(), workers=args.workers)
+    if args.prior_weight is not None:
+        settings = replace(settings, prior_weight=args.prior_weight)
     if args.grid_extensions is not None:
         if args.grid_extensions < 0:
             p.error(f"--grid-extensions must be 0 or more, not {args.grid_extensions}.")

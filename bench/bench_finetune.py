@@ -7,6 +7,7 @@ and resolution, fp32 on the CPU:
                    the floor for any method that backpropagates through the UNet
   HDB (UNet)       HDB_FastFinetune with train_text_encoder off
   HDB (UNet+TE)    HDB_FastFinetune as by default (also trains the CLIP text encoder)
+  HDB + prior      the same with the prior term on (prior_weight 1: two more passes per draw)
 
 (HDB runs with one draw per step here, one forward+backward like the other rows; the node's
 default of 4 draws makes a step four of them at the same memory.)
@@ -34,9 +35,10 @@ sys.path.insert(0, REPO)
 from bench.worker_runs import (add_worker_option, bare_steps, photo_and_prompt, print_rows, rss_mb,  # noqa: E402
                                run_train_lora_node, run_worker, serve_worker, summarise)
 
-METHODS = ("bare", "hdb_unet", "hdb_te", "trainlora")
+METHODS = ("bare", "hdb_unet", "hdb_te", "hdb_prior", "trainlora")
 LABELS = {"bare": "bare UNet fwd+bwd", "hdb_unet": "HDB_FastFinetune (UNet)",
-          "hdb_te": "HDB_FastFinetune (UNet+TE)", "trainlora": "TrainLoraNode rank 1"}
+          "hdb_te": "HDB_FastFinetune (UNet+TE)", "hdb_prior": "HDB_FastFinetune + prior term",
+          "trainlora": "TrainLoraNode rank 1"}
 
 
 def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -> dict:
@@ -63,11 +65,12 @@ def worker(method: str, scale: str, resolution: int, steps: int, threads: int) -
     if method == "bare":
         bare_steps(autograd, model, latent, lambda lat: {"c_crossattn": cond.clone()}, steps, g, stamps,
                    copy_norm_inputs=False)
-    elif method in ("hdb_unet", "hdb_te"):
+    elif method in ("hdb_unet", "hdb_te", "hdb_prior"):
         node = rt["nodes"].NODE_CLASS_MAPPINGS["HDB_FastFinetune"]
         comfy_runtime.call_node(node, model=model, clip=clip, vae=vae, image=image, steps=steps,
                                 learning_rate=2e-3, relaxed_rank=4, resolution=resolution, seed=0,
-                                train_text_encoder=method == "hdb_te", draws_per_step=1)
+                                train_text_encoder=method != "hdb_unet", draws_per_step=1,
+                                prior_weight=1.0 if method == "hdb_prior" else 0.0)
     else:
         run_train_lora_node(rt["nodes"], model, latent, cond, pooled, steps, checkpointing=False)
     per_step = [b - a for a, b in zip(stamps, stamps[1:])][-(steps - 1):]

@@ -924,8 +924,9 @@ def cmd_distill(args, manifest, spec, rec) -> None:
 def cmd_draws(args, manifest, spec, rec) -> None:
     """Finetunes of the bench's validation or test identities (one photo each) at given step counts, rates
     and draws per step, judged as the bench judges an arm: from zero or from `--hypernet`'s prediction, with
-    the default relaxation or the one a run names; each run's mean, then its paired difference from the first
-    run (bootstrap 95 %)."""
+    the default relaxation or the one a run names, and with the finetune's prior term for "a face" at a
+    given weight (`diffusers_loss_fn`'s; 0: off); each run's mean, then its paired differences from the
+    first run (bootstrap 95 %)."""
     from dataclasses import replace
 
     import torch
@@ -948,8 +949,10 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     net = load_hypernet(args.hypernet) if args.hypernet else None
     encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"])
     input_ids = tokenize(base, [W.PROMPT], "cpu")
-    runs = [(kind, int(steps), float(lr), int(draws), relaxation[0] if relaxation else RELAXATION)
-            for kind, steps, lr, draws, *relaxation in (r.split(":") for r in args.runs.split(","))]
+    runs = [(kind, int(steps), float(lr), int(draws), (rest[0] or RELAXATION) if rest else RELAXATION,
+             float(rest[1]) if len(rest) > 1 else 0.0)
+            for kind, steps, lr, draws, *rest in (r.split(":") for r in args.runs.split(","))]
+    face_ids = tokenize(base, [W.FACE_PROMPT], "cpu")
     if any(kind == "net" for kind, *_ in runs) and net is None:
         raise SystemExit("runs from 'net' need --hypernet")
     scores: dict[tuple, list[dict]] = {run: [] for run in runs}
@@ -960,28 +963,33 @@ def cmd_draws(args, manifest, spec, rec) -> None:
                                   for p in sorted(os.listdir(folder))])
             judge = Judge(base, injector, rec, photos[1:], ident, s)
             latent = encode_latents(base, data.to_model_range(photos[:1]), "cpu")
-            for kind, steps, lr, draws, relaxation in runs:
+            for run in runs:
+                kind, steps, lr, draws, relaxation, prior = run
                 with torch.no_grad():
                     start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed), relaxation)
                              if kind == "zero" else net.predict_lidb(encoder.encode(photos[:1])))
-                result = finetune(start, diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1),
-                                                           input_ids, False, draws),
-                                  FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
-                                                   draws_per_step=1, relaxation=relaxation, seed=s.seed))
+                loss = diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1), input_ids, False, draws,
+                                         prior_ids=face_ids, prior_weight=prior)
+                result = finetune(start, loss, FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
+                                                                draws_per_step=1, relaxation=relaxation, seed=s.seed))
                 injector.clear()
-                scores[(kind, steps, lr, draws, relaxation)].append(judge(factors_of(result.lidb)))
+                scores[run].append(judge(factors_of(result.lidb)))
             print(f"  {ident} done", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({":".join(map(str, run)): rows for run, rows in scores.items()}, f, indent=1)
     first = scores[runs[0]]
     for run, rows in scores.items():
-        kind, steps, lr, draws, relaxation = run
-        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}"
+        kind, steps, lr, draws, relaxation, prior = run
+        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}, prior {prior:g}"
         text = (f"{label:<58} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
                 f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
                 f"style {statistics.fmean(r['style'] for r in rows):.3f}  "
                 f"drift {statistics.fmean(r['drift'] for r in rows):.1f}")
         if run != runs[0]:
-            m, lo, hi = bootstrap_ci([a["cos"] - b["cos"] for a, b in zip(rows, first)], s.bootstrap, s.seed)
-            text += f"  cosine vs the first {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            for key in ("cos", "drift"):
+                m, lo, hi = bootstrap_ci([a[key] - b[key] for a, b in zip(rows, first)], s.bootstrap, s.seed)
+                text += f"  {key} vs the first {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         print(text, flush=True)
 
 
@@ -1098,9 +1106,11 @@ def main(argv=None) -> int:
     dr = sub.add_parser("draws", help="finetunes of held-out identities at given draws per step and relaxations")
     dr.add_argument("--split", choices=("validation", "test"), default="validation")
     dr.add_argument("--runs", required=True,
-                    help="comma-separated start:steps:lr:draws[:relaxation], start 'zero' or 'net' (--hypernet's "
-                         "prediction), relaxation aux_subspace (default) or free_lora")
+                    help="comma-separated start:steps:lr:draws[:relaxation[:prior]], start 'zero' or 'net' "
+                         "(--hypernet's prediction), relaxation aux_subspace (default; empty: the default) or "
+                         "free_lora, prior the weight of the finetune's prior term for 'a face' (default 0: off)")
     dr.add_argument("--hypernet", help="a hypernetwork file, e.g. bench/out/evidence/subspace-hypernet.safetensors")
+    dr.add_argument("--json", help="also write every run's per-identity scores here")
     di = sub.add_parser("distill", help="ridge regression photo -> its own subspace coefficients")
     di.add_argument("--stage0", required=True)
     di.add_argument("--k", type=int, default=128, help="principal directions of the stage-0 LiDBs")

@@ -245,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --init, start from its mean")
     p.add_argument("--relaxation", choices=("aux_subspace", "free_lora"), default=defaults.RELAXATION,
                    help="new rank inside the aux bases (small file), or the paper's free LoRA beside the start")
+    p.add_argument("--prior-weight", type=float, default=defaults.PRIOR_WEIGHT,
+                   help="hold --class-prompt's output to the base model's on each drawn noisy photo, with this "
+                        "weight (about twice the time per draw; 0: off)")
+    p.add_argument("--class-prompt", default=defaults.CLASS_PROMPT,
+                   help="the prompt --prior-weight keeps unchanged: the trigger phrase without its rare token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -465,8 +470,10 @@ def cmd_finetune(args) -> int:
     from hdb_core.lidb.subspace import load_subspace
     from hdb_core.lidb.targets import check_layers_match
     from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
-    from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
+    from hdb_core.training.finetune import (FinetuneSettings, check_prior, diffusers_loss_fn, finetune,
+                                            zero_start)
 
+    check_prior(args.prior_weight, args.class_prompt)
     device = _device(args.cpu)
     base = load_base_model(args.base_model, args.base_config).to(device)
     subspace = load_subspace(args.subspace) if args.subspace else None
@@ -489,7 +496,9 @@ def cmd_finetune(args) -> int:
                                 seed=args.seed, device=device,
                                 subspace=subspace)
     with injector, tqdm(total=args.steps, desc="finetune", unit="step", disable=args.no_progress) as bar:
-        loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip)
+        loss_fn = diffusers_loss_fn(base, injector, latents, input_ids, mirror=not args.no_flip,
+                                    prior_ids=tokenize(base, [args.class_prompt], device),
+                                    prior_weight=args.prior_weight)
         result = finetune(start, loss_fn, settings, progress=lambda s, n, loss: (bar.update(1),
                                                                                  bar.set_postfix(loss=f"{loss:.4f}")),
                           source="finetuned", trigger=trigger, base_model=base.name)

@@ -26,6 +26,11 @@ RELAXATION = "aux_subspace"
 # the training identities' spread, so the rate is of another scale (bench/bench_evidence.py validation).
 SUBSPACE_COMPONENTS = 128
 SUBSPACE_LR = 0.1
+# The prior term (hdb_core/training/objective.py): the class prompt's output held to the base model's on the
+# same noised photo latent, so the identity stays on the trigger instead of changing every face.
+# bench/evidence_probe.py draws and bench/bench_evidence.py --prior-weight (docs/evidence.md "The prior term").
+PRIOR_WEIGHT = 0.0
+CLASS_PROMPT = "a face"
 MIRROR = True                    # also train on the mirrored photo (stage 0 and 1 do the same)
 RESOLUTION = 512                 # SD1.x; SDXL users set 1024
 

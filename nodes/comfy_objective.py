@@ -69,8 +69,8 @@ def sigma_at(model_sampling, timestep: int) -> torch.Tensor:
     return model_sampling.sigmas[timestep].detach().float().reshape(1).clone()
 
 
-def model_loss(patcher, x0: torch.Tensor, noise: torch.Tensor, timestep: int, conds: dict) -> torch.Tensor:
-    """Per-sample loss [1] of the patched model on x0 [1, C, h, w] at one timestep.
+def output_error(patcher, x0: torch.Tensor, noise: torch.Tensor, timestep: int, conds: dict) -> torch.Tensor:
+    """The patched model's raw output (eps, v or flow) minus its target, float32, on x0 [1, C, h, w].
 
     Training sees the model's weights and weight patches (LoRAs, merges) but none of the
     sampling-time tricks in its transformer_options (FreeU, ToMe, HyperTile, Deep Shrink,
@@ -84,7 +84,13 @@ def model_loss(patcher, x0: torch.Tensor, noise: torch.Tensor, timestep: int, co
     options = {"sigmas": sigma, "cond_or_uncond": [0]}
     denoised = base.apply_model(xt, sigma, transformer_options=options, **conds)
     c_out = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-    return per_sample_mse((denoised.float() - x0.float()) / c_out.float(), torch.zeros_like(x0, dtype=torch.float32))
+    return (denoised.float() - x0.float()) / c_out.float()
+
+
+def model_loss(patcher, x0: torch.Tensor, noise: torch.Tensor, timestep: int, conds: dict) -> torch.Tensor:
+    """Per-sample loss [1] of the patched model on x0 [1, C, h, w] at one timestep."""
+    error = output_error(patcher, x0, noise, timestep, conds)
+    return per_sample_mse(error, torch.zeros_like(error))
 
 
 def conditioning(base_model, cond: torch.Tensor, pooled, x: torch.Tensor, resolution: int, device) -> dict:
@@ -95,17 +101,31 @@ def conditioning(base_model, cond: torch.Tensor, pooled, x: torch.Tensor, resolu
     return {k: v.process_cond(batch_size=x.shape[0], device=device, area=None).cond for k, v in conds.items()}
 
 
+class PriorTerm:
+    """The prior term (hdb_core.training.objective) on the connected model: its output for the class
+    prompt, residual on, held to the bare model's output on the same noised latent.
+
+    `held` is the class prompt through the bare CLIP; `encode` re-encodes it with the residual when
+    the text encoder trains, else `fixed` holds it encoded once (as `DiffusionLoss` does the trigger).
+    """
+
+    def __init__(self, weight: float, held: tuple, encode: TextEncoder | None, fixed: tuple | None):
+        self.weight, self.held, self.encode, self.fixed = weight, held, encode, fixed
+
+
 class DiffusionLoss:
     """A `hdb_core.training.finetune` loss function on the connected model, one photo per step.
 
     Each call hands this step's factors to the injector, (re)encodes the trigger when the
-    text encoder trains, draws through `objective.draw` and returns the model's native loss.
+    text encoder trains, draws through `objective.draw` and returns the model's native loss,
+    plus the prior term when one is given (one more pass with the residual, one without).
     """
 
     def __init__(self, patcher, latents: torch.Tensor, injector, encode: TextEncoder | None,
-                 fixed_cond: tuple | None, resolution: int, mirror: bool, device: torch.device):
+                 fixed_cond: tuple | None, resolution: int, mirror: bool, device: torch.device,
+                 prior: PriorTerm | None = None):
         self.patcher, self.latents, self.injector = patcher, latents, injector
-        self.encode, self.fixed_cond = encode, fixed_cond
+        self.encode, self.fixed_cond, self.prior = encode, fixed_cond, prior
         self.resolution, self.mirror, self.device = resolution, mirror, device
 
     def __call__(self, step: int, factors, generator: torch.Generator) -> torch.Tensor:
@@ -116,11 +136,27 @@ class DiffusionLoss:
         cond, pooled = self.encode() if self.encode is not None else self.fixed_cond
         try:
             conds = conditioning(self.patcher.model, cond, pooled, x0, self.resolution, self.device)
-            return model_loss(self.patcher, x0, d.noise[None], d.timestep, conds).mean()
+            loss = model_loss(self.patcher, x0, d.noise[None], d.timestep, conds).mean()
         except RuntimeError as e:
             if step == 0 and _is_shape_error(e):
                 raise text_mismatch(self.patcher, cond, pooled) from e
             raise
+        if self.prior is None:
+            return loss
+        return loss + self.prior.weight * self._prior(factors, x0, d)
+
+    def _prior(self, factors, x0: torch.Tensor, d) -> torch.Tensor:
+        prior, model = self.prior, self.patcher.model
+        with torch.no_grad():
+            self.injector.clear()
+            held = output_error(self.patcher, x0, d.noise[None], d.timestep,
+                                conditioning(model, *prior.held, x0, self.resolution, self.device))
+        # set again before the pass that trains: a checkpointed backward reruns it with what is set then
+        self.injector.set_factors(factors)
+        cond, pooled = prior.encode() if prior.encode is not None else prior.fixed
+        own = output_error(self.patcher, x0, d.noise[None], d.timestep,
+                           conditioning(model, cond, pooled, x0, self.resolution, self.device))
+        return per_sample_mse(own, held).mean()
 
 
 def _is_shape_error(e: RuntimeError) -> bool:

@@ -47,22 +47,32 @@ def training_session(model, clip, layer_names, latent_shape, checkpointing: bool
 
 def finetune_on_model(model, clip, latents: torch.Tensor, start: LiDB, prompt: str, resolution: int,
                       settings: FinetuneSettings, train_text_encoder: bool, mirror: bool, checkpointing: bool,
-                      progress=None, **info) -> FinetuneResult:
-    """HyperDreamBooth's fast finetune of `start` on photo latents [K, 2, C, h, w] of the connected model."""
+                      progress=None, prior_weight: float = 0.0, class_prompt: str = "", **info) -> FinetuneResult:
+    """HyperDreamBooth's fast finetune of `start` on photo latents [K, 2, C, h, w] of the connected model,
+    with the prior term for `class_prompt` when `prior_weight` > 0."""
     with torch.inference_mode(False):
         latents = latents.detach().clone().to(settings.device)
         names = [s.name for s in start.layers]
         te_names = [s.name for s in start.layers if s.component not in DIFFUSION_COMPONENTS]
         with training_session(model, clip, names, latents[:1, 0].shape, checkpointing) as injector:
-            encode = objective.TextEncoder(clip, prompt)
-            fixed = None
-            if not train_text_encoder:
-                # The text encoder stays frozen: encode once, with the start's TE residuals if it has any.
-                injector.set_factors({n: start.down_up(n) for n in te_names})
+
+            def encoded(text: str, residual: bool):
+                """The text encoder's output once, without gradients: with the start's TE residuals if any
+                (it stays frozen), or through the bare CLIP."""
+                injector.set_factors({n: start.down_up(n) for n in te_names} if residual else {})
                 with torch.no_grad():
-                    fixed = tuple(t.detach() if t is not None else None for t in encode())
-            loss = objective.DiffusionLoss(model, latents, injector, encode if train_text_encoder else None, fixed,
-                                           resolution, mirror, settings.device)
+                    return tuple(t.detach() if t is not None else None for t in objective.TextEncoder(clip, text)())
+
+            encode = objective.TextEncoder(clip, prompt) if train_text_encoder else None
+            fixed = None if train_text_encoder else encoded(prompt, True)
+            prior = None
+            if prior_weight > 0:
+                prior = objective.PriorTerm(
+                    prior_weight, encoded(class_prompt, False),
+                    objective.TextEncoder(clip, class_prompt) if train_text_encoder else None,
+                    None if train_text_encoder else encoded(class_prompt, True))
+            loss = objective.DiffusionLoss(model, latents, injector, encode, fixed, resolution, mirror,
+                                           settings.device, prior)
             return finetune(start, loss, settings, progress=progress, check_cancel=runtime.check_interrupt, **info)
 
 

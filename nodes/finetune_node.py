@@ -16,7 +16,7 @@ from hdb_core.lidb.subspace import IdentitySubspace, load_subspace
 from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import RELAXATIONS, LiDB, aux_for_layers
 from hdb_core.plots import loss_curve_image, loss_curve_pil
-from hdb_core.training.finetune import FinetuneSettings, check_relaxable, zero_start
+from hdb_core.training.finetune import FinetuneSettings, check_prior, check_relaxable, zero_start
 from . import comfy_objective as objective
 from . import comfy_runtime as runtime
 from . import comfy_targets as ct
@@ -73,8 +73,8 @@ class FastFinetune(io.ComfyNode):
                                      "the same inputs, seed and torch thread count give the same LiDB; GPUs "
                                      "and other thread counts differ in the last digits."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute UNet or transformer blocks in the backward pass: less VRAM, "
-                                         "about 30% slower. Turn on if training runs out of memory."),
+                                 tooltip="Recompute UNet layers or transformer blocks in the backward pass: fewer "
+                                         "activations kept, more time. Turn on if training runs out of memory."),
                 io.Boolean.Input("mirror", default=defaults.MIRROR, optional=True,
                                  tooltip="Also train on the mirrored photo (as the hypernetwork's training "
                                          "does). Turn off for faces whose asymmetry matters."),
@@ -97,6 +97,16 @@ class FastFinetune(io.ComfyNode):
                                      "noisy steps at the end of a short run. Each draw is one more forward "
                                      "and backward pass (time grows with it, memory does not); 1 is the "
                                      "plain one-draw step."),
+                io.Float.Input("prior_weight", default=defaults.PRIOR_WEIGHT, min=0.0, max=10.0, step=0.05,
+                               optional=True,
+                               tooltip="Keep class_prompt's images as the base model makes them: on each drawn "
+                                       "noisy photo the model's output for class_prompt is held to the bare "
+                                       "model's, with this weight. The identity then stays on the trigger "
+                                       "instead of changing every face. Each draw costs about twice the time "
+                                       "and activation memory; 0 turns it off."),
+                io.String.Input("class_prompt", default=defaults.CLASS_PROMPT, optional=True,
+                                tooltip="The prompt whose images prior_weight keeps unchanged: the trigger "
+                                        "phrase without its rare token, e.g. 'a face' or 'a photo of a man'."),
             ],
             outputs=[LIDB.Output(display_name="LIDB"), io.Image.Output(display_name="loss_curve")],
         )
@@ -107,10 +117,12 @@ class FastFinetune(io.ComfyNode):
                 resolution=defaults.RESOLUTION, seed=0, init_lidb: LiDB | None = None,
                 gradient_checkpointing=False, mirror=defaults.MIRROR,
                 relaxation=defaults.RELAXATION, identity_subspace=NO_SUBSPACE,
-                draws_per_step=defaults.FINETUNE_DRAWS) -> io.NodeOutput:
+                draws_per_step=defaults.FINETUNE_DRAWS, prior_weight=defaults.PRIOR_WEIGHT,
+                class_prompt=defaults.CLASS_PROMPT) -> io.NodeOutput:
         if steps < 1:
             raise HDBError(f"steps is {steps}; use at least 1 ({defaults.FINETUNE_STEPS} from a prediction, "
                            f"about {defaults.ZERO_START_STEPS} from zero).")
+        check_prior(prior_weight, class_prompt)
         if resolution % 8 or resolution < 64:
             raise HDBError(f"resolution {resolution} is not a multiple of 8 of at least 64; use 512 (SD1.x) "
                            f"or 1024 (SDXL).")
@@ -183,9 +195,11 @@ class FastFinetune(io.ComfyNode):
                 or type(model.model.model_config).__name__}
         with _Progress(settings.steps) as progress:
             result = finetune_on_model(model, clip, latents, start, trigger, resolution, settings,
-                                       train_text_encoder, mirror, gradient_checkpointing, progress, **info)
+                                       train_text_encoder, mirror, gradient_checkpointing, progress,
+                                       prior_weight=float(prior_weight), class_prompt=class_prompt, **info)
         how = "identity subspace" if subspace is not None else f"{relaxation} rank {relaxed_rank}"
-        title = f"HDB Fast Finetune: {from_init}, {how}, lr {learning_rate:g}"
+        prior = f", prior {prior_weight:g}" if prior_weight > 0 else ""
+        title = f"HDB Fast Finetune: {from_init}, {how}, lr {learning_rate:g}{prior}"
         return io.NodeOutput(result.lidb, loss_curve_image(result.losses, title))
 
 

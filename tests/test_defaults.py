@@ -19,7 +19,8 @@ from devtools.comfy_runtime import REPO
 FINETUNE_NODE_DEFAULTS = {"trigger": defaults.TRIGGER, "steps": defaults.FINETUNE_STEPS,
                           "learning_rate": defaults.FINETUNE_LR, "relaxed_rank": defaults.RELAXED_RANK,
                           "resolution": defaults.RESOLUTION, "mirror": defaults.MIRROR,
-                          "relaxation": defaults.RELAXATION, "draws_per_step": defaults.FINETUNE_DRAWS}
+                          "relaxation": defaults.RELAXATION, "draws_per_step": defaults.FINETUNE_DRAWS,
+                          "prior_weight": defaults.PRIOR_WEIGHT, "class_prompt": defaults.CLASS_PROMPT}
 
 
 def _subparser(name):
@@ -43,6 +44,7 @@ def test_the_cli_uses_the_table():
                                                            defaults.MIRROR, defaults.RELAXATION)
     assert cli.finetune_lr(finetune.lr, True) == defaults.SUBSPACE_LR and cli.finetune_lr(0.5, True) == 0.5
     assert finetune.draws == defaults.FINETUNE_DRAWS
+    assert (finetune.prior_weight, finetune.class_prompt) == (defaults.PRIOR_WEIGHT, defaults.CLASS_PROMPT)
     fit = _subparser("fit-subspace").parse_args(["--lidbs", "l", "--output", "o"])
     assert fit.components == defaults.SUBSPACE_COMPONENTS
     assert finetune.trigger is None, "hdb finetune takes the --init LiDB's trigger, else defaults.TRIGGER"
@@ -67,7 +69,7 @@ def test_readme_states_the_table():
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
     for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "FINETUNE_DRAWS", "RELAXED_RANK",
                  "RELAXATION", "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "STAGE1_BETA", "SUBSPACE_STAGE1_BETA", "MIRROR",
-                 "RESOLUTION"):
+                 "RESOLUTION", "PRIOR_WEIGHT", "CLASS_PROMPT"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 

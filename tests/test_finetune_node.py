@@ -119,6 +119,23 @@ def test_from_init_loss_falls_and_text_encoder_can_stay_frozen(comfy, node, ckpt
     assert any(not torch.equal(out.delta(s.name), init.delta(s.name)) for s in init.layers if s.component == "unet")
 
 
+def test_the_prior_term_with_the_text_encoder_frozen(comfy, node, ckpt, photo, from_zero, hash_weights):
+    """The class prompt encoded once with the start's frozen text-encoder residual: the text encoder's part
+    stays the start's, the UNet's learns otherwise than without the prior term, and the model is left clean."""
+    model, clip, vae = ckpt
+    before = snapshot(model, clip, hash_weights)
+    init = from_zero[0].with_info(source="predicted")
+    runs = {w: finetune(node, model, clip, vae, photo, init_lidb=init, steps=3, train_text_encoder=False,
+                        prior_weight=w, class_prompt="a face")[0] for w in (0.0, 1.0)}
+    assert runs[1.0].is_finite()
+    for s in init.layers:
+        if s.component == "te":
+            assert torch.equal(runs[1.0].delta(s.name), init.delta(s.name))
+    assert any(not torch.allclose(runs[1.0].delta(s.name), runs[0.0].delta(s.name))
+               for s in init.layers if s.component == "unet")
+    assert_clean(model, clip, before, hash_weights)
+
+
 def test_base_weights_and_outputs_untouched_and_same_seed_is_identical(comfy, node, ckpt, photo, hash_weights):
     model, clip, vae = ckpt
     before = snapshot(model, clip, hash_weights)
@@ -285,6 +302,8 @@ def no_attention_model():
     ("other architecture", "This LiDB was made for a custom UNet"),
     ("no attention", "has no attention projections"),
     ("rank below init", "set relaxed_rank to 4 or higher"),
+    ("prior without a class prompt", "class_prompt is empty"),
+    ("negative prior weight", "prior_weight is -1"),
 ])
 def test_bad_inputs_give_one_clear_sentence(comfy, node, ckpt, photo, from_zero, case, expect):
     model, clip, vae = ckpt
@@ -305,6 +324,10 @@ def test_bad_inputs_give_one_clear_sentence(comfy, node, ckpt, photo, from_zero,
         model = no_attention_model()
     elif case == "rank below init":
         kw.update(init_lidb=from_zero[0], relaxed_rank=2)
+    elif case == "prior without a class prompt":
+        kw.update(prior_weight=1.0, class_prompt=" ")
+    elif case == "negative prior weight":
+        kw["prior_weight"] = -1.0
     with pytest.raises(hdb_core.HDBError) as err:
         finetune(node, model, clip, vae, **kw)
     message = str(err.value)

@@ -71,6 +71,7 @@ class Settings:
     single_pass_network: bool = True      # also train a network with 1 refinement pass and compare it
     ft_rank: int = 4
     draws: int = FINETUNE_DRAWS           # per finetune step, as Fast Finetune's default (one batch here)
+    prior_weight: float = 0.0             # the finetune's prior term for W.FACE_PROMPT (0: off)
     hyper_points: tuple[int, ...] = (0, 10, 20, 40)
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
     hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -182,7 +183,8 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
     factors after every step count in `points`."""
     snapshots: dict[int, dict] = {}
     command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
-                                     mirror=False, draws=s.draws)
+                                     mirror=False, draws=s.draws, prior_ids=tokenize(base, [W.FACE_PROMPT], "cpu"),
+                                     prior_weight=s.prior_weight)
     wanted = set(points)
 
     def loss_fn(step, factors, g):

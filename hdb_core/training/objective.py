@@ -12,6 +12,11 @@ Every trainer in the pack optimises the same denoising loss:
   model predicts eps (or v) from the noised latents, the error is against that target.
   The ComfyUI twin (nodes/comfy_objective.py) reaches the same number through the
   connected model's model_sampling; tests/test_objective.py checks they agree.
+* The prior term (a finetune's `prior_weight`): on the same noised latents, the model's
+  output for a class prompt ("a face") is held to the base model's, the residual off
+  (`per_sample_mse` of the two). It is DreamBooth's prior preservation distilled on the
+  photo itself, with no class images to generate: the update is pushed to act through
+  the trigger's tokens, not on every face (measured in docs/evidence.md).
 """
 from __future__ import annotations
 
@@ -63,10 +68,16 @@ def diffusers_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
                    f"v-prediction SD model.")
 
 
+def diffusers_output(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     context: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A diffusers UNet2DConditionModel's raw output (eps or v) on the noised latents."""
+    dtype = dtype or latents.dtype
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
+
+
 def diffusers_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    context: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-sample denoising loss [B] of a diffusers UNet2DConditionModel (residuals already injected)."""
-    dtype = dtype or latents.dtype
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy.to(dtype), timesteps, context.to(dtype)).sample
+    prediction = diffusers_output(unet, scheduler, latents, noise, timesteps, context, dtype)
     return per_sample_mse(prediction, diffusers_target(scheduler, latents, noise, timesteps))
