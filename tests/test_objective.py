@@ -169,8 +169,7 @@ def test_the_prior_term_keeps_the_class_prompt_as_the_base_model_makes_it(twin_f
         runs = {w: finetune(start, diffusers_loss_fn(base, injector, latents, trigger, False, draws=2,
                                                      prior_ids=face, prior_weight=w),
                             FinetuneSettings(steps=15, learning_rate=3e-2)).lidb for w in (0.0, 1.0)}
-        plain = {k: moved(runs[0.0], trigger if k == "trigger" else face) for k in ("trigger", "face")}
-        held = {k: moved(runs[1.0], trigger if k == "trigger" else face) for k in ("trigger", "face")}
+        plain, held = ({"trigger": moved(runs[w], trigger), "face": moved(runs[w], face)} for w in (0.0, 1.0))
     # measured: the class prompt's change 0.38 of the plain run's, the trigger's 0.68 (this random tiny text
     # encoder gives the two prompts close features, so the trigger's output is held back some too)
     kept = {k: held[k] / plain[k] for k in plain}

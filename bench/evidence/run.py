@@ -183,8 +183,8 @@ def finetune_points(base, injector, start, photo_latent, input_ids, points, lr: 
     factors after every step count in `points`."""
     snapshots: dict[int, dict] = {}
     command_loss = diffusers_loss_fn(base, injector, torch.stack([photo_latent, photo_latent], 1), input_ids,
-                                     mirror=False, draws=s.draws, prior_ids=tokenize(base, [W.FACE_PROMPT], "cpu"),
-                                     prior_weight=s.prior_weight)
+                                     mirror=False, draws=s.draws, prior_weight=s.prior_weight,
+                                     prior_ids=tokenize(base, [W.FACE_PROMPT], "cpu") if s.prior_weight else None)
     wanted = set(points)
 
     def loss_fn(step, factors, g):

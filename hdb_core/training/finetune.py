@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Mapping
 
 import torch
