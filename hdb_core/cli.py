@@ -27,6 +27,15 @@ log = logging.getLogger("hdb")
 
 
 # -- shared arguments ---------------------------------------------------------------------------
+def _prior_args(p) -> None:
+    """The prior term's flags, the same for stage 0, stage 1 and the finetune (objective.PriorTerm)."""
+    p.add_argument("--prior-weight", type=float, default=defaults.PRIOR_WEIGHT,
+                   help="hold --class-prompt's output to the base model's on each drawn noisy photo, with this "
+                        "weight (about twice the time per draw; 0: off)")
+    p.add_argument("--class-prompt", default=defaults.CLASS_PROMPT,
+                   help="the prompt --prior-weight keeps unchanged: the trigger phrase without its rare token")
+
+
 def _base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", required=True,
                    help="local diffusers folder of SD1.x/2.x, or a single-file .safetensors checkpoint")
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage1-batch-size", type=int, default=4, help="photos per process per step")
     p.add_argument("--checkpoint-every", type=int, default=500, help="stage-1 steps between checkpoints")
     _stage1_args(p)
+    _prior_args(p)      # stage 0 and stage 1 alike
 
     p = sub.add_parser("prepare", help="check faces and encode latents and image features once, for stages 0 and 1")
     p.add_argument("--data", required=True, help="folder: one face image per identity, or a subfolder per identity")
@@ -180,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent runs per identity from the common start, their offsets averaged and scaled back "
                         "to a run's length: targets with less of stage 0's own noise, at repeats times the compute "
                         "(see docs/evidence.md)")
+    _prior_args(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="LiDBs trained together per process (identities x repeats)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints within a batch")
@@ -209,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="steps between checkpoints, validations and plot updates")
     _stage1_args(p)
+    _prior_args(p)
 
     p = sub.add_parser("predict", help="predict a LiDB from face photo(s) with a trained hypernetwork")
     p.add_argument("--hypernet", required=True)
@@ -245,11 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --init, start from its mean")
     p.add_argument("--relaxation", choices=("aux_subspace", "free_lora"), default=defaults.RELAXATION,
                    help="new rank inside the aux bases (small file), or the paper's free LoRA beside the start")
-    p.add_argument("--prior-weight", type=float, default=defaults.PRIOR_WEIGHT,
-                   help="hold --class-prompt's output to the base model's on each drawn noisy photo, with this "
-                        "weight (about twice the time per draw; 0: off)")
-    p.add_argument("--class-prompt", default=defaults.CLASS_PROMPT,
-                   help="the prompt --prior-weight keeps unchanged: the trigger phrase without its rare token")
+    _prior_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -309,7 +317,7 @@ def cmd_preoptimize(args) -> int:
     settings = PreoptimizeSettings(
         trigger=args.trigger, prompt=args.prompt, steps=args.steps, learning_rate=args.lr,
         lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start, repeats=args.repeats,
-        batch_size=args.batch_size,
+        prior_weight=args.prior_weight, class_prompt=args.class_prompt, batch_size=args.batch_size,
         resolution=args.resolution, seed=args.seed, a=args.a, b=args.b,
         rank=args.rank, lidb_seed=args.lidb_seed, text_encoder=not args.no_text_encoder, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
@@ -337,6 +345,7 @@ def cmd_train_hypernet(args) -> int:
         beta=stage1_beta(args.beta, args.subspace_components > 0), subspace_components=args.subspace_components,
         weight_space=args.weight_space, weight_length=args.weight_length,
         diffusion_photo=args.diffusion_photo, input_photos=args.input_photos, grad_clip=args.grad_clip,
+        prior_weight=args.prior_weight, class_prompt=args.class_prompt,
         resolution=args.resolution, width=args.width,
         depth=args.depth, heads=args.heads, iterations=args.iterations, seed=args.seed, flip=not args.no_flip,
         face_check=args.face_check, min_size=args.min_size, checkpoint_every=args.checkpoint_every,
@@ -383,10 +392,11 @@ def cmd_pipeline(args) -> int:
         ["preoptimize", "--data", prepared, "--output", lidbs, *common, *data, *run_args,
          "--steps", str(args.stage0_steps), "--lr", str(args.stage0_lr), "--batch-size", str(args.stage0_batch_size),
          "--lr-schedule", args.stage0_lr_schedule, "--decay-to-start", str(args.stage0_decay_to_start),
-         "--repeats", str(args.stage0_repeats)],
+         "--repeats", str(args.stage0_repeats), *_forward(args, _option_names(_prior_args))],
         ["train-hypernet", "--data", prepared, "--lidbs", lidbs, "--output", hypernet, *common, *data, *run_args,
          "--steps", str(args.stage1_steps), "--lr", str(args.stage1_lr), "--batch-size", str(args.stage1_batch_size),
-         "--checkpoint-every", str(args.checkpoint_every), *_forward(args, _option_names(_stage1_args))],
+         "--checkpoint-every", str(args.checkpoint_every),
+         *_forward(args, _option_names(_stage1_args, _prior_args))],
     ]
     process = _process(args.cpu)
     started = time.time()
@@ -470,8 +480,8 @@ def cmd_finetune(args) -> int:
     from hdb_core.lidb.subspace import load_subspace
     from hdb_core.lidb.targets import check_layers_match
     from hdb_core.training.base_model import load_base_model, photo_latents, tokenize
-    from hdb_core.training.finetune import (FinetuneSettings, check_prior, diffusers_loss_fn, finetune,
-                                            zero_start)
+    from hdb_core.training.finetune import FinetuneSettings, diffusers_loss_fn, finetune, zero_start
+    from hdb_core.training.objective import check_prior
 
     check_prior(args.prior_weight, args.class_prompt)
     device = _device(args.cpu)

@@ -16,7 +16,8 @@ from hdb_core.lidb.subspace import IdentitySubspace, load_subspace
 from hdb_core.lidb.targets import DIFFUSION_COMPONENTS
 from hdb_core.lidb.weights import RELAXATIONS, LiDB, aux_for_layers
 from hdb_core.plots import loss_curve_image, loss_curve_pil
-from hdb_core.training.finetune import FinetuneSettings, check_prior, check_relaxable, zero_start
+from hdb_core.training.finetune import FinetuneSettings, check_relaxable, zero_start
+from hdb_core.training.objective import check_prior
 from . import comfy_objective as objective
 from . import comfy_runtime as runtime
 from . import comfy_targets as ct

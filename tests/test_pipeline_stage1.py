@@ -234,6 +234,43 @@ def test_gradient_checkpointing_is_exact_and_bf16_autocast_runs_on_the_cpu(stage
     torch.testing.assert_close(loss_bf16, loss, rtol=5e-2, atol=1e-3)
 
 
+def test_the_prior_term_joins_the_diffusion_term_and_checkpointing_stays_exact(stage0, base):
+    """With a prior weight the diffusion term is the plain one plus weight x each sample's prior term (its
+    own predicted LiDB against the bare model, for the class prompt); the balanced backward is unchanged
+    by gradient checkpointing, which reruns the UNet with the residuals the term leaves set."""
+    from hdb_core.errors import HDBError
+    from hdb_core.training.base_model import tokenize
+    from hdb_core.training.objective import PriorTerm
+
+    prepared, lidbs, _ = stage0
+    net, samples, plain = objective_parts(prepared, lidbs, base, net_settings())
+    _, _, held = objective_parts(prepared, lidbs, base, net_settings(prior_weight=0.5, class_prompt="a face"))
+    batch = samples.batch(0)
+    with plain, torch.no_grad():
+        a_hat, b_hat = net(batch["features"])
+        prior = PriorTerm(base, plain.injector, tokenize(base, ["a face"], "cpu"), per_sample=True)(
+            plain.factors.named(a_hat, b_hat), batch["latents"], batch["noise"], batch["timestep"])
+        without = plain.terms(net, batch)
+    assert prior.shape == without.diffusion.shape and (prior > 0).all()
+
+    def balanced_grads(checkpointing: bool):
+        net.zero_grad()
+        with base.checkpointing(checkpointing):
+            terms = held.terms(net, batch)
+            held.backward(terms)
+        return terms.diffusion.detach(), [p.grad.clone() for p in net.parameters()]
+
+    with held:
+        with_prior, grads = balanced_grads(False)
+        with_prior_ckpt, grads_ckpt = balanced_grads(True)
+    torch.testing.assert_close(with_prior, without.diffusion + 0.5 * prior, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(with_prior_ckpt, with_prior)
+    for a, b in zip(grads_ckpt, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(HDBError, match="prior weight is set but alpha is 0"):
+        net_settings(prior_weight=1.0, alpha=0.0).validate()
+
+
 def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, tiny_model, tmp_path):
     """A photo that passes the header scan but fails the face check is skipped up front and counted."""
     from PIL import Image
@@ -462,18 +499,19 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
               "--heads", "2", "--ema-decay", "0", "--val-identities", "3", "--warmup-steps", "7"]
     run = ["--trigger", "zwx", "--seed", "3", "--dtype", "fp32", "--no-flip", "--autocast", "off",
            "--gradient-checkpointing"]
+    prior = ["--prior-weight", "0.5", "--class-prompt", "a person"]      # stage 0 and stage 1 alike
     assert cli.main(["pipeline", "--data", str(tmp_path), "--base-model", str(tmp_path), "--image-encoder",
                      str(tmp_path), "--output", str(tmp_path / "run"), "--cpu", "--shard-size", "3",
-                     "--encode-batch", "5", "--stage0-repeats", "2", *stage1, *run]) == 0
+                     "--encode-batch", "5", "--stage0-repeats", "2", *stage1, *run, *prior]) == 0
     parse = cli.build_parser().parse_args
     expected = {
         "prepare": (parse(["prepare", "--data", "d", "--output", "o", "--base-model", "b", "--shard-size", "3",
                            "--encode-batch", "5"]), cli._option_names(cli._prepare_args)),
-        "preoptimize": (parse(["preoptimize", "--data", "d", "--output", "o", "--base-model", "b", *run]),
-                        cli._option_names(cli._run_args, cli._gpu_args)),
+        "preoptimize": (parse(["preoptimize", "--data", "d", "--output", "o", "--base-model", "b", *run, *prior]),
+                        cli._option_names(cli._run_args, cli._gpu_args, cli._prior_args)),
         "train-hypernet": (parse(["train-hypernet", "--data", "d", "--lidbs", "l", "--base-model", "b",
-                                  "--output", "o", *stage1, *run]),
-                           cli._option_names(cli._stage1_args, cli._run_args, cli._gpu_args)),
+                                  "--output", "o", *stage1, *run, *prior]),
+                           cli._option_names(cli._stage1_args, cli._run_args, cli._gpu_args, cli._prior_args)),
     }
     for step, (want, names) in expected.items():
         for name in names:
@@ -481,6 +519,8 @@ def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):
                 assert getattr(seen[step], name) == getattr(want, name), (step, name)
     assert (seen["train-hypernet"].weight_space, seen["train-hypernet"].diffusion_photo) == ("delta", "other")
     assert (seen["preoptimize"].repeats, seen["train-hypernet"].input_photos) == (2, 4)
+    assert all((seen[step].prior_weight, seen[step].class_prompt) == (0.5, "a person")
+               for step in ("preoptimize", "train-hypernet"))
     assert seen["preoptimize"].cpu and seen["train-hypernet"].cpu
     assert (seen["fit-subspace"].lidbs, seen["fit-subspace"].output) == (
         str(tmp_path / "run" / "lidbs"), str(tmp_path / "run" / "hypernet.subspace.safetensors"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -25,7 +24,7 @@ from hdb_core.lidb.subspace import IdentitySubspace, rows_of
 from hdb_core.lidb.targets import LayerSpec
 from hdb_core.lidb.batch import LayerFactors
 from hdb_core.lidb.weights import AUX, FREE, RELAXATIONS, LiDB, LiDBConfig
-from hdb_core.training.objective import diffusers_output, draw, per_sample_mse, pick_latents
+from hdb_core.training.objective import PriorTerm, draw, pick_latents
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[int, Factors, torch.Generator], torch.Tensor]
@@ -233,15 +232,6 @@ def finetune(start: LiDB, loss_fn: LossFn, settings: FinetuneSettings,
     return FinetuneResult(weights.to_lidb(**info), losses)
 
 
-def check_prior(weight: float, class_prompt: str) -> None:
-    """The prior term's inputs (node and command alike): a weight of 0 or more, and a class prompt when on."""
-    if not (weight >= 0 and math.isfinite(weight)):
-        raise HDBError(f"prior_weight is {weight}; use 0 (off) or a positive weight such as 1.")
-    if weight > 0 and not class_prompt.strip():
-        raise HDBError(f"prior_weight is {weight:g} but class_prompt is empty; give the class prompt, such as "
-                       f"'{defaults.CLASS_PROMPT}', or set prior_weight to 0.")
-
-
 def diffusers_loss_fn(base, injector, latents: torch.Tensor, input_ids: torch.Tensor, mirror: bool,
                       draws: int = 1, prior_ids: torch.Tensor | None = None, prior_weight: float = 0.0) -> LossFn:
     """The loss `hdb finetune` optimises on a diffusers `BaseModel`, as a `finetune` loss function.
@@ -257,27 +247,17 @@ def diffusers_loss_fn(base, injector, latents: torch.Tensor, input_ids: torch.Te
     (bench/evidence) optimise exactly what the command does.
     """
     device = latents.device
-    held_context: list[torch.Tensor] = []     # the class prompt through the bare text encoder, encoded once
+    prior = PriorTerm(base, injector, prior_ids, per_sample=False) if prior_weight else None
 
     def loss_fn(step, factors, generator):
-        injector.set_factors(factors)
         picked = [draw(generator, latents.shape[0], mirror, base.num_timesteps, latents.shape[2:])
                   for _ in range(draws)]
         x0 = torch.stack([pick_latents(latents, d) for d in picked])
         noise = torch.stack([d.noise for d in picked]).to(device)
-        context = base.text_encoder(input_ids)[0].expand(draws, -1, -1)
         t = torch.tensor([d.timestep for d in picked], device=device)
-        loss = base.loss(x0, noise, t, context).mean()
-        if prior_weight:
-            output = partial(diffusers_output, base.unet, base.noise_scheduler, x0, noise, t)
-            with torch.no_grad():
-                injector.clear()
-                if not held_context:
-                    held_context.append(base.text_encoder(prior_ids)[0].detach())
-                held = output(held_context[0].expand(draws, -1, -1))
-                injector.set_factors(factors)
-            own = output(base.text_encoder(prior_ids)[0].expand(draws, -1, -1))
-            loss = loss + prior_weight * per_sample_mse(own, held).mean()
-        return loss
+        prior_loss = prior(factors, x0, noise, t).mean() if prior else 0.0
+        injector.set_factors(factors)
+        context = base.text_encoder(input_ids)[0].expand(draws, -1, -1)
+        return base.loss(x0, noise, t, context).mean() + prior_weight * prior_loss
 
     return loss_fn

@@ -12,18 +12,22 @@ Every trainer in the pack optimises the same denoising loss:
   model predicts eps (or v) from the noised latents, the error is against that target.
   The ComfyUI twin (nodes/comfy_objective.py) reaches the same number through the
   connected model's model_sampling; tests/test_objective.py checks they agree.
-* The prior term (a finetune's `prior_weight`): on the same noised latents, the model's
-  output for a class prompt ("a face") is held to the base model's, the residual off
-  (`per_sample_mse` of the two). It is DreamBooth's prior preservation distilled on the
-  photo itself, with no class images to generate: the update is pushed to act through
-  the trigger's tokens, not on every face (measured in docs/evidence.md).
+* The prior term (`prior_weight` of a finetune, of stage 0 and of stage 1; `PriorTerm`):
+  on the same noised latents, the model's output for a class prompt ("a face") is held
+  to the base model's, the residual off (`per_sample_mse` of the two). It is DreamBooth's
+  prior preservation distilled on the photo itself, with no class images to generate:
+  the update is pushed to act through the trigger's tokens, not on every face
+  (measured in docs/evidence.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from hdb_core import defaults
 from hdb_core.errors import HDBError
 
 
@@ -81,3 +85,41 @@ def diffusers_loss(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, 
     """Per-sample denoising loss [B] of a diffusers UNet2DConditionModel (residuals already injected)."""
     prediction = diffusers_output(unet, scheduler, latents, noise, timesteps, context, dtype)
     return per_sample_mse(prediction, diffusers_target(scheduler, latents, noise, timesteps))
+
+
+def check_prior(weight: float, class_prompt: str) -> None:
+    """The prior term's inputs (every trainer alike): a weight of 0 or more, and a class prompt when on."""
+    if not (weight >= 0 and math.isfinite(weight)):
+        raise HDBError(f"prior_weight is {weight}; use 0 (off) or a positive weight such as 1.")
+    if weight > 0 and not class_prompt.strip():
+        raise HDBError(f"prior_weight is {weight:g} but class_prompt is empty; give the class prompt, such as "
+                       f"'{defaults.CLASS_PROMPT}', or set prior_weight to 0.")
+
+
+class PriorTerm:
+    """The prior term [B] of a diffusers `BaseModel` whose residuals `injector` applies.
+
+    `class_ids` are the class prompt's token ids, one row; `per_sample` when each sample has
+    its own residuals (stage 0, stage 1: the text encoder then runs once per sample), not
+    when all share them (a finetune). The bare model's class-prompt context is encoded
+    once. Call it before the main loss's forward: it clears the residuals for the held
+    output and leaves `factors` set, so a gradient-checkpointed backward reruns with them.
+    """
+
+    def __init__(self, base, injector, class_ids: torch.Tensor, per_sample: bool):
+        self.base, self.injector, self.class_ids, self.per_sample = base, injector, class_ids, per_sample
+        self._bare_context: torch.Tensor | None = None
+
+    def __call__(self, factors, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+        n = latents.shape[0]
+        output = partial(diffusers_output, self.base.unet, self.base.noise_scheduler, latents, noise, timesteps,
+                         dtype=dtype)
+        with torch.no_grad():
+            self.injector.clear()
+            if self._bare_context is None:
+                self._bare_context = self.base.text_encoder(self.class_ids)[0].detach()
+            held = output(self._bare_context.expand(n, -1, -1))
+        self.injector.set_factors(factors)
+        context = self.base.text_encoder(self.class_ids.expand(n, -1) if self.per_sample else self.class_ids)[0]
+        return per_sample_mse(output(context.expand(n, -1, -1)), held)

@@ -35,7 +35,7 @@ from hdb_core.lidb.weights import LiDB, LiDBConfig
 from hdb_core.training.base_model import BaseModel, load_base_model, photo_latents, tokenize
 from hdb_core.training.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from hdb_core.training.injector import LowRankInjector
-from hdb_core.training.objective import draw, pick_latents
+from hdb_core.training.objective import PriorTerm, check_prior, draw, pick_latents
 from hdb_core.training.prepared import PreparedData, is_prepared
 from hdb_core.training.runtime import (LossLog, ProcessInfo, autocast, check_shared_options, resolve_dtype, shard,
                                        state_dir, write_json)
@@ -52,6 +52,8 @@ class PreoptimizeSettings:
     learning_rate: float = defaults.STAGE0_LR
     lr_schedule: str = defaults.STAGE0_LR_SCHEDULE
     decay_to_start: float = defaults.STAGE0_DECAY_TO_START
+    prior_weight: float = defaults.PRIOR_WEIGHT   # the prior term for `class_prompt` (objective.PriorTerm)
+    class_prompt: str = defaults.CLASS_PROMPT
     repeats: int = defaults.STAGE0_REPEATS    # independent runs per identity, combined by `combine_repeats`
     batch_size: int = 8                       # LiDBs trained together: identities x repeats
     resolution: int = defaults.RESOLUTION
@@ -82,6 +84,7 @@ class PreoptimizeSettings:
         if not (self.decay_to_start >= 0 and math.isfinite(self.decay_to_start)):
             raise HDBError(f"decay to start is {self.decay_to_start}; use 0 (off) or a small positive value "
                            f"such as 3e-4.")
+        check_prior(self.prior_weight, self.class_prompt)
         if self.lr_schedule not in defaults.STAGE0_LR_SCHEDULES:
             raise HDBError(f"Unknown stage-0 learning-rate schedule {self.lr_schedule!r}; use one of "
                            f"{', '.join(defaults.STAGE0_LR_SCHEDULES)}.")
@@ -95,7 +98,9 @@ class PreoptimizeSettings:
         d = asdict(self)
         for k in ("batch_size", "checkpoint_every", "min_size", "gradient_checkpointing"):
             d.pop(k)
-        for k, off in (("lr_schedule", "constant"), ("decay_to_start", 0.0), ("repeats", 1)):
+        if not d["prior_weight"]:
+            d.pop("class_prompt")
+        for k, off in (("lr_schedule", "constant"), ("decay_to_start", 0.0), ("repeats", 1), ("prior_weight", 0.0)):
             if d[k] == off:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -200,12 +205,15 @@ def draw_batch(ids, latents, num_timesteps: int, seed: int, step: int, flip: boo
 
 
 def diffusion_loss(base: BaseModel, injector: LowRankInjector, factors, input_ids, latents, noise, timesteps,
-                   dtype: torch.dtype, text_encoder: bool) -> torch.Tensor:
-    """Per-sample loss [N] of the UNet with each sample's LiDB factors, on noised latents."""
+                   dtype: torch.dtype, text_encoder: bool, prior: PriorTerm | None = None,
+                   prior_weight: float = 0.0) -> torch.Tensor:
+    """Per-sample loss [N] of the UNet with each sample's LiDB factors, on noised latents (plus
+    `prior_weight` times each sample's prior term with `prior`)."""
+    prior_loss = prior(factors, latents, noise, timesteps, dtype) if prior is not None else 0.0
     injector.set_factors(factors)
     with torch.enable_grad() if text_encoder else torch.no_grad():
         context = base.text_encoder(input_ids)[0]
-    return base.loss(latents, noise, timesteps, context, dtype)
+    return base.loss(latents, noise, timesteps, context, dtype) + prior_weight * prior_loss
 
 
 def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, settings: PreoptimizeSettings,
@@ -261,6 +269,8 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
     prompt = settings.prompt.format(trigger=settings.trigger)
     injector = base.injector(layers)
     factors = LayerFactors(config, layers, device)
+    prior = (PriorTerm(base, injector, tokenize(base, [settings.class_prompt], device), per_sample=True)
+             if settings.prior_weight else None)
     trained = 0
     bar = tqdm(total=len(chunks) * settings.steps, disable=not progress, position=process.index,
                desc=f"stage 0 [{process.index + 1}/{process.count}]", unit="step", dynamic_ncols=True)
@@ -304,7 +314,8 @@ def preoptimize(data_dir: str, base_model: str | BaseModel, output: str, setting
                 lat, noise, ts = draw_batch(runs, latents, base.num_timesteps, settings.seed, step, settings.flip)
                 with autocast(settings.autocast, device):
                     per_sample = diffusion_loss(base, injector, factors.named(a, b), input_ids, lat.to(device),
-                                                noise.to(device), ts.to(device), dtype, settings.text_encoder)
+                                                noise.to(device), ts.to(device), dtype, settings.text_encoder,
+                                                prior, settings.prior_weight)
                 objective = per_sample.sum()
                 if settings.decay_to_start:
                     objective = objective + settings.decay_to_start * distance_to_start(a, b, start_a, start_b).sum()

@@ -46,7 +46,7 @@ from hdb_core.training.base_model import BaseModel, load_base_model, tokenize
 from hdb_core.training.checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed,
                                           save_checkpoint)
 from hdb_core.training.ema import EMA
-from hdb_core.training.objective import draw
+from hdb_core.training.objective import PriorTerm, check_prior, draw
 from hdb_core.training.prepared import PreparedData, PrepareSettings, is_prepared, prepare
 from hdb_core.training.runtime import (LossLog, ProcessInfo, autocast, check_shared_options, loss_curve, resolve_dtype,
                                        state_dir)
@@ -70,6 +70,8 @@ class HypernetSettings:
     weight_space: str = "factors"  # the weight term on the A/B factors (the paper) or on each layer's dW
     weight_length: str = "joint"   # "separate": the factor L2's gradient pulls the offset from the mean to the
                                    # target's length, however unsure its direction (see `unshrunk_weight_loss`)
+    prior_weight: float = defaults.PRIOR_WEIGHT   # the diffusion term's prior term for `class_prompt`
+    class_prompt: str = defaults.CLASS_PROMPT     # (objective.PriorTerm; counted in the logged diffusion term)
     diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
                                     # "other": another photo of the same person, so only identity carries over
     subspace_components: int = 0   # k > 0: the subspace hypernetwork (`SubspaceHyperNetwork`), which predicts
@@ -109,6 +111,10 @@ class HypernetSettings:
             raise HDBError(f"weight length must be one of {', '.join(WEIGHT_LENGTHS)}, not {self.weight_length!r}.")
         if self.weight_length == "separate" and self.weight_space != "factors":
             raise HDBError("weight length 'separate' works on the A/B factors; use it with weight space 'factors'.")
+        check_prior(self.prior_weight, self.class_prompt)
+        if self.prior_weight and self.alpha == 0:
+            raise HDBError("prior weight is set but alpha is 0: the prior term is part of the diffusion term; "
+                           "set alpha above 0 or the prior weight to 0.")
         if self.diffusion_photo not in DIFFUSION_PHOTOS:
             raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
                            f"not {self.diffusion_photo!r}.")
@@ -417,6 +423,8 @@ class Objective:
         self.factors = LayerFactors(config, self.layers, device)
         prompt = settings.prompt.format(trigger=settings.trigger)
         self.input_ids = tokenize(base, [prompt], device)
+        self.prior = (PriorTerm(base, self.injector, tokenize(base, [settings.class_prompt], device), per_sample=True)
+                      if settings.prior_weight else None)
 
     def __enter__(self) -> "Objective":
         self.injector.attach()
@@ -433,12 +441,13 @@ class Objective:
         predicted = self.factors.named(a_hat, b_hat) if delta or self.s.alpha > 0 else None
         w_loss = self._weight_term(a_hat, b_hat, predicted, batch)
         if self.s.alpha > 0:
+            x0, noise, t = (batch[k].to(device) for k in ("latents", "noise", "timestep"))
+            prior = self.prior(predicted, x0, noise, t, self.dtype) if self.prior is not None else 0.0
             self.injector.set_factors(predicted)
             context = base.text_encoder(self.input_ids.expand(len(w_loss), -1))[0]
             # The factors stay set until the next batch: gradient checkpointing reruns the UNet's
             # forward during the backward pass, which must see the same residuals.
-            d_loss = base.loss(batch["latents"].to(device), batch["noise"].to(device),
-                               batch["timestep"].to(device), context, self.dtype)
+            d_loss = base.loss(x0, noise, t, context, self.dtype) + self.s.prior_weight * prior
         else:
             d_loss = torch.zeros_like(w_loss)
         return Terms(d_loss, w_loss, [*a_hat.values(), *b_hat.values()])
