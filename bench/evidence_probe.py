@@ -80,6 +80,7 @@ def per_photo_folder(manifest: dict, photo: int, root: str) -> str:
 
 
 def cmd_stage0(args, manifest, spec) -> None:
+    from bench.evidence import world as W
     from hdb_core.training.stage0 import PreoptimizeSettings, preoptimize
 
     if args.draw_seed is not None:
@@ -95,15 +96,18 @@ def cmd_stage0(args, manifest, spec) -> None:
         data = manifest["photos"] if args.all else subset_folder(manifest, args.train_ids, args.out + ".faces")
     preoptimize(data, manifest["base"], args.out, PreoptimizeSettings(
         steps=args.steps, learning_rate=args.lr, rank=args.rank, repeats=args.repeats,
-        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start,
-        batch_size=46, checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64, flip=False,
+        lr_schedule=args.lr_schedule, decay_to_start=args.decay_to_start, trigger=args.trigger,
+        prior_weight=args.prior_weight, class_prompt=W.FACE_PROMPT, batch_size=46, checkpoint_every=10 ** 6,
+        resolution=64, face_check="none", min_size=64, flip=False,
         seed=args.seed if args.draw_seed is None else args.draw_seed), progress=True)
 
 
 def cmd_stage1(args, manifest, spec) -> None:
+    from bench.evidence import world as W
     from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
-    values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4, ema_decay=0)
+    values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4, ema_decay=0,
+                  trigger=W.PROMPT)
     for item in args.set:
         key, value = item.split("=", 1)
         kind = type(getattr(HypernetSettings, key))
@@ -388,9 +392,10 @@ def coefficient_fit(base, injector, build, subspace, directions, latents, names,
     import torch
 
     from hdb_core.training.base_model import tokenize
+    from bench.evidence import world as W
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch
 
-    settings = PreoptimizeSettings()
+    settings = PreoptimizeSettings(trigger=W.PROMPT)     # the prompt the judge samples with
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * len(names), "cpu")
     coefficients = first.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
@@ -769,6 +774,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
 
     import torch
 
+    from bench.evidence import world as W
     from hdb_core.hypernet.image_encoder import preprocess
     from hdb_core.training.base_model import tokenize
     from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
@@ -824,7 +830,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             out = encoder(pixel_values=preprocess(pixels, setup.encoder.spec), output_hidden_states=True)
             return out.hidden_states[-2].flatten(1)
 
-    settings = PreoptimizeSettings()
+    settings = PreoptimizeSettings(trigger=W.PROMPT)     # the prompt the judge samples with
     input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
     score = identity_scorer(manifest, spec, rec)
     g = torch.Generator().manual_seed(args.seed)
@@ -996,6 +1002,7 @@ def cmd_draws(args, manifest, spec, rec) -> None:
 def main(argv=None) -> int:
     import torch
 
+    from bench.evidence import world as W
     from hdb_core import defaults
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1017,6 +1024,8 @@ def main(argv=None) -> int:
     s0.add_argument("--rank", type=int, default=1, help="the LiDBs' rank (the hypernetwork predicts the same)")
     s0.add_argument("--draw-seed", type=int, help="another seed's draws from seed 0's common start")
     s0.add_argument("--photo", type=int, help="one LiDB per training photo of this number (every identity)")
+    s0.add_argument("--trigger", default=W.PROMPT, help="the training prompt (default: the one the judge samples with)")
+    s0.add_argument("--prior-weight", type=float, default=0.0, help="stage 0's prior term for \"a face\"")
     s0.add_argument("--out", required=True)
     s1 = sub.add_parser("stage1")
     s1.add_argument("--stage0", required=True)

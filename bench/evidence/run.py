@@ -410,7 +410,9 @@ def run(out: str, settings: Settings, log=print) -> dict:
     # (stage 0 trains on one core).
     zero_search = in_background(partial(search_rates, ["zero"], 1), fork=s.workers > 1)
 
-    common = dict(resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False, seed=s.seed)
+    # stages 0 and 1 train on the prompt the finetunes train on and the judge samples with
+    common = dict(trigger=W.PROMPT, resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False,
+                  seed=s.seed)
     t0 = time.time()
     stage0 = os.path.join(out, "stage0")
     preoptimize(manifest["photos"], manifest["base"], stage0,
