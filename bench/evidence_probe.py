@@ -938,7 +938,7 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     import torch
 
     from bench.evidence import world as W
-    from bench.evidence.run import Judge, Settings, bootstrap_ci, factors_of
+    from bench.evidence.run import Judge, Settings, factors_of
     from hdb_core.defaults import RELAXATION
     from hdb_core.hypernet.file import load_hypernet
     from hdb_core.hypernet.image_encoder import ClipImageEncoder
@@ -984,19 +984,43 @@ def cmd_draws(args, manifest, spec, rec) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({":".join(map(str, run)): rows for run, rows in scores.items()}, f, indent=1)
-    first = scores[runs[0]]
-    for run, rows in scores.items():
-        kind, steps, lr, draws, relaxation, prior = run
-        label = f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}, prior {prior:g}"
+    print_runs({f"{kind} + {steps} steps, lr {lr:g}, {draws} draws/step, {relaxation}, prior {prior:g}": rows
+                for (kind, steps, lr, draws, relaxation, prior), rows in scores.items()}, s)
+
+
+def print_runs(scores: dict[str, list[dict]], s) -> None:
+    """Each run's mean scores, then its paired differences from the first run's (bootstrap 95 %)."""
+    from bench.evidence.run import bootstrap_ci
+
+    first = next(iter(scores.values()))
+    for n, (label, rows) in enumerate(scores.items()):
         text = (f"{label:<58} rank-1 {sum(r['rank1'] for r in rows):.0f}/{len(rows)}  "
                 f"cosine {statistics.fmean(r['cos'] for r in rows):.3f}  "
                 f"style {statistics.fmean(r['style'] for r in rows):.3f}  "
                 f"drift {statistics.fmean(r['drift'] for r in rows):.1f}")
-        if run != runs[0]:
-            for key in ("cos", "drift"):
+        if n:
+            for key in ("cos", "style", "drift"):
                 m, lo, hi = bootstrap_ci([a[key] - b[key] for a, b in zip(rows, first)], s.bootstrap, s.seed)
                 text += f"  {key} vs the first {m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
         print(text, flush=True)
+
+
+def cmd_compare(args) -> None:
+    """Runs from several `draws --json` files (FILE or FILE=RUN, RUN as the file names it; the same split),
+    the first the reference of the paired differences."""
+    from bench.evidence.run import Settings
+
+    scores = {}
+    for item in args.runs:
+        path, _, wanted = item.partition("=")
+        with open(path) as f:
+            runs = json.load(f)
+        for run, rows in runs.items():
+            if not wanted or run == wanted:
+                scores[f"{os.path.basename(path)} {run}"] = rows
+    if len({len(rows) for rows in scores.values()}) != 1:
+        raise SystemExit("the runs compared must come from the same split (the same identities)")
+    print_runs(scores, Settings())
 
 
 def main(argv=None) -> int:
@@ -1120,6 +1144,9 @@ def main(argv=None) -> int:
                          "free_lora, prior the weight of the finetune's prior term for 'a face' (default 0: off)")
     dr.add_argument("--hypernet", help="a hypernetwork file, e.g. bench/out/evidence/subspace-hypernet.safetensors")
     dr.add_argument("--json", help="also write every run's per-identity scores here")
+    cp = sub.add_parser("compare", help="runs of several `draws --json` files, paired against the first")
+    cp.add_argument("runs", nargs="+",
+                    help="FILE (every run in it) or FILE=RUN (start:steps:lr:draws:relaxation:prior)")
     di = sub.add_parser("distill", help="ridge regression photo -> its own subspace coefficients")
     di.add_argument("--stage0", required=True)
     di.add_argument("--k", type=int, default=128, help="principal directions of the stage-0 LiDBs")
@@ -1140,6 +1167,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    if args.cmd == "compare":        # needs no world
+        cmd_compare(args)
+        return 0
     if args.extra_train is not None:
         from dataclasses import replace
 
