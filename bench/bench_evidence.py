@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--prior-weight", type=float, default=None,
                    help="the weight of every finetune's prior term for \"a face\" (default 0: off; "
                         "docs/evidence.md \"The prior term\")")
+    p.add_argument("--stage-prior-weight", type=float, default=None,
+                   help="the same prior term in stage 0 and stage 1 (default 0: off; docs/evidence.md \"The prior "
+                        "term in stages 0 and 1\")")
     p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
     settings = replace(quick() if args.quick else scaled() if args.scaled else Settings(), workers=args.workers)
     if args.prior_weight is not None:
         settings = replace(settings, prior_weight=args.prior_weight)
+    if args.stage_prior_weight is not None:
+        settings = replace(settings, stage_prior_weight=args.stage_prior_weight)
     if args.grid_extensions is not None:
         if args.grid_extensions < 0:
             p.error(f"--grid-extensions must be 0 or more, not {args.grid_extensions}.")

@@ -974,12 +974,14 @@ def cmd_draws(args, manifest, spec, rec) -> None:
                 with torch.no_grad():
                     start = (zero_start(layers, s.ft_rank, torch.Generator().manual_seed(s.seed), relaxation)
                              if kind == "zero" else net.predict_lidb(encoder.encode(photos[:1])))
-                loss = diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1), input_ids, False, draws,
-                                         prior_ids=face_ids, prior_weight=prior)
-                result = finetune(start, loss, FinetuneSettings(steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank,
-                                                                draws_per_step=1, relaxation=relaxation, seed=s.seed))
+                if steps:
+                    loss = diffusers_loss_fn(base, injector, torch.stack([latent, latent], 1), input_ids, False,
+                                             draws, prior_ids=face_ids, prior_weight=prior)
+                    start = finetune(start, loss, FinetuneSettings(
+                        steps=steps, learning_rate=lr, relaxed_rank=s.ft_rank, draws_per_step=1,
+                        relaxation=relaxation, seed=s.seed)).lidb
                 injector.clear()
-                scores[run].append(judge(factors_of(result.lidb)))
+                scores[run].append(judge(factors_of(start)))      # 0 steps: the start itself
             print(f"  {ident} done", flush=True)
     if args.json:
         with open(args.json, "w") as f:
@@ -1139,7 +1141,8 @@ def main(argv=None) -> int:
     dr = sub.add_parser("draws", help="finetunes of held-out identities at given draws per step and relaxations")
     dr.add_argument("--split", choices=("validation", "test"), default="validation")
     dr.add_argument("--runs", required=True,
-                    help="comma-separated start:steps:lr:draws[:relaxation[:prior]], start 'zero' or 'net' "
+                    help="comma-separated start:steps:lr:draws[:relaxation[:prior]] (0 steps: the start as it is), "
+                         "start 'zero' or 'net' "
                          "(--hypernet's prediction), relaxation aux_subspace (default; empty: the default) or "
                          "free_lora, prior the weight of the finetune's prior term for 'a face' (default 0: off)")
     dr.add_argument("--hypernet", help="a hypernetwork file, e.g. bench/out/evidence/subspace-hypernet.safetensors")

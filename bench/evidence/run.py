@@ -72,6 +72,7 @@ class Settings:
     ft_rank: int = 4
     draws: int = FINETUNE_DRAWS           # per finetune step, as Fast Finetune's default (one batch here)
     prior_weight: float = 0.0             # the finetune's prior term for W.FACE_PROMPT (0: off)
+    stage_prior_weight: float = 0.0       # stage 0's and stage 1's prior term for W.FACE_PROMPT (0: off)
     hyper_points: tuple[int, ...] = (0, 10, 20, 40)
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
     hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -412,7 +413,7 @@ def run(out: str, settings: Settings, log=print) -> dict:
 
     # stages 0 and 1 train on the prompt the finetunes train on and the judge samples with
     common = dict(trigger=W.PROMPT, resolution=W.IMAGE_SIZE, face_check="none", min_size=W.IMAGE_SIZE, flip=False,
-                  seed=s.seed)
+                  seed=s.seed, prior_weight=s.stage_prior_weight, class_prompt=W.FACE_PROMPT)
     t0 = time.time()
     stage0 = os.path.join(out, "stage0")
     preoptimize(manifest["photos"], manifest["base"], stage0,
