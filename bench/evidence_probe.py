@@ -391,12 +391,11 @@ def coefficient_fit(base, injector, build, subspace, directions, latents, names,
     of each identity's latents, after each of `steps`."""
     import torch
 
-    from hdb_core.training.base_model import tokenize
     from bench.evidence import world as W
-    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss, draw_batch
+    from hdb_core.training.base_model import tokenize
+    from hdb_core.training.stage0 import diffusion_loss, draw_batch
 
-    settings = PreoptimizeSettings(trigger=W.PROMPT)     # the prompt the judge samples with
-    input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * len(names), "cpu")
+    input_ids = tokenize(base, [W.PROMPT] * len(names), "cpu")      # the prompt the judge samples with
     coefficients = first.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     out = {}
@@ -777,7 +776,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
     from bench.evidence import world as W
     from hdb_core.hypernet.image_encoder import preprocess
     from hdb_core.training.base_model import tokenize
-    from hdb_core.training.stage0 import PreoptimizeSettings, diffusion_loss
+    from hdb_core.training.stage0 import diffusion_loss
 
     setup = SubspaceSetup(args, manifest, spec, args.encoder)
     train, subspace, base, build, injector = setup.train, setup.subspace, setup.base, setup.build, setup.injector
@@ -830,8 +829,7 @@ def cmd_amortize(args, manifest, spec, rec) -> None:
             out = encoder(pixel_values=preprocess(pixels, setup.encoder.spec), output_hidden_states=True)
             return out.hidden_states[-2].flatten(1)
 
-    settings = PreoptimizeSettings(trigger=W.PROMPT)     # the prompt the judge samples with
-    input_ids = tokenize(base, [settings.prompt.format(trigger=settings.trigger)] * args.batch, "cpu")
+    input_ids = tokenize(base, [W.PROMPT] * args.batch, "cpu")      # the prompt the judge samples with
     score = identity_scorer(manifest, spec, rec)
     g = torch.Generator().manual_seed(args.seed)
 
@@ -1176,8 +1174,6 @@ def main(argv=None) -> int:
     if args.extra_train is not None:
         from dataclasses import replace
 
-        from bench.evidence import world as W
-
         with open(os.path.join(args.world, "world", "world.json")) as f:
             saved = W.WorldSpec(**json.load(f)["spec"])
         W.build_world(os.path.join(args.world, "world"), replace(saved, extra_train=args.extra_train))
@@ -1187,8 +1183,6 @@ def main(argv=None) -> int:
     elif args.cmd == "stage1":
         cmd_stage1(args, manifest, spec)
     elif args.cmd == "make-encoder":
-        from bench.evidence import world as W
-
         W.save_image_encoder(args.out, spec.seed, args.patch_size, args.width, args.layers)
     elif args.cmd == "pretrain-encoder":
         cmd_pretrain_encoder(args, manifest, spec)
