@@ -43,8 +43,8 @@ def main(argv=None) -> int:
                    help="the weight of every finetune's prior term for \"a face\" (default 0: off; "
                         "docs/evidence.md \"The prior term\")")
     p.add_argument("--stage-prior-weight", type=float, default=None,
-                   help="the same prior term in stage 0 and stage 1 (default 0: off; docs/evidence.md \"The prior "
-                        "term in stages 0 and 1\")")
+                   help="the same prior term in stage 0 and stage 1 (default: `hdb`'s, 1; 0: off, as in the runs "
+                        "before it became the default; docs/evidence.md \"The prior term in stages 0 and 1\")")
     p.add_argument("--out", default=None, help="output folder (default bench/out/evidence[-quick|-scaled])")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest for these tiny models on a busy machine)")

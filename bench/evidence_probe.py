@@ -106,8 +106,9 @@ def cmd_stage1(args, manifest, spec) -> None:
     from bench.evidence import world as W
     from hdb_core.training.stage1 import HypernetSettings, train_hypernet
 
+    # the prior term off unless set (`--set prior_weight=1`), as when the commands in docs/evidence.md ran
     values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4, ema_decay=0,
-                  trigger=W.PROMPT)
+                  trigger=W.PROMPT, prior_weight=0.0)
     for item in args.set:
         key, value = item.split("=", 1)
         kind = type(getattr(HypernetSettings, key))

@@ -27,9 +27,10 @@ log = logging.getLogger("hdb")
 
 
 # -- shared arguments ---------------------------------------------------------------------------
-def _prior_args(p) -> None:
-    """The prior term's flags, the same for stage 0, stage 1 and the finetune (objective.PriorTerm)."""
-    p.add_argument("--prior-weight", type=float, default=defaults.PRIOR_WEIGHT,
+def _prior_args(p, weight: float = defaults.STAGE_PRIOR_WEIGHT) -> None:
+    """The prior term's flags, the same for stage 0, stage 1 and the finetune (objective.PriorTerm); the
+    default weight is stage 0's and 1's unless given (the finetune's)."""
+    p.add_argument("--prior-weight", type=float, default=weight,
                    help="hold --class-prompt's output to the base model's on each drawn noisy photo, with this "
                         "weight (about twice the time per draw; 0: off)")
     p.add_argument("--class-prompt", default=defaults.CLASS_PROMPT,
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --init, start from its mean")
     p.add_argument("--relaxation", choices=("aux_subspace", "free_lora"), default=defaults.RELAXATION,
                    help="new rank inside the aux bases (small file), or the paper's free LoRA beside the start")
-    _prior_args(p)
+    _prior_args(p, defaults.PRIOR_WEIGHT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flip", action="store_true", help="train on the photo(s) as given, without mirrored copies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,6 +12,8 @@ import torch
 
 from hdb_core import cli, defaults
 from hdb_core.lidb.weights import LiDB, LiDBConfig
+from hdb_core.training.stage0 import PreoptimizeSettings
+from hdb_core.training.stage1 import HypernetSettings
 
 from devtools import comfy_runtime
 from devtools.comfy_runtime import REPO
@@ -56,9 +58,12 @@ def test_the_cli_uses_the_table():
     pipeline = _subparser("pipeline").parse_args(["--data", "d", "--output", "o", "--base-model", "m"])
     assert (pipeline.stage0_lr_schedule, pipeline.stage0_decay_to_start, pipeline.stage0_repeats) == (
         defaults.STAGE0_LR_SCHEDULE, defaults.STAGE0_DECAY_TO_START, defaults.STAGE0_REPEATS)
+    assert stage0.prior_weight == pipeline.prior_weight == defaults.STAGE_PRIOR_WEIGHT != defaults.PRIOR_WEIGHT
     stage1 = _subparser("train-hypernet").parse_args(["--data", "d", "--lidbs", "l", "--output", "o.safetensors",
                                                       "--base-model", "m"])
     assert (stage1.trigger, stage1.steps, stage1.lr) == (defaults.TRIGGER, defaults.STAGE1_STEPS, defaults.STAGE1_LR)
+    assert (stage1.prior_weight, stage1.class_prompt) == (defaults.STAGE_PRIOR_WEIGHT, defaults.CLASS_PROMPT)
+    assert PreoptimizeSettings().prior_weight == HypernetSettings().prior_weight == defaults.STAGE_PRIOR_WEIGHT
     assert stage1.subspace_components == 0, "the paper's transformer unless asked"
     assert cli.stage1_beta(stage1.beta, False) == defaults.STAGE1_BETA
     assert cli.stage1_beta(stage1.beta, True) == defaults.SUBSPACE_STAGE1_BETA and cli.stage1_beta(2.0, True) == 2.0
@@ -69,7 +74,7 @@ def test_readme_states_the_table():
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, re.M))
     for name in ("TRIGGER", "FINETUNE_STEPS", "ZERO_START_STEPS", "FINETUNE_LR", "FINETUNE_DRAWS", "RELAXED_RANK",
                  "RELAXATION", "SUBSPACE_COMPONENTS", "SUBSPACE_LR", "STAGE1_BETA", "SUBSPACE_STAGE1_BETA", "MIRROR",
-                 "RESOLUTION", "PRIOR_WEIGHT", "CLASS_PROMPT"):
+                 "RESOLUTION", "PRIOR_WEIGHT", "STAGE_PRIOR_WEIGHT", "CLASS_PROMPT"):
         assert rows.get(name) == str(getattr(defaults, name)), f"README's defaults table is stale for {name}"
 
 

@@ -136,11 +136,13 @@ def test_decay_to_start_and_the_cosine_schedule(faces, base, tmp_path):
     for ident, o in offsets(out).items():
         torch.testing.assert_close(o, pulled_offsets[ident], rtol=1e-5, atol=1e-7)
 
-    # chunk checkpoints from before these options existed still resume: unset, they leave the fingerprint alone
+    # chunk checkpoints from before these options existed still resume: unset, they leave the fingerprint alone;
+    # the prior term, on by default since, resumes them only when turned off (they trained without it)
     before = {k: v for k, v in asdict(settings()).items() if k not in (
         "lr_schedule", "decay_to_start", "repeats", "prior_weight", "class_prompt", "batch_size",
         "checkpoint_every", "min_size", "gradient_checkpointing")}
-    assert settings().fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert settings(prior_weight=0.0).fingerprint() == old != settings().fingerprint()
     assert len({settings(**kw).fingerprint() for kw in ({}, dict(lr_schedule="cosine"),
                                                          dict(decay_to_start=1e-3))}) == 3
 
@@ -261,8 +263,8 @@ def test_the_prior_term_in_stage0(faces, base, tmp_path):
     from hdb_core.errors import HDBError
 
     common = dict(steps=15, learning_rate=3e-2, class_prompt="a face")
-    for name, kw in {"plain": {}, "held": dict(prior_weight=1.0), "held_batched": dict(prior_weight=1.0,
-                                                                                      batch_size=3)}.items():
+    for name, kw in {"plain": dict(prior_weight=0.0), "held": dict(prior_weight=1.0),
+                     "held_batched": dict(prior_weight=1.0, batch_size=3)}.items():
         preoptimize(faces, base, str(tmp_path / name), settings(**common, **kw), progress=False)
     kept = {}
     for ident in ("id00", "id01", "id02"):
@@ -274,8 +276,10 @@ def test_the_prior_term_in_stage0(faces, base, tmp_path):
     # measured 0.35-0.54 after 15 steps
     assert all(k < 0.7 for k in kept.values()), kept
 
-    assert settings().fingerprint() == settings(class_prompt="a person").fingerprint()
-    assert len({settings(**kw).fingerprint() for kw in ({}, dict(prior_weight=1.0),
+    off = dict(prior_weight=0.0)
+    assert settings(**off).fingerprint() == settings(**off, class_prompt="a person").fingerprint()
+    assert settings().prior_weight == defaults.STAGE_PRIOR_WEIGHT > 0
+    assert len({settings(**kw).fingerprint() for kw in (off, dict(prior_weight=1.0),
                                                          dict(prior_weight=1.0, class_prompt="a person"))}) == 3
     for bad, words in ((dict(prior_weight=-1.0), "prior_weight is -1.0"),
                        (dict(prior_weight=1.0, class_prompt=""), "class_prompt is empty")):

@@ -243,7 +243,7 @@ def test_the_prior_term_joins_the_diffusion_term_and_checkpointing_stays_exact(s
     from hdb_core.training.objective import PriorTerm
 
     prepared, lidbs, _ = stage0
-    net, samples, plain = objective_parts(prepared, lidbs, base, net_settings())
+    net, samples, plain = objective_parts(prepared, lidbs, base, net_settings(prior_weight=0.0))
     _, _, held = objective_parts(prepared, lidbs, base, net_settings(prior_weight=0.5, class_prompt="a face"))
     batch = samples.batch(0)
     with plain, torch.no_grad():
@@ -267,8 +267,13 @@ def test_the_prior_term_joins_the_diffusion_term_and_checkpointing_stays_exact(s
     torch.testing.assert_close(with_prior_ckpt, with_prior)
     for a, b in zip(grads_ckpt, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    with pytest.raises(HDBError, match="prior weight is set but alpha is 0"):
-        net_settings(prior_weight=1.0, alpha=0.0).validate()
+    # on by default, so with alpha 0 (no diffusion term for it to join) it is simply not run
+    no_diffusion = net_settings(prior_weight=1.0, alpha=0.0)
+    no_diffusion.validate()
+    assert objective_parts(prepared, lidbs, base, no_diffusion)[2].prior is None
+    assert held.prior is not None and net_settings().prior_weight == defaults.STAGE_PRIOR_WEIGHT > 0
+    with pytest.raises(HDBError, match="class_prompt is empty"):
+        net_settings(class_prompt=" ").validate()
 
 
 def test_an_identity_whose_first_photo_has_no_face_trains_on_its_others(base, tiny_model, tmp_path):
@@ -473,20 +478,24 @@ def test_resume_with_other_settings_is_refused(stage0, base, tiny_model, tmp_pat
                        on_step=stop)
     from hdb_core.errors import HDBError
 
-    with pytest.raises(HDBError, match=r"other settings \(learning_rate\)"):
+    with pytest.raises(HDBError, match=r"other settings \(learning_rate: 0.003 there, 0.01 now\)"):
         train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, learning_rate=1e-2), progress=False)
 
-    # a checkpoint written before `diffusion_photo` existed resumes with its default, and only with that
+    # a checkpoint written before a setting existed resumes with the value it trained with: `diffusion_photo`'s
+    # default, and the prior term off (it became stage 1's default later)
     from hdb_core.training.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = str(tmp_path / "hn.state" / "checkpoint.safetensors")
     tensors, state = load_checkpoint(ckpt)
-    del state["settings"]["diffusion_photo"]
+    del state["settings"]["diffusion_photo"], state["settings"]["prior_weight"]
     save_checkpoint(ckpt, tensors, state)
-    with pytest.raises(HDBError, match=r"other settings \(diffusion_photo\)"):
+    changed = r"other settings \(diffusion_photo: 'input' there, 'other' now; prior_weight: 0.0 there, 1.0 now\)"
+    with pytest.raises(HDBError, match=changed):
         train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, diffusion_photo="other"),
                        progress=False)
-    assert train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4), progress=False)
+    with pytest.raises(HDBError, match=r"other settings \(prior_weight: 0.0 there, 1.0 now\)"):
+        train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4), progress=False)
+    assert train_hypernet(faces, lidbs, base, encoder, out, net_settings(steps=4, prior_weight=0.0), progress=False)
 
 
 def test_the_pipeline_hands_every_option_to_its_steps(monkeypatch, tmp_path):

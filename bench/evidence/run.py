@@ -33,7 +33,7 @@ from functools import partial
 
 import torch
 
-from hdb_core.defaults import FINETUNE_DRAWS, SUBSPACE_STAGE1_BETA
+from hdb_core.defaults import FINETUNE_DRAWS, STAGE_PRIOR_WEIGHT, SUBSPACE_STAGE1_BETA
 from hdb_core.hypernet.file import load_hypernet
 from hdb_core.hypernet.image_encoder import ClipImageEncoder
 from hdb_core.lidb.file import load_lidb
@@ -72,7 +72,7 @@ class Settings:
     ft_rank: int = 4
     draws: int = FINETUNE_DRAWS           # per finetune step, as Fast Finetune's default (one batch here)
     prior_weight: float = 0.0             # the finetune's prior term for W.FACE_PROMPT (0: off)
-    stage_prior_weight: float = 0.0       # stage 0's and stage 1's prior term for W.FACE_PROMPT (0: off)
+    stage_prior_weight: float = STAGE_PRIOR_WEIGHT   # stage 0's and stage 1's prior term for W.FACE_PROMPT, as `hdb`'s
     hyper_points: tuple[int, ...] = (0, 10, 20, 40)
     zero_points: tuple[int, ...] = (40, 100, 200, 400)
     hyper_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)

@@ -52,7 +52,7 @@ class PreoptimizeSettings:
     learning_rate: float = defaults.STAGE0_LR
     lr_schedule: str = defaults.STAGE0_LR_SCHEDULE
     decay_to_start: float = defaults.STAGE0_DECAY_TO_START
-    prior_weight: float = defaults.PRIOR_WEIGHT   # the prior term for `class_prompt` (objective.PriorTerm)
+    prior_weight: float = defaults.STAGE_PRIOR_WEIGHT   # the prior term for `class_prompt` (objective.PriorTerm)
     class_prompt: str = defaults.CLASS_PROMPT
     repeats: int = defaults.STAGE0_REPEATS    # independent runs per identity, combined by `combine_repeats`
     batch_size: int = 8                       # LiDBs trained together: identities x repeats

@@ -70,7 +70,7 @@ class HypernetSettings:
     weight_space: str = "factors"  # the weight term on the A/B factors (the paper) or on each layer's dW
     weight_length: str = "joint"   # "separate": the factor L2's gradient pulls the offset from the mean to the
                                    # target's length, however unsure its direction (see `unshrunk_weight_loss`)
-    prior_weight: float = defaults.PRIOR_WEIGHT   # the diffusion term's prior term for `class_prompt`
+    prior_weight: float = defaults.STAGE_PRIOR_WEIGHT   # the diffusion term's prior term for `class_prompt`
     class_prompt: str = defaults.CLASS_PROMPT     # (objective.PriorTerm; counted in the logged diffusion term)
     diffusion_photo: str = "input"  # the diffusion term's photo: the one the network sees (the paper) or
                                     # "other": another photo of the same person, so only identity carries over
@@ -111,10 +111,7 @@ class HypernetSettings:
             raise HDBError(f"weight length must be one of {', '.join(WEIGHT_LENGTHS)}, not {self.weight_length!r}.")
         if self.weight_length == "separate" and self.weight_space != "factors":
             raise HDBError("weight length 'separate' works on the A/B factors; use it with weight space 'factors'.")
-        check_prior(self.prior_weight, self.class_prompt)
-        if self.prior_weight and self.alpha == 0:
-            raise HDBError("prior weight is set but alpha is 0: the prior term is part of the diffusion term; "
-                           "set alpha above 0 or the prior weight to 0.")
+        check_prior(self.prior_weight, self.class_prompt)   # with alpha 0 it is unused: it joins the diffusion term
         if self.diffusion_photo not in DIFFUSION_PHOTOS:
             raise HDBError(f"diffusion photo must be one of {', '.join(DIFFUSION_PHOTOS)}, "
                            f"not {self.diffusion_photo!r}.")
@@ -307,6 +304,9 @@ def lr_factor(step: int, settings: HypernetSettings) -> float:
 WEIGHT_SPACES = ("factors", "delta")
 WEIGHT_LENGTHS = ("joint", "separate")
 DIFFUSION_PHOTOS = ("input", "other")
+# Settings whose default changed after they were added: a checkpoint older than the setting trained with
+# this value, not with today's default (the prior term was off until it became stage 1's default).
+SETTINGS_BEFORE_THEY_EXISTED = {"prior_weight": 0.0}
 
 
 def weight_loss(a_hat, b_hat, a_t, b_t, names) -> torch.Tensor:
@@ -424,7 +424,7 @@ class Objective:
         prompt = settings.prompt.format(trigger=settings.trigger)
         self.input_ids = tokenize(base, [prompt], device)
         self.prior = (PriorTerm(base, self.injector, tokenize(base, [settings.class_prompt], device), per_sample=True)
-                      if settings.prior_weight else None)
+                      if settings.prior_weight and settings.alpha > 0 else None)
 
     def __enter__(self) -> "Objective":
         self.injector.attach()
@@ -583,11 +583,13 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
     found = load_checkpoint(ckpt_path)
     if found is not None:
         tensors, st = found
-        # a checkpoint from before a setting existed was written with that setting's default
-        saved = {**HypernetSettings().resume_key(), **st["settings"]}
+        # a checkpoint from before a setting existed was written with that setting's default then
+        saved = {**HypernetSettings().resume_key(), **SETTINGS_BEFORE_THEY_EXISTED, **st["settings"]}
         if saved != settings.resume_key():
-            changed = sorted(k for k in saved if saved[k] != settings.resume_key().get(k))
-            raise HDBError(f"The checkpoint in '{state}' was written with other settings ({', '.join(changed)}); "
+            now = settings.resume_key()
+            changed = "; ".join(f"{k}: {saved[k]!r} there, {now.get(k)!r} now" for k in sorted(saved)
+                                if saved[k] != now.get(k))
+            raise HDBError(f"The checkpoint in '{state}' was written with other settings ({changed}); "
                            f"use the same settings to resume, or delete that folder to start again.")
         net.load_state_dict(prefixed(tensors, "net"))
         load_optimizer_state(optimizer, tensors, st["optimizer"])
