@@ -21,6 +21,8 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+from hdb_core import defaults  # noqa: E402
+
 
 def synthetic_faces(root: str, n: int, size: int) -> str:
     from PIL import Image, ImageDraw
@@ -34,7 +36,7 @@ def synthetic_faces(root: str, n: int, size: int) -> str:
     return root
 
 
-def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
+def sd15_step_cost(batches: list[int], device: str, prior_weight: float, steps: int = 2) -> None:
     """Seconds per stage-0 training step at the real SD1.5 shapes (random weights, 64x64 latent, no VAE)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -42,6 +44,7 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
     from hdb_core.training.base_model import BaseModel
     from hdb_core.lidb.batch import LayerFactors
     from hdb_core.lidb.weights import LiDBConfig
+    from hdb_core.training.objective import PriorTerm
     from hdb_core.training.stage0 import diffusion_loss, init_chunk
 
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).to(device).requires_grad_(False)
@@ -51,7 +54,8 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
     base = BaseModel(unet, None, te, None, sched, "sd15-shapes")
     layers, config = base.layers(), LiDBConfig()
     print(f"\nstage-0 step at SD1.5 shapes ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M UNet params, "
-          f"{len(layers)} LiDB layers), 64x64 latent, fp32, device {device}, {torch.get_num_threads()} threads")
+          f"{len(layers)} LiDB layers), 64x64 latent, fp32, prior weight {prior_weight:g}, device {device}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'batch':>5} | {'s/step':>7} | {'s/identity-step':>15}")
     factors = LayerFactors(config, layers, device)
     with base.injector(layers) as inj:
@@ -61,12 +65,14 @@ def sd15_step_cost(batches: list[int], device: str, steps: int = 2) -> None:
             a, b = dict(zip(a, params[:len(a)])), dict(zip(b, params[len(a):]))
             opt = torch.optim.Adam(params, lr=1e-3)
             ids = torch.zeros(bs, 77, dtype=torch.long, device=device)
+            prior = PriorTerm(base, inj, ids[:1], per_sample=True) if prior_weight else None
             times = []
             for k in range(steps + 1):
                 lat = torch.randn(bs, 4, 64, 64, device=device)
                 t0 = time.perf_counter()
                 loss = diffusion_loss(base, inj, factors.named(a, b), ids, lat, torch.randn_like(lat),
-                                      torch.randint(1000, (bs,), device=device), torch.float32, True)
+                                      torch.randint(1000, (bs,), device=device), torch.float32, True, prior,
+                                      prior_weight)
                 opt.zero_grad()
                 loss.sum().backward()
                 opt.step()
@@ -89,13 +95,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--prior-weight", type=float, default=defaults.STAGE_PRIOR_WEIGHT,
+                   help="stage 0's prior term (default: `hdb preoptimize`'s; 0: off, as before it became the default)")
     p.add_argument("--sd15-step", action="store_true",
                    help="instead: seconds per training step at the real SD1.5 shapes (random weights)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sd15_step:
-        return sd15_step_cost(args.batch, args.device)
+        return sd15_step_cost(args.batch, args.device, args.prior_weight)
 
     from hdb_core.training.base_model import BaseModel, load_base_model
     from hdb_core.training.runtime import ProcessInfo
@@ -118,12 +126,13 @@ def main(argv=None) -> None:
         # Warm-up (allocator, kernels, aux-basis cache) outside the measurement.
         preoptimize(faces, base, os.path.join(work, "warm"), PreoptimizeSettings(
             steps=1, batch_size=max(args.batch), resolution=args.resolution, face_check="none", min_size=16,
-            dtype=args.dtype), process=process, progress=False)
+            dtype=args.dtype, prior_weight=args.prior_weight), process=process, progress=False)
         results = []
         for bs in args.batch:
             out = os.path.join(work, f"b{bs}")
             s = PreoptimizeSettings(steps=args.steps, batch_size=bs, resolution=args.resolution, face_check="none",
-                                    min_size=16, checkpoint_every=10 ** 9, dtype=args.dtype)
+                                    min_size=16, checkpoint_every=10 ** 9, dtype=args.dtype,
+                                    prior_weight=args.prior_weight)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -133,7 +142,8 @@ def main(argv=None) -> None:
             wall = time.perf_counter() - t0
             results.append((bs, wall, args.identities / wall * 3600))
         print(f"\nstage-0 throughput: {name} UNet ({n_params / 1e6:.1f}M params), {args.resolution}px, "
-              f"{args.steps} steps/identity, {args.identities} identities, device {args.device}, "
+              f"{args.steps} steps/identity, {args.identities} identities, prior weight {args.prior_weight:g}, "
+              f"device {args.device}, "
               f"{torch.get_num_threads()} CPU threads")
         print(f"{'batch':>5} | {'wall s':>8} | {'s/step':>7} | {'identities/hour':>15} | "
               f"{'vs batch ' + str(results[0][0]):>10}")

@@ -8,6 +8,9 @@ UNet forward+backward at the same batch; peak RSS with 100 vs 1,000 identities; 
 * recomputed: the same step with the batch's features computed by the image encoder, as stage 1
   did before `hdb prepare` (the encoder ran on every photo of every step).
 * bare: the UNet alone, forward and backward (to its input), same batch, latents and timesteps.
+* cached and recomputed run with the prior term off, to measure what the hypernetwork adds; "+ prior"
+  is the cached step with stage 1's default prior term (`defaults.STAGE_PRIOR_WEIGHT`), what `hdb
+  train-hypernet` runs by default, as a ratio to the cached step.
 * sd15 (with --sd15-latent): the real shapes with random weights, an in-memory batch (no shard reads).
 * RSS: `train_hypernet` in a fresh process on N prepared tiny identities (every identity visited at
   least once at N=1000), peak resident memory of that process.
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -100,7 +104,7 @@ def step_costs(work: str, scale: str, batch: int, steps: int) -> dict:
     encoder = ClipImageEncoder.from_pretrained(os.path.join(model, "image_encoder"))
     prepared = PreparedData(prepared_dir)
     settings = HypernetSettings(batch_size=batch, steps=10 ** 6, width=WIDTH[scale], heads=4, depth=2,
-                                iterations=4, resolution=RESOLUTION[scale], face_check="none")
+                                iterations=4, resolution=RESOLUTION[scale], face_check="none", prior_weight=0.0)
     layers, config, mean, _ = check_targets(prepared.ids, lidbs, base)
     net = new_hypernet(settings, layers, config, prepared.encoder, base.name, mean)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -111,7 +115,7 @@ def step_costs(work: str, scale: str, batch: int, steps: int) -> dict:
               for ident in prepared.ids}
     counter = iter(range(10 ** 6))
 
-    def train_step(recompute: bool):
+    def train_step(recompute: bool, objective):
         step = next(counter)
         batch = samples.batch(step)
         if recompute:                     # what stage 1 did before: the encoder on every photo of the step
@@ -133,15 +137,24 @@ def step_costs(work: str, scale: str, batch: int, steps: int) -> dict:
         out = base.unet(noisy, fixed["timestep"], ctx).sample
         (out - fixed["noise"]).pow(2).mean().backward()
 
-    objective = Objective(layers, config, base, settings, "cpu", torch.float32)
     bare = median_seconds(bare_step, steps)
-    with objective:
-        cached = median_seconds(lambda: train_step(False), steps)
-        recomputed = median_seconds(lambda: train_step(True), steps)
+    with Objective(layers, config, base, settings, "cpu", torch.float32) as objective:
+        cached = median_seconds(lambda: train_step(False, objective), steps)
+        recomputed = median_seconds(lambda: train_step(True, objective), steps)
+    with Objective(layers, config, base, with_default_prior(settings), "cpu", torch.float32) as objective:
+        prior = median_seconds(lambda: train_step(False, objective), steps)
     unet_params = sum(p.numel() for p in base.unet.parameters()) / 1e6
     return {"scale": scale, "unet_m": unet_params, "hypernet_m": net.num_parameters / 1e6, "bare": bare,
-            "cached": cached, "recomputed": recomputed, "prepare_photos_per_s": prep["photos_per_second"],
+            "cached": cached, "recomputed": recomputed, "prior": prior,
+            "prepare_photos_per_s": prep["photos_per_second"],
             "hypernet": hypernet_seconds(net, fixed["features"], steps)}
+
+
+def with_default_prior(settings):
+    """`settings` with stage 1's default prior term, as `hdb train-hypernet` runs."""
+    from hdb_core import defaults
+
+    return replace(settings, prior_weight=defaults.STAGE_PRIOR_WEIGHT)
 
 
 def sd15_costs(work: str, batch: int, steps: int, latent: int) -> dict:
@@ -173,7 +186,7 @@ def sd15_costs(work: str, batch: int, steps: int, latent: int) -> dict:
                                                               num_attention_heads=16, num_hidden_layers=32,
                                                               image_size=224, patch_size=14)), VIT_H_14)
     layers, config = base.layers(), LiDBConfig()
-    settings = HypernetSettings(batch_size=batch)
+    settings = HypernetSettings(batch_size=batch, prior_weight=0.0)
     net = HyperNetwork(HyperNetConfig(), layers, config, VIT_H_14)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     a, b = stack_train([LiDB.zeros(layers, config)] * batch)
@@ -190,7 +203,7 @@ def sd15_costs(work: str, batch: int, steps: int, latent: int) -> dict:
             ctx = te(ids)[0]
         (unet(noisy, data["timestep"], ctx).sample - data["noise"]).pow(2).mean().backward()
 
-    def train_step(recompute: bool):
+    def train_step(recompute: bool, objective):
         batch_ = dict(data, features=vit_h.encode(images)) if recompute else data
         terms = objective.terms(net, batch_)
         optimizer.zero_grad(set_to_none=True)
@@ -199,10 +212,13 @@ def sd15_costs(work: str, batch: int, steps: int, latent: int) -> dict:
 
     bare = median_seconds(bare_step, steps)
     with objective:
-        cached = median_seconds(lambda: train_step(False), steps)
-        recomputed = median_seconds(lambda: train_step(True), steps)
+        cached = median_seconds(lambda: train_step(False, objective), steps)
+        recomputed = median_seconds(lambda: train_step(True, objective), steps)
+    with Objective(layers, config, base, with_default_prior(settings), "cpu", torch.float32) as objective:
+        prior = median_seconds(lambda: train_step(False, objective), steps)
     return {"scale": f"sd15@{latent}", "unet_m": sum(p.numel() for p in unet.parameters()) / 1e6,
             "hypernet_m": net.num_parameters / 1e6, "bare": bare, "cached": cached, "recomputed": recomputed,
+            "prior": prior,
             "prepare_photos_per_s": float("nan"), "hypernet": hypernet_seconds(net, data["features"], steps)}
 
 
@@ -264,7 +280,7 @@ def main(argv=None) -> None:
               f"{args.threads} threads")
         print(f"{'scale':>8} | {'UNet M':>6} | {'hypernet M':>10} | {'bare s':>7} | {'cached s':>8} | "
               f"{'recomputed s':>12} | {'cached/bare':>11} | {'recomputed/cached':>17} | {'prepare photos/s':>16} | "
-              f"{'hypernet alone/bare':>19}")
+              f"{'hypernet alone/bare':>19} | {'+ prior/cached':>14}")
         runs = [lambda scale=scale: step_costs(work, scale, args.batch, args.steps) for scale in args.scales]
         if args.sd15_latent:
             runs.append(lambda: sd15_costs(work, args.sd15_batch, args.steps, args.sd15_latent))
@@ -273,7 +289,7 @@ def main(argv=None) -> None:
             print(f"{r['scale']:>8} | {r['unet_m']:6.1f} | {r['hypernet_m']:10.2f} | {r['bare']:7.4f} | "
                   f"{r['cached']:8.4f} | {r['recomputed']:12.4f} | {r['cached'] / r['bare']:10.2f}x | "
                   f"{r['recomputed'] / r['cached']:16.2f}x | {r['prepare_photos_per_s']:16.1f} | "
-                  f"{r['hypernet'] / r['bare']:18.2f}x")
+                  f"{r['hypernet'] / r['bare']:18.2f}x | {r['prior'] / r['cached']:13.2f}x")
         (small, small_rate), (large, large_rate) = (rss["by_count"][n] for n in args.rss_identities)
         print(f"\nstage-1 peak RSS, tiny model, {rss['steps']} steps x batch {args.batch} (fresh process each):")
         for n in args.rss_identities:
