@@ -41,8 +41,9 @@ RESOLUTION = {"tiny": 64, "mid": 128}
 WIDTH = {"tiny": 64, "mid": 256}
 
 
-def setup(work: str, scale: str, identities: int):
-    """(model folder, prepared folder, LiDB folder, prepare summary) for `identities` synthetic faces."""
+def setup(work: str, scale: str, identities: int, use: str):
+    """(model folder, prepared folder, LiDB folder, prepare summary) for `identities` synthetic faces; `use`
+    names the prepared folder, so each measurement prepares (and times) its own."""
     from devtools import tiny_diffusers
     from tests.pipeline_fixtures import make_faces
 
@@ -54,7 +55,7 @@ def setup(work: str, scale: str, identities: int):
         tiny_diffusers.save(model, scale, seed=0)
     faces = make_faces(os.path.join(work, f"faces-{scale}-{identities}"), identities,
                        size=(2 * RESOLUTION[scale], 2 * RESOLUTION[scale]))
-    prepared = os.path.join(work, f"prepared-{scale}-{identities}")
+    prepared = os.path.join(work, f"prepared-{use}-{scale}-{identities}")
     summary = prepare(faces, model, os.path.join(model, "image_encoder"), prepared,
                       PrepareSettings(resolution=RESOLUTION[scale], face_check="none", min_size=32, batch_size=16),
                       progress=False)
@@ -99,7 +100,7 @@ def step_costs(work: str, scale: str, batch: int, steps: int) -> dict:
     from hdb_core.training.prepared import PreparedData
     from hdb_core.training.stage1 import HypernetSettings, Objective, Samples, check_targets, new_hypernet
 
-    model, prepared_dir, lidbs, prep = setup(work, scale, 8)
+    model, prepared_dir, lidbs, prep = setup(work, scale, 8, "step")
     base = load_base_model(model).to("cpu")
     encoder = ClipImageEncoder.from_pretrained(os.path.join(model, "image_encoder"))
     prepared = PreparedData(prepared_dir)
@@ -241,7 +242,7 @@ def peak_rss(work: str, counts: list[int], batch: int) -> dict:
     results = {}
     steps = max(counts) // batch + 1      # every identity of the largest set is visited
     for n in counts:
-        model, prepared, lidbs, prep = setup(work, "tiny", n)
+        model, prepared, lidbs, prep = setup(work, "tiny", n, "rss")
         out = os.path.join(work, f"hn-{n}.safetensors")
         env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", prepared, lidbs, model,
