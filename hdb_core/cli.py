@@ -32,7 +32,7 @@ def _prior_args(p, weight: float = defaults.STAGE_PRIOR_WEIGHT) -> None:
     default weight is stage 0's and 1's unless given (the finetune's)."""
     p.add_argument("--prior-weight", type=float, default=weight,
                    help="hold --class-prompt's output to the base model's on each drawn noisy photo, with this "
-                        "weight (about twice the time per draw; 0: off)")
+                        "weight (default %(default)g; about twice the time per draw; 0: off)")
     p.add_argument("--class-prompt", default=defaults.CLASS_PROMPT,
                    help="the prompt --prior-weight keeps unchanged: the trigger phrase without its rare token")
 
