@@ -83,3 +83,24 @@ def test_empty_or_malformed_image_batches_are_refused():
         preprocess(torch.zeros(0, 64, 64, 3), spec)
     with pytest.raises(HDBError, match=r"\[N, H, W, 3\]"):
         preprocess(torch.zeros(64, 64, 3), spec)
+
+
+def test_a_local_folder_loads_in_the_asked_dtype_with_the_keyword_transformers_expects(tiny_model, monkeypatch):
+    """transformers 4.56 renamed `torch_dtype` to `dtype` and logs a deprecation on every load of the old one."""
+    import os
+
+    import transformers
+    from packaging.version import Version
+
+    keywords = []
+    load = transformers.CLIPVisionModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        keywords.extend(kwargs)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.CLIPVisionModel, "from_pretrained", classmethod(spy))
+    encoder = ClipImageEncoder.from_pretrained(os.path.join(tiny_model, "image_encoder"), dtype=torch.bfloat16)
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
+    renamed = Version(transformers.__version__) >= Version("4.56")
+    assert ("dtype" in keywords, "torch_dtype" in keywords) == (renamed, not renamed)

@@ -133,10 +133,14 @@ class ClipImageEncoder:
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> "ClipImageEncoder":
         """A local folder or file holding a CLIPVisionModel(WithProjection) in transformers layout."""
+        import transformers
+        from packaging.version import Version
         from transformers import CLIPVisionModel
 
+        # transformers 4.56 renamed the keyword and warns on the old one; the pack supports both sides
+        dtype_keyword = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         try:
-            model = CLIPVisionModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            model = CLIPVisionModel.from_pretrained(path, local_files_only=True, **{dtype_keyword: dtype})
         except (OSError, ValueError) as e:
             raise HDBError(f"Could not load a CLIP vision model from '{path}' ({e}); give a local folder with "
                            f"config.json and model.safetensors, such as "
