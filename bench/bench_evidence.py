@@ -8,7 +8,7 @@ Builds a world with known identities, fits an identity recognizer on its
 training identities, checks the gate (teacher beats base on identity; exit 2 if
 not), runs `hdb` stage 0 and stage 1, personalises held-out identities from one
 photo each and prints the identity table with paired bootstrap CIs; writes the
-plot and a JSON of all numbers to --out.
+plots and a JSON of all numbers to --out (`--replot` redraws the plots of an earlier run).
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from dataclasses import replace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+
+RESULT_KEYS = ("arms", "refs", "cis", "lrs", "val_cos", "gate", "world_stats", "timings", "test", "validation")
 
 
 def main(argv=None) -> int:
@@ -51,7 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the per-identity evaluation (default: 2 where there are 2 cores); "
                         "the numbers do not depend on it")
+    p.add_argument("--replot", metavar="FOLDER", default=None,
+                   help="only redraw the plots of an earlier run from FOLDER/results.json (nothing is trained)")
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, report)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("hdb").setLevel(logging.ERROR)
@@ -86,13 +93,30 @@ def main(argv=None) -> int:
     print(report.goals_text(result, settings))
     print("learning rates chosen on the validation identities " + ", ".join(result["validation"]) + ": "
           + ", ".join(f"{a} {lr:g}" for a, lr in result["lrs"].items()))
-    png = report.plot(result, os.path.join(out, "identity_vs_steps.png"))
-    report.plot_tradeoff(result, os.path.join(out, "identity_vs_editability.png"))
+    pngs = draw_plots(result, out, report)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({k: result[k] for k in ("arms", "refs", "cis", "lrs", "val_cos", "gate", "world_stats",
-                                          "timings", "test", "validation")}, f, indent=1)
+        json.dump({k: result[k] for k in RESULT_KEYS}, f, indent=1)
     print(f"\ntime: world {t['world']:.0f} s, recognizer + gate {t['gate']:.0f} s, stage 0 {t['stage0']:.0f} s, "
-          f"stage 1 {t['stage1']:.0f} s, evaluation {t['eval']:.0f} s, total {total:.0f} s; plot {png}")
+          f"stage 1 {t['stage1']:.0f} s, evaluation {t['eval']:.0f} s, total {total:.0f} s; plots {', '.join(pngs)}")
+    return 0
+
+
+def draw_plots(result: dict, out: str, report) -> list[str]:
+    return [report.plot(result, os.path.join(out, "identity_vs_steps.png")),
+            report.plot_tradeoff(result, os.path.join(out, "identity_vs_editability.png")),
+            report.plot_drift(result, os.path.join(out, "identity_vs_drift.png"))]
+
+
+def replot(folder: str, report) -> int:
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        print(f"No results.json in '{folder}': give the --out folder of a finished bench_evidence.py run.",
+              file=sys.stderr)
+        return 2
+    with open(path) as f:
+        result = json.load(f)
+    for png in draw_plots(result, folder, report):
+        print(png)
     return 0
 
 

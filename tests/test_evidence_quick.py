@@ -248,6 +248,21 @@ def test_report_and_plot(evidence, tmp_path):
     assert len(goals) == 14 and "in the identity subspace" in text and "subspace hypernet only" in text
     assert "subspace hypernet + 40 steps (default relaxation)" in text
     assert sum(name.endswith("only: rank-1 at least half the teacher's") for name in goals) == 2
-    for png in (report.plot(r, str(tmp_path / "plot.png")), report.plot_tradeoff(r, str(tmp_path / "trade.png"))):
+    for png in (report.plot(r, str(tmp_path / "plot.png")), report.plot_tradeoff(r, str(tmp_path / "trade.png")),
+                report.plot_drift(r, str(tmp_path / "drift.png"))):
         with Image.open(png) as im:
             assert im.size[0] > 100 and len(set(im.convert("RGB").getdata())) > 3
+
+
+def test_replot_redraws_an_earlier_runs_plots_from_its_results(evidence, tmp_path, capsys):
+    import json
+
+    from bench.bench_evidence import RESULT_KEYS, main
+
+    _, r = evidence
+    (tmp_path / "results.json").write_text(json.dumps({key: r[key] for key in RESULT_KEYS}))
+    assert main(["--replot", str(tmp_path)]) == 0
+    names = {"identity_vs_steps.png", "identity_vs_editability.png", "identity_vs_drift.png"}
+    assert names <= {p.name for p in tmp_path.iterdir()}
+    assert main(["--replot", str(tmp_path / "missing")]) == 2
+    assert "No results.json in" in capsys.readouterr().err

@@ -166,6 +166,71 @@ def plot_tradeoff(result: dict, path: str) -> str:
     return path
 
 
+def key_steps_of(result: dict) -> tuple[int, int]:
+    """(k, long) as the run's Settings had them, read back from its arm names (so a results.json suffices)."""
+    steps = {kind: [int(a.split("+")[1]) for a in result["arms"] if a.split("+")[0] == kind]
+             for kind in ("hypernet", "zero")}
+    return max(steps["hypernet"]), max(steps["zero"])
+
+
+def plot_drift(result: dict, path: str) -> str:
+    """Identity cosine against prior drift for the arms the goals compare: up and left is better. A line joins
+    each prediction to its k-step finetune; the x axis is log(1 + drift), as drift spans 0 to the teachers'."""
+    import math
+
+    k, long = key_steps_of(result)
+    arms = result["arms"]
+    starts = [kind for kind in ("hypernet", SUBSPACE_NET) if f"{kind}+0" in arms]
+    shown = [f"{kind}+{p}" for kind in starts for p in (0, k)]
+    shown += [arm for arm in (f"hypernet-sub+{k}", f"{RELAXED}+{k}", f"zero+{k}", f"zero+{long}") if arm in arms]
+    points = {arm: (stats(arms[arm]["drift"])[0], stats(arms[arm]["cos"])[0],
+                    COLOURS.get(arm.split("+")[0], (0, 0, 0))) for arm in shown}
+    points["teacher"] = (stats(result["refs"]["teacher"]["drift"])[0], stats(result["refs"]["teacher"]["cos"])[0],
+                         (110, 110, 110))
+    base_cos = stats(result["refs"]["base"]["cos"])[0]
+    w, h, ml, mr, mt, mb = 860, 460, 60, 20, 36, 46
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x_hi = math.log1p(max(x for x, _, _ in points.values()) * 1.3)
+    ys = [y for _, y, _ in points.values()]
+    y_lo, y_hi = min(ys), max(ys)
+    y_lo, y_hi = y_lo - 0.08 * (y_hi - y_lo or 1), y_hi + 0.08 * (y_hi - y_lo or 1)
+
+    def xy(drift, y):
+        return ml + (w - ml - mr) * math.log1p(drift) / x_hi, mt + (h - mt - mb) * (y_hi - y) / (y_hi - y_lo)
+
+    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
+    for tick in (0, 1, 3, 10, 30, 100, 300):
+        if math.log1p(tick) <= x_hi:
+            x, _ = xy(tick, y_lo)
+            d.line([x, h - mb, x, h - mb + 4], fill="black")
+            d.text((x - 8, h - mb + 6), str(tick), fill="black", font=font)
+    for i in range(5):
+        yv = y_lo + (y_hi - y_lo) * i / 4
+        d.text((4, xy(0, yv)[1] - 6), f"{yv:.3f}", fill="black", font=font)
+    for kind in starts:
+        d.line([xy(*points[f"{kind}+0"][:2]), xy(*points[f"{kind}+{k}"][:2])], fill=points[f"{kind}+0"][2], width=2)
+    placed: list[tuple[float, float, float, float]] = []
+    for name, (x, y, col) in sorted(points.items(), key=lambda item: -item[1][1]):
+        px, py = xy(x, y)
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
+        width = d.textlength(name, font=font)
+        lx = px + 8 if px + 8 + width < w - mr else px - 8 - width
+        ly = py - 6
+        while any(lx < b[2] and lx + width > b[0] and ly < b[3] and ly + 12 > b[1] for b in placed):
+            ly += 12      # below the labels already placed, so none hides another
+        placed.append((lx, ly, lx + width, ly + 12))
+        d.text((lx, ly), name, fill=col, font=font)
+    d.text((ml, 10), f"identity cosine against prior drift (\"a face\" moved from the base's); means over "
+                     f"{len(result['test'])} test identities; base model: cosine {base_cos:.3f} at drift 0",
+           fill="black", font=font)
+    d.text((ml + 160, h - 18), "prior drift (log scale; lower keeps the base model's faces)", fill="black",
+           font=font)
+    img.save(path)
+    return path
+
+
 def plot(result: dict, path: str, metric: str = "cos") -> str:
     """Identity cosine against finetuning steps, one curve (mean ± std) per start; x axis log(1 + steps)."""
     import math
