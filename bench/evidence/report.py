@@ -166,6 +166,22 @@ def plot_tradeoff(result: dict, path: str) -> str:
     return path
 
 
+def log_x_axes(d, font, xy, ticks, x_max_log: float, y_lo: float, y_hi: float, box) -> None:
+    """The plot's frame, the ticks of a log(1 + x) axis up to x_max_log, and five values on the y axis."""
+    import math
+
+    left, top, right, bottom = box
+    d.rectangle([left, top, right, bottom], outline="black")
+    for tick in ticks:
+        if math.log1p(tick) <= x_max_log:
+            x, _ = xy(tick, y_lo)
+            d.line([x, bottom, x, bottom + 4], fill="black")
+            d.text((x - 8, bottom + 6), str(tick), fill="black", font=font)
+    for i in range(5):
+        value = y_lo + (y_hi - y_lo) * i / 4
+        d.text((4, xy(0, value)[1] - 6), f"{value:.3f}", fill="black", font=font)
+
+
 def key_steps_of(result: dict) -> tuple[int, int]:
     """(k, long) as the run's Settings had them, read back from its arm names (so a results.json suffices)."""
     steps = {kind: [int(a.split("+")[1]) for a in result["arms"] if a.split("+")[0] == kind]
@@ -200,15 +216,7 @@ def plot_drift(result: dict, path: str) -> str:
     def xy(drift, y):
         return ml + (w - ml - mr) * math.log1p(drift) / x_hi, mt + (h - mt - mb) * (y_hi - y) / (y_hi - y_lo)
 
-    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
-    for tick in (0, 1, 3, 10, 30, 100, 300):
-        if math.log1p(tick) <= x_hi:
-            x, _ = xy(tick, y_lo)
-            d.line([x, h - mb, x, h - mb + 4], fill="black")
-            d.text((x - 8, h - mb + 6), str(tick), fill="black", font=font)
-    for i in range(5):
-        yv = y_lo + (y_hi - y_lo) * i / 4
-        d.text((4, xy(0, yv)[1] - 6), f"{yv:.3f}", fill="black", font=font)
+    log_x_axes(d, font, xy, (0, 1, 3, 10, 30, 100, 300), x_hi, y_lo, y_hi, (ml, mt, w - mr, h - mb))
     for kind in starts:
         d.line([xy(*points[f"{kind}+0"][:2]), xy(*points[f"{kind}+{k}"][:2])], fill=points[f"{kind}+0"][2], width=2)
     placed: list[tuple[float, float, float, float]] = []
@@ -254,16 +262,7 @@ def plot(result: dict, path: str, metric: str = "cos") -> str:
     def xy(step, v):
         return (ml + (w - ml - mr) * math.log1p(step) / xmax, mt + (h - mt - mb) * (hi - v) / (hi - lo))
 
-    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
-    for step in (0, 10, 40, 100, 400, 1000):
-        if math.log1p(step) <= xmax:
-            x, _ = xy(step, lo)
-            d.line([x, h - mb, x, h - mb + 4], fill="black")
-            d.text((x - 8, h - mb + 6), str(step), fill="black", font=font)
-    for i in range(5):
-        v = lo + (hi - lo) * i / 4
-        _, y = xy(0, v)
-        d.text((4, y - 6), f"{v:.3f}", fill="black", font=font)
+    log_x_axes(d, font, xy, (0, 10, 40, 100, 400, 1000), xmax, lo, hi, (ml, mt, w - mr, h - mb))
     for name, v in refs.items():
         _, y = xy(0, v)
         d.line([ml, y, w - mr, y], fill=(150, 150, 150), width=1)
