@@ -130,20 +130,19 @@ COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (6
 
 
 def plot_tradeoff(result: dict, path: str) -> str:
-    """Identity (cosine) against editability (style kept), one point per arm: up and right is better."""
-    w, h, ml, mr, mt, mb = 760, 460, 60, 20, 36, 46
+    """Identity (cosine) against editability (style kept) for the arms the goals compare: up and right is
+    better. A line joins each prediction to its k-step finetune."""
+    starts, k, points = compared_points(result, "style")
+    base = result["refs"]["base"]
+    w, h, ml, mr, mt, mb = 860, 460, 60, 20, 36, 46
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    points = [(arm, stats(m["style"])[0], stats(m["cos"])[0], COLOURS.get(arm.split("+")[0], (0, 0, 0)))
-              for arm, m in result["arms"].items()]
-    points += [(name, stats(result["refs"][name]["style"])[0], stats(result["refs"][name]["cos"])[0],
-                (110, 110, 110)) for name in ("teacher", "base")]
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x_lo, x_hi = min(xs + [0.0]), max(xs + [1.0])
+    xs, ys = [x for x, _, _ in points.values()], [y for _, y, _ in points.values()]
+    x_lo, x_hi = min(xs + [0.0]), max(xs)
     y_lo, y_hi = min(ys), max(ys)
-    x_pad, y_pad = 0.05 * (x_hi - x_lo or 1), 0.05 * (y_hi - y_lo or 1)
-    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo - y_pad, y_hi + y_pad
+    x_pad, y_pad = 0.08 * (x_hi - x_lo or 1), 0.08 * (y_hi - y_lo or 1)
+    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + 3 * x_pad, y_lo - y_pad, y_hi + y_pad
 
     def xy(x, y):
         return (ml + (w - ml - mr) * (x - x_lo) / (x_hi - x_lo), mt + (h - mt - mb) * (y_hi - y) / (y_hi - y_lo))
@@ -155,12 +154,10 @@ def plot_tradeoff(result: dict, path: str) -> str:
         d.text((x - 10, h - mb + 6), f"{xv:.2f}", fill="black", font=font)
         _, y = xy(x_lo, yv)
         d.text((4, y - 6), f"{yv:.3f}", fill="black", font=font)
-    for name, x, y, col in points:
-        px, py = xy(x, y)
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
-        d.text((px + 6, py - 6), name, fill=col, font=font)
+    draw_points(d, font, xy, starts, k, points, w - mr)
     d.text((ml, 10), f"identity cosine against style kept (1 = the base's full edit); means over "
-                     f"{len(result['test'])} test identities", fill="black", font=font)
+                     f"{len(result['test'])} test identities; base model: cosine {stats(base['cos'])[0]:.3f}, "
+                     f"style kept {stats(base['style'])[0]:.2f}", fill="black", font=font)
     d.text((w // 2 - 90, h - 18), "editability: share of the ' in red' edit kept", fill="black", font=font)
     img.save(path)
     return path
@@ -189,20 +186,44 @@ def key_steps_of(result: dict) -> tuple[int, int]:
     return max(steps["hypernet"]), max(steps["zero"])
 
 
-def plot_drift(result: dict, path: str) -> str:
-    """Identity cosine against prior drift for the arms the goals compare: up and left is better. A line joins
-    each prediction to its k-step finetune; the x axis is log(1 + drift), as drift spans 0 to the teachers'."""
-    import math
-
+def compared_points(result: dict, x_metric: str) -> tuple[list[str], int, dict]:
+    """The arms the goals compare, and the teacher: name -> (mean x_metric, mean cosine, colour); also the
+    starts that have a prediction alone and k, so a plot can join each prediction to its k-step finetune."""
     k, long = key_steps_of(result)
     arms = result["arms"]
     starts = [kind for kind in ("hypernet", SUBSPACE_NET) if f"{kind}+0" in arms]
     shown = [f"{kind}+{p}" for kind in starts for p in (0, k)]
     shown += [arm for arm in (f"hypernet-sub+{k}", f"{RELAXED}+{k}", f"zero+{k}", f"zero+{long}") if arm in arms]
-    points = {arm: (stats(arms[arm]["drift"])[0], stats(arms[arm]["cos"])[0],
+    points = {arm: (stats(arms[arm][x_metric])[0], stats(arms[arm]["cos"])[0],
                     COLOURS.get(arm.split("+")[0], (0, 0, 0))) for arm in shown}
-    points["teacher"] = (stats(result["refs"]["teacher"]["drift"])[0], stats(result["refs"]["teacher"]["cos"])[0],
-                         (110, 110, 110))
+    teacher = result["refs"]["teacher"]
+    points["teacher"] = (stats(teacher[x_metric])[0], stats(teacher["cos"])[0], (110, 110, 110))
+    return starts, k, points
+
+
+def draw_points(d, font, xy, starts: list[str], k: int, points: dict, right: float) -> None:
+    """Each start's line from its prediction to + k, then the points, each labelled where no other label is."""
+    for kind in starts:
+        d.line([xy(*points[f"{kind}+0"][:2]), xy(*points[f"{kind}+{k}"][:2])], fill=points[f"{kind}+0"][2], width=2)
+    placed: list[tuple[float, float, float, float]] = []
+    for name, (x, y, col) in sorted(points.items(), key=lambda item: -item[1][1]):
+        px, py = xy(x, y)
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
+        width = d.textlength(name, font=font)
+        lx = px + 8 if px + 8 + width < right else px - 8 - width
+        ly = py - 6
+        while any(lx < b[2] and lx + width > b[0] and ly < b[3] and ly + 12 > b[1] for b in placed):
+            ly += 12      # below the labels already placed, so none hides another
+        placed.append((lx, ly, lx + width, ly + 12))
+        d.text((lx, ly), name, fill=col, font=font)
+
+
+def plot_drift(result: dict, path: str) -> str:
+    """Identity cosine against prior drift for the arms the goals compare: up and left is better. A line joins
+    each prediction to its k-step finetune; the x axis is log(1 + drift), as drift spans 0 to the teachers'."""
+    import math
+
+    starts, k, points = compared_points(result, "drift")
     base_cos = stats(result["refs"]["base"]["cos"])[0]
     w, h, ml, mr, mt, mb = 860, 460, 60, 20, 36, 46
     img = Image.new("RGB", (w, h), "white")
@@ -217,19 +238,7 @@ def plot_drift(result: dict, path: str) -> str:
         return ml + (w - ml - mr) * math.log1p(drift) / x_hi, mt + (h - mt - mb) * (y_hi - y) / (y_hi - y_lo)
 
     log_x_axes(d, font, xy, (0, 1, 3, 10, 30, 100, 300), x_hi, y_lo, y_hi, (ml, mt, w - mr, h - mb))
-    for kind in starts:
-        d.line([xy(*points[f"{kind}+0"][:2]), xy(*points[f"{kind}+{k}"][:2])], fill=points[f"{kind}+0"][2], width=2)
-    placed: list[tuple[float, float, float, float]] = []
-    for name, (x, y, col) in sorted(points.items(), key=lambda item: -item[1][1]):
-        px, py = xy(x, y)
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
-        width = d.textlength(name, font=font)
-        lx = px + 8 if px + 8 + width < w - mr else px - 8 - width
-        ly = py - 6
-        while any(lx < b[2] and lx + width > b[0] and ly < b[3] and ly + 12 > b[1] for b in placed):
-            ly += 12      # below the labels already placed, so none hides another
-        placed.append((lx, ly, lx + width, ly + 12))
-        d.text((lx, ly), name, fill=col, font=font)
+    draw_points(d, font, xy, starts, k, points, w - mr)
     d.text((ml, 10), f"identity cosine against prior drift (\"a face\" moved from the base's); means over "
                      f"{len(result['test'])} test identities; base model: cosine {base_cos:.3f} at drift 0",
            fill="black", font=font)
