@@ -102,12 +102,14 @@ def main(argv=None) -> int:
 
 
 def draw_plots(result: dict, out: str, report) -> list[str]:
+    """The run's three plots, written into `out`; their paths."""
     return [report.plot(result, os.path.join(out, "identity_vs_steps.png")),
             report.plot_tradeoff(result, os.path.join(out, "identity_vs_editability.png")),
             report.plot_drift(result, os.path.join(out, "identity_vs_drift.png"))]
 
 
 def replot(folder: str, report) -> int:
+    """Redraw a finished run's plots from its results.json, so older runs get the newer plots; 2 if it has none."""
     path = os.path.join(folder, "results.json")
     if not os.path.isfile(path):
         print(f"No results.json in '{folder}': give the --out folder of a finished bench_evidence.py run.",
