@@ -585,8 +585,8 @@ def train_hypernet(data_dir: str, lidb_dir: str, base_model: str | BaseModel, im
         tensors, st = found
         # a checkpoint from before a setting existed was written with that setting's default then
         saved = {**HypernetSettings().resume_key(), **SETTINGS_BEFORE_THEY_EXISTED, **st["settings"]}
-        if saved != settings.resume_key():
-            now = settings.resume_key()
+        now = settings.resume_key()
+        if saved != now:
             changed = "; ".join(f"{k}: {saved[k]!r} there, {now.get(k)!r} now" for k in sorted(saved)
                                 if saved[k] != now.get(k))
             raise HDBError(f"The checkpoint in '{state}' was written with other settings ({changed}); "
