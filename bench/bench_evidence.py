@@ -8,7 +8,8 @@ Builds a world with known identities, fits an identity recognizer on its
 training identities, checks the gate (teacher beats base on identity; exit 2 if
 not), runs `hdb` stage 0 and stage 1, personalises held-out identities from one
 photo each and prints the identity table with paired bootstrap CIs; writes the
-plots and a JSON of all numbers to --out (`--replot` redraws the plots of an earlier run).
+plots and a JSON of all numbers to --out (`--replot` redraws the plots of an earlier run,
+`--summary` puts finished runs side by side).
 """
 from __future__ import annotations
 
@@ -56,9 +57,14 @@ def main(argv=None) -> int:
                         "the numbers do not depend on it")
     p.add_argument("--replot", metavar="FOLDER", default=None,
                    help="only redraw the plots of an earlier run from FOLDER/results.json (nothing is trained)")
+    p.add_argument("--summary", metavar="FOLDER", nargs="+", default=None,
+                   help="only print finished runs side by side (their main arms and the goals' verdicts), from each "
+                        "FOLDER/results.json, as README quotes them")
     args = p.parse_args(argv)
     if args.replot:
         return replot(args.replot, report)
+    if args.summary:
+        return summarise(args.summary, report)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("hdb").setLevel(logging.ERROR)
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     print()
     print(report.ci_text(result))
     print()
-    print(report.goals_text(result, settings))
+    print(report.goals_text(result))
     print("learning rates chosen on the validation identities " + ", ".join(result["validation"]) + ": "
           + ", ".join(f"{a} {lr:g}" for a, lr in result["lrs"].items()))
     pngs = draw_plots(result, out, report)
@@ -108,17 +114,36 @@ def draw_plots(result: dict, out: str, report) -> list[str]:
             report.plot_drift(result, os.path.join(out, "identity_vs_drift.png"))]
 
 
-def replot(folder: str, report) -> int:
-    """Redraw a finished run's plots from its results.json, so older runs get the newer plots; 2 if it has none."""
+def read_results(folder: str) -> dict | None:
+    """A finished run's results.json, or None after saying which folder lacks one."""
     path = os.path.join(folder, "results.json")
     if not os.path.isfile(path):
         print(f"No results.json in '{folder}': give the --out folder of a finished bench_evidence.py run.",
               file=sys.stderr)
-        return 2
+        return None
     with open(path) as f:
-        result = json.load(f)
+        return json.load(f)
+
+
+def replot(folder: str, report) -> int:
+    """Redraw a finished run's plots from its results.json, so older runs get the newer plots; 2 if it has none."""
+    result = read_results(folder)
+    if result is None:
+        return 2
     for png in draw_plots(result, folder, report):
         print(png)
+    return 0
+
+
+def summarise(folders: list[str], report) -> int:
+    """Print finished runs side by side, each named by its folder; 2 if one has no results.json."""
+    runs = {os.path.basename(os.path.normpath(f)): read_results(f) for f in folders}
+    if any(r is None for r in runs.values()):
+        return 2
+    if len(runs) < len(folders):
+        print("Two of the folders have the same name: give each run's folder a name of its own.", file=sys.stderr)
+        return 2
+    print(report.summary(runs))
     return 0
 
 

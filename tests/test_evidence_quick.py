@@ -244,10 +244,14 @@ def test_report_and_plot(evidence, tmp_path):
     text = report.table(r, s)
     assert "hypernet only" in text and "zero start + " in text and "teacher" in text
     assert "GATE" in report.gate_text(r) and "bootstrap 95 % CI" in report.ci_text(r)
-    goals = report.goals(r, s)
+    goals = report.goals(r)
     assert len(goals) == 14 and "in the identity subspace" in text and "subspace hypernet only" in text
     assert "subspace hypernet + 40 steps (default relaxation)" in text
     assert sum(name.endswith("only: rank-1 at least half the teacher's") for name in goals) == 2
+    hits = sum(r["arms"]["hypernet+0"]["rank1"])
+    assert goals["hypernet only: rank-1 at least half the teacher's"] == (
+        hits >= 0.5 * sum(r["refs"]["teacher"]["rank1"]), f"{hits:.0f}/{len(r['test'])} against the teacher's "
+        f"{sum(r['refs']['teacher']['rank1']):.0f}/{len(r['test'])}")
     for png in (report.plot(r, str(tmp_path / "plot.png")), report.plot_tradeoff(r, str(tmp_path / "trade.png")),
                 report.plot_drift(r, str(tmp_path / "drift.png"))):
         with Image.open(png) as im:
@@ -265,4 +269,30 @@ def test_replot_redraws_an_earlier_runs_plots_from_its_results(evidence, tmp_pat
     names = {"identity_vs_steps.png", "identity_vs_editability.png", "identity_vs_drift.png"}
     assert names <= {p.name for p in tmp_path.iterdir()}
     assert main(["--replot", str(tmp_path / "missing")]) == 2
+    assert "No results.json in" in capsys.readouterr().err
+
+
+def test_summary_puts_finished_runs_side_by_side(evidence, tmp_path, capsys):
+    import json
+
+    from bench.bench_evidence import RESULT_KEYS, main
+    from bench.evidence import report
+
+    _, r = evidence
+    for name in ("full", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({key: r[key] for key in RESULT_KEYS}))
+    assert main(["--summary", str(tmp_path / "full"), str(tmp_path / "other")]) == 0
+    out = capsys.readouterr().out
+    assert "full: rank-1" in out and "other: rank-1" in out
+    only = next(line for line in out.splitlines() if line.startswith("| hypernet only |"))
+    hits = f"{sum(r['arms']['hypernet+0']['rank1']):.0f}/{len(r['test'])}"
+    assert only.count(f"| {hits} |") == 2
+    reached = sum(ok for ok, _ in report.goals(r).values())
+    assert out.count("**reached**") == 2 * reached and out.count("not reached") == 2 * (len(report.goals(r)) - reached)
+    (tmp_path / "again" / "full").mkdir(parents=True)
+    (tmp_path / "again" / "full" / "results.json").write_text((tmp_path / "full" / "results.json").read_text())
+    assert main(["--summary", str(tmp_path / "full"), str(tmp_path / "again" / "full")]) == 2
+    assert "same name" in capsys.readouterr().err
+    assert main(["--summary", str(tmp_path / "full"), str(tmp_path / "missing")]) == 2
     assert "No results.json in" in capsys.readouterr().err

@@ -93,8 +93,21 @@ def ci_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def goals(result: dict, s: Settings) -> dict[str, bool]:
-    k, long = s.key_steps
+def count(m: dict) -> str:
+    """Rank-1 hits as 'hits/identities'."""
+    return f"{sum(m['rank1']):.0f}/{len(m['rank1'])}"
+
+
+def interval(cis: dict, key: str) -> str:
+    """A paired difference and its 95 % interval; drift (tens) to one decimal, the rest to three."""
+    m, lo, hi = cis[key]
+    digits = 1 if key.endswith("[drift]") else 3
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def goals(result: dict) -> dict[str, tuple[bool, str]]:
+    """The issue's goals this run can judge: name -> (reached, the numbers that decide it)."""
+    k, long = key_steps_of(result)
     arms, refs, cis = result["arms"], result["refs"], result["cis"]
     teacher = statistics.fmean(refs["teacher"]["rank1"])
     starts = [("hypernet", "hypernet", True)]
@@ -107,21 +120,60 @@ def goals(result: dict, s: Settings) -> dict[str, bool]:
     for arm, label, alone in starts:
         vs_long, vs_k = f"{arm}+{k} - zero+{long}", f"{arm}+{k} - zero+{k}"
         if alone:
-            out[f"{label.split(',')[0]} only: rank-1 at least half the teacher's"] = \
-                statistics.fmean(arms[f"{arm}+0"]["rank1"]) >= 0.5 * teacher
+            alone_arm = arms[f"{arm}+0"]
+            out[f"{label.split(',')[0]} only: rank-1 at least half the teacher's"] = (
+                statistics.fmean(alone_arm["rank1"]) >= 0.5 * teacher,
+                f"{count(alone_arm)} against the teacher's {count(refs['teacher'])}")
         out.update({
-            f"{label} + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)":
+            f"{label} + {k} at least as good as zero + {long} (mean cosine and rank-1 differences >= 0)": (
                 cis[f"{vs_long} [cos]"][0] >= 0 and cis[f"{vs_long} [rank1]"][0] >= 0,
+                f"{count(arms[f'{arm}+{k}'])} against {count(arms[f'zero+{long}'])}, cosine "
+                f"{interval(cis, f'{vs_long} [cos]')}"),
             f"{label} + {k}: editability and prior drift equal or better than zero + {long}'s (style kept not "
-            f"below, drift not above, beyond the 95 % interval)":
+            f"below, drift not above, beyond the 95 % interval)": (
                 cis[f"{vs_long} [style]"][2] >= 0 and cis[f"{vs_long} [drift]"][1] <= 0,
-            f"{label} + {k} clearly better than zero + {k} (cosine CI lower end > 0)": cis[f"{vs_k} [cos]"][1] > 0,
+                f"style kept {interval(cis, f'{vs_long} [style]')}, drift {interval(cis, f'{vs_long} [drift]')}"),
+            f"{label} + {k} clearly better than zero + {k} (cosine CI lower end > 0)": (
+                cis[f"{vs_k} [cos]"][1] > 0, f"cosine {interval(cis, f'{vs_k} [cos]')}"),
         })
     return out
 
 
-def goals_text(result: dict, s: Settings) -> str:
-    return "\n".join(f"goal {'REACHED' if ok else 'NOT reached'}: {name}" for name, ok in goals(result, s).items())
+def goals_text(result: dict) -> str:
+    return "\n".join(f"goal {'REACHED' if ok else 'NOT reached'}: {name}: {numbers}"
+                     for name, (ok, numbers) in goals(result).items())
+
+
+def summary(runs: dict[str, dict]) -> str:
+    """Finished runs side by side (name -> results.json): the main arms' identity, editability and drift, then
+    each goal's verdict with the numbers that decide it; what README quotes."""
+    k, long = key_steps_of(next(iter(runs.values())))
+    rows = [("base model", "base"), ("hypernet only", "hypernet+0"), (f"hypernet + {k} steps", f"hypernet+{k}"),
+            (f"hypernet + {k} steps in the identity subspace", f"hypernet-sub+{k}"),
+            ("subspace hypernet only", f"{SUBSPACE_NET}+0"),
+            (f"subspace hypernet + {k} steps in its subspace", f"{SUBSPACE_NET}+{k}"),
+            (f"zero start + {k} steps", f"zero+{k}"), (f"zero start + {long} steps", f"zero+{long}"),
+            ("teacher (generated the photos)", "teacher")]
+    n = len(next(iter(runs.values()))["test"])
+    head = f"| start ({n} test identities) | " + " | ".join(
+        f"{name}: rank-1 | cosine | style kept | prior drift" for name in runs) + " |"
+    lines = [head, "|---|" + "---|---|---|---|" * len(runs)]
+    for label, key in rows:
+        cells = []
+        for result in runs.values():
+            m = result["arms"].get(key) or result["refs"].get(key)
+            cells.append(" | ".join(("–",) * 4) if m is None else
+                         f"{count(m)} | {stats(m['cos'])[0]:.3f} | {stats(m['style'])[0]:.2f} | "
+                         f"{stats(m['drift'])[0]:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    verdicts = {name: goals(result) for name, result in runs.items()}
+    names = list(dict.fromkeys(g for v in verdicts.values() for g in v))
+    lines += ["", "| goal | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for goal in names:
+        cells = [("**reached**: " if v[goal][0] else "not reached: ") + v[goal][1] if goal in v else "–"
+                 for v in verdicts.values()]
+        lines.append(f"| {goal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 COLOURS = {"zero": (200, 60, 40), "hypernet": (40, 90, 200), "hypernet(s=1)": (60, 160, 60),
