@@ -108,7 +108,7 @@ def cmd_stage1(args, manifest, spec) -> None:
 
     # the prior term off unless set (`--set prior_weight=1`), as when the commands in docs/evidence.md ran
     values = dict(steps=500, batch_size=16, learning_rate=1e-3, width=128, heads=4, iterations=4, ema_decay=0,
-                  trigger=W.PROMPT, prior_weight=0.0)
+                  trigger=W.PROMPT, prior_weight=0.0, seed=0)
     for item in args.set:
         key, value = item.split("=", 1)
         kind = type(getattr(HypernetSettings, key))
@@ -116,9 +116,9 @@ def cmd_stage1(args, manifest, spec) -> None:
                        else int(float(value)) if kind is int else kind(value))
     values.setdefault("warmup_steps", values["steps"] // 10)
     train_hypernet(args.faces or manifest["photos"], args.stage0, manifest["base"],
-                   args.encoder or manifest["image_encoder"], args.out,
+                   latent_input(args, manifest, spec) or args.encoder or manifest["image_encoder"], args.out,
                    HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
-                                    flip=False, seed=0, val_identities=0, **values))
+                                    flip=False, val_identities=0, **values))
 
 
 def identity_scorer(manifest, spec, rec):
@@ -160,7 +160,8 @@ def cmd_score(args, manifest, spec, rec) -> None:
          [score(load_lidb(os.path.join(args.stage0, f"{i}.safetensors")), i) for i in train])
     if args.hypernet:
         net = load_hypernet(args.hypernet)
-        encoder = ClipImageEncoder.from_pretrained(args.encoder or manifest["image_encoder"])
+        encoder = latent_input(args, manifest, spec) or ClipImageEncoder.from_pretrained(
+            args.encoder or manifest["image_encoder"])
 
         with torch.no_grad():
             preds = {i: predicted(net, encoder, manifest["photos"], i) for i in train}
@@ -385,6 +386,44 @@ def photo_stack(base, folder: str, names: list[str], photos: int) -> list:
     return [photo_latents(base, torch.stack([data.prepare_image(os.path.join(folder, n, f"{j}.png"), W.IMAGE_SIZE,
                                                                 "none") for j in range(photos)]), "cpu", False)
             for n in names]
+
+
+class LatentIdentityEncoder:
+    """A stand-in image encoder for the transformer: one token, the PCA+LDA identity projection of the photo's
+    VAE latent fit on the training identities' photos (what `amortize --input photo-lda` reads), so that the
+    pipeline's own stage 1 and prediction can be asked what they do with an input in which identity is linear."""
+
+    def __init__(self, manifest: dict, spec, pca_dims: int = 64):
+        import torch
+
+        from bench.evidence import world as W
+        from bench.evidence.identity import Recognizer
+        from hdb_core.hypernet.image_encoder import EncoderSpec
+        from hdb_core.training.base_model import load_base_model
+
+        self.base = load_base_model(manifest["base"])
+        train = manifest["train"] + manifest.get("extra_train", [])
+        latents = torch.cat(photo_stack(self.base, manifest["photos"], train, spec.photos))
+        self.projection = Recognizer.fit(latents, torch.arange(len(train)).repeat_interleave(spec.photos),
+                                         pca_dims, 24)
+        self.spec = EncoderSpec(hidden_size=24, num_tokens=1, image_size=W.IMAGE_SIZE,
+                                name="photo latent PCA+LDA (evidence_probe.py)")
+        self.model = torch.nn.Identity()      # what `hdb prepare` moves to its device
+
+    def encode(self, images):
+        """[N, H, W, 3] images in 0..1 -> [N, 1, 24]."""
+        from hdb_core.training.base_model import photo_latents
+
+        return self.projection.project(photo_latents(self.base, images, "cpu", False))[:, None]
+
+
+def latent_input(args, manifest: dict, spec):
+    """With `--input photo-lda` the stand-in encoder the network reads; None when it reads an image encoder."""
+    if args.input != "photo-lda":
+        return None
+    if args.encoder:
+        raise SystemExit("--input photo-lda reads the photo latent, not an image encoder: leave --encoder out.")
+    return LatentIdentityEncoder(manifest, spec)
 
 
 def coefficient_fit(base, injector, build, subspace, directions, latents, names, first, steps, lr) -> dict:
@@ -1058,6 +1097,9 @@ def main(argv=None) -> int:
     s1.add_argument("--set", action="append", default=[], help="a HypernetSettings field, e.g. beta=0.1")
     s1.add_argument("--encoder", help="another CLIP vision folder (see make-encoder)")
     s1.add_argument("--faces", help="the face folder stage 0 read (default: the world's photos)")
+    s1.add_argument("--input", choices=("features", "photo-lda"), default="features",
+                    help="what the network reads: the image encoder's features, or (a diagnostic) the PCA+LDA "
+                         "identity projection of the photo latent, as `amortize --input photo-lda`")
     me = sub.add_parser("make-encoder", help="a random CLIP vision folder like the world's, other patch size")
     me.add_argument("--patch-size", type=int, default=8)
     me.add_argument("--width", type=int, default=64)
@@ -1080,6 +1122,8 @@ def main(argv=None) -> int:
     sc.add_argument("--offset-scale", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
                     help="comma-separated factors for the prediction's offset from the mean stage-0 LiDB")
     sc.add_argument("--photos", type=int, default=1, help="held-out predictions from photos 0..N-1 at once")
+    sc.add_argument("--input", choices=("features", "photo-lda"), default="features",
+                    help="what the network was trained to read (stage1 --input)")
     cc = sub.add_parser("code-ceiling", help="the targets' own limit: stage-0 LiDBs predicted from the hidden code")
     cc.add_argument("--stage0", required=True)
     cc.add_argument("--ridge", type=float, default=1.0)
