@@ -388,42 +388,53 @@ def photo_stack(base, folder: str, names: list[str], photos: int) -> list:
             for n in names]
 
 
-class LatentIdentityEncoder:
-    """A stand-in image encoder for the transformer: one token, the PCA+LDA identity projection of the photo's
-    VAE latent fit on the training identities' photos (what `amortize --input photo-lda` reads), so that the
-    pipeline's own stage 1 and prediction can be asked what they do with an input in which identity is linear."""
+class IdentityProjectionEncoder:
+    """A stand-in image encoder for the transformer: one token, a PCA+LDA identity projection fit on the
+    training identities' photos (what `amortize --input photo-lda` / `feature-lda` reads), of the photo's VAE
+    latent or of the world's image features, so that the pipeline's own stage 1 and prediction can be asked
+    what they do with an input in which identity is linear."""
 
-    def __init__(self, manifest: dict, spec, pca_dims: int = 64):
+    def __init__(self, manifest: dict, spec, source: str, pca_dims: int = 64):
         import torch
 
+        from bench.evidence import encoder as E
         from bench.evidence import world as W
         from bench.evidence.identity import Recognizer
-        from hdb_core.hypernet.image_encoder import EncoderSpec
+        from hdb_core.hypernet.image_encoder import ClipImageEncoder, EncoderSpec
         from hdb_core.training.base_model import load_base_model
 
         self.base = load_base_model(manifest["base"])
+        self.image_encoder = ClipImageEncoder.from_pretrained(manifest["image_encoder"]) \
+            if source == "features" else None
         train = manifest["train"] + manifest.get("extra_train", [])
-        latents = torch.cat(photo_stack(self.base, manifest["photos"], train, spec.photos))
-        self.projection = Recognizer.fit(latents, torch.arange(len(train)).repeat_interleave(spec.photos),
-                                         pca_dims, 24)
+        x = self.inputs(E.load_photos(manifest["photos"], train, spec.photos))
+        self.projection = Recognizer.fit(x, torch.arange(len(train)).repeat_interleave(spec.photos), pca_dims, 24)
         self.spec = EncoderSpec(hidden_size=24, num_tokens=1, image_size=W.IMAGE_SIZE,
-                                name="photo latent PCA+LDA (evidence_probe.py)")
+                                name=f"{source} PCA+LDA (evidence_probe.py)")
         self.model = torch.nn.Identity()      # what `hdb prepare` moves to its device
+
+    def inputs(self, images):
+        """What the projection reads: the photos' latents, or every token of their image features."""
+        from bench.evidence import encoder as E
+        from hdb_core.training.base_model import photo_latents
+
+        if self.image_encoder is None:
+            return photo_latents(self.base, images, "cpu", False)
+        return E.features(self.image_encoder, images).flatten(1)
 
     def encode(self, images):
         """[N, H, W, 3] images in 0..1 -> [N, 1, 24]."""
-        from hdb_core.training.base_model import photo_latents
-
-        return self.projection.project(photo_latents(self.base, images, "cpu", False))[:, None]
+        return self.projection.project(self.inputs(images))[:, None]
 
 
 def latent_input(args, manifest: dict, spec):
-    """With `--input photo-lda` the stand-in encoder the network reads; None when it reads an image encoder."""
-    if args.input != "photo-lda":
+    """With `--input photo-lda` or `feature-lda` the stand-in encoder the network reads; None when it reads
+    the image encoder's features."""
+    if args.input == "features":
         return None
     if args.encoder:
-        raise SystemExit("--input photo-lda reads the photo latent, not an image encoder: leave --encoder out.")
-    return LatentIdentityEncoder(manifest, spec)
+        raise SystemExit(f"--input {args.input} reads the world's own photos and encoder: leave --encoder out.")
+    return IdentityProjectionEncoder(manifest, spec, "latent" if args.input == "photo-lda" else "features")
 
 
 def coefficient_fit(base, injector, build, subspace, directions, latents, names, first, steps, lr) -> dict:
@@ -1097,9 +1108,9 @@ def main(argv=None) -> int:
     s1.add_argument("--set", action="append", default=[], help="a HypernetSettings field, e.g. beta=0.1")
     s1.add_argument("--encoder", help="another CLIP vision folder (see make-encoder)")
     s1.add_argument("--faces", help="the face folder stage 0 read (default: the world's photos)")
-    s1.add_argument("--input", choices=("features", "photo-lda"), default="features",
-                    help="what the network reads: the image encoder's features, or (a diagnostic) the PCA+LDA "
-                         "identity projection of the photo latent, as `amortize --input photo-lda`")
+    s1.add_argument("--input", choices=("features", "photo-lda", "feature-lda"), default="features",
+                    help="what the network reads: the image encoder's features, or (diagnostics) a PCA+LDA "
+                         "identity projection of the photo latent or of those features, as `amortize --input`")
     me = sub.add_parser("make-encoder", help="a random CLIP vision folder like the world's, other patch size")
     me.add_argument("--patch-size", type=int, default=8)
     me.add_argument("--width", type=int, default=64)
@@ -1122,7 +1133,7 @@ def main(argv=None) -> int:
     sc.add_argument("--offset-scale", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
                     help="comma-separated factors for the prediction's offset from the mean stage-0 LiDB")
     sc.add_argument("--photos", type=int, default=1, help="held-out predictions from photos 0..N-1 at once")
-    sc.add_argument("--input", choices=("features", "photo-lda"), default="features",
+    sc.add_argument("--input", choices=("features", "photo-lda", "feature-lda"), default="features",
                     help="what the network was trained to read (stage1 --input)")
     cc = sub.add_parser("code-ceiling", help="the targets' own limit: stage-0 LiDBs predicted from the hidden code")
     cc.add_argument("--stage0", required=True)
