@@ -116,7 +116,7 @@ def cmd_stage1(args, manifest, spec) -> None:
                        else int(float(value)) if kind is int else kind(value))
     values.setdefault("warmup_steps", values["steps"] // 10)
     train_hypernet(args.faces or manifest["photos"], args.stage0, manifest["base"],
-                   latent_input(args, manifest, spec) or args.encoder or manifest["image_encoder"], args.out,
+                   projection_input(args, manifest, spec) or args.encoder or manifest["image_encoder"], args.out,
                    HypernetSettings(checkpoint_every=10 ** 6, resolution=64, face_check="none", min_size=64,
                                     flip=False, val_identities=0, **values))
 
@@ -160,7 +160,7 @@ def cmd_score(args, manifest, spec, rec) -> None:
          [score(load_lidb(os.path.join(args.stage0, f"{i}.safetensors")), i) for i in train])
     if args.hypernet:
         net = load_hypernet(args.hypernet)
-        encoder = latent_input(args, manifest, spec) or ClipImageEncoder.from_pretrained(
+        encoder = projection_input(args, manifest, spec) or ClipImageEncoder.from_pretrained(
             args.encoder or manifest["image_encoder"])
 
         with torch.no_grad():
@@ -427,7 +427,7 @@ class IdentityProjectionEncoder:
         return self.projection.project(self.inputs(images))[:, None]
 
 
-def latent_input(args, manifest: dict, spec):
+def projection_input(args, manifest: dict, spec):
     """With `--input photo-lda` or `feature-lda` the stand-in encoder the network reads; None when it reads
     the image encoder's features."""
     if args.input == "features":
