@@ -147,15 +147,15 @@ def goals_text(result: dict) -> str:
 def summary(runs: dict[str, dict]) -> str:
     """Finished runs side by side (name -> results.json): the main arms' identity, editability and drift, then
     each goal's verdict with the numbers that decide it; what README quotes."""
-    k, long = key_steps_of(next(iter(runs.values())))
+    first = next(iter(runs.values()))
+    k, long = key_steps_of(first)
     rows = [("base model", "base"), ("hypernet only", "hypernet+0"), (f"hypernet + {k} steps", f"hypernet+{k}"),
             (f"hypernet + {k} steps in the identity subspace", f"hypernet-sub+{k}"),
             ("subspace hypernet only", f"{SUBSPACE_NET}+0"),
             (f"subspace hypernet + {k} steps in its subspace", f"{SUBSPACE_NET}+{k}"),
             (f"zero start + {k} steps", f"zero+{k}"), (f"zero start + {long} steps", f"zero+{long}"),
             ("teacher (generated the photos)", "teacher")]
-    n = len(next(iter(runs.values()))["test"])
-    head = f"| start ({n} test identities) | " + " | ".join(
+    head = f"| start ({len(first['test'])} test identities) | " + " | ".join(
         f"{name}: rank-1 | cosine | style kept | prior drift" for name in runs) + " |"
     lines = [head, "|---|" + "---|---|---|---|" * len(runs)]
     for label, key in rows:
